@@ -1,0 +1,314 @@
+"""Run configuration: one dataclass per concern, composed into `RunConfig`.
+
+Resolution order: dataclass defaults, then the run's YAML, then `key.sub=value`
+overrides from the command line. Unknown keys and values of the wrong type are
+one-line `ConfigError`s that name the key. Each component receives its own
+sub-config (`cfg.model`, `cfg.optim`, ...), never the root.
+
+DeepSpeed-only knobs (ZeRO stage, bf16, offload, communication) live in
+ds_configs/*.json; batch sizes and learning rates live here, and the engine writes
+them into the DeepSpeed config (one place for the batch arithmetic).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipeline.model.configs import MODEL_CONFIGS, ModelArch, resolve_arch
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line and names the key or file."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "msclip-s-tiny"
+    # Architecture fields to change on top of the named size, e.g. {share: attn}.
+    overrides: dict = field(default_factory=dict)
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.name not in MODEL_CONFIGS:
+            raise ConfigError(f"model.name: unknown model {self.name!r}; known: {', '.join(MODEL_CONFIGS)}")
+        self.arch()  # validate overrides now, not when the model is built
+
+    def arch(self) -> ModelArch:
+        hints = typing.get_type_hints(ModelArch)
+        coerced = {}
+        for key, value in self.overrides.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key 'model.overrides.{key}'")
+            coerced[key] = coerce(value, hints[key], f"model.overrides.{key}")
+        try:
+            return resolve_arch(self.name, coerced)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclass
+class DataConfig:
+    # Brace pattern of webdataset shards ("dir/{00000..00099}.tar") or a shard directory.
+    train_shards: str = ""
+    # Samples per epoch across all ranks; None reads it from the shards' manifest.
+    train_num_samples: Optional[int] = None
+    resampled: bool = True
+    shuffle_buffer: int = 2000
+    workers: int = 2
+    rrc_scale: tuple[float, float] = (0.9, 1.0)
+    # None takes the model's own (MS-CLIP: ImageNet mean/std, CLIP: OpenAI's).
+    normalization: Optional[Literal["clip", "imagenet"]] = None
+    # Stop the run when more than this fraction of samples is skipped as bad data.
+    max_skip_rate: float = 0.05
+
+    def __post_init__(self):
+        _check_range("data.workers", self.workers, 0)
+        _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
+        if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ConfigError(f"data.rrc_scale: {self.rrc_scale} must satisfy 0 < lo <= hi <= 1")
+        if not 0 <= self.max_skip_rate <= 1:
+            raise ConfigError(f"data.max_skip_rate: {self.max_skip_rate} is outside [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    # MS-CLIP gives the modules shared by both towers their own group (LR_SHARE, WD_SHARE);
+    # None means the same as lr / weight_decay.
+    shared_lr: Optional[float] = None
+    shared_weight_decay: Optional[float] = None
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check_range("optim.lr", self.lr, 0, exclusive=True)
+        _check_range("optim.weight_decay", self.weight_decay, 0)
+        _check_range("optim.warmup_steps", self.warmup_steps, 0)
+        _check_range("optim.min_lr", self.min_lr, 0)
+        _check_range("optim.grad_clip", self.grad_clip, 0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr: {self.min_lr} is above optim.lr {self.lr}")
+
+
+@dataclass
+class TrainConfig:
+    # Samples per optimizer step over all ranks = micro_batch_size x accumulation x world size.
+    global_batch_size: int = 64
+    micro_batch_size: int = 32
+    steps: int = 200
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = ""
+    log_every: int = 10
+    save_every: int = 0
+    keep_last: int = 2
+    # "" starts fresh, "latest" picks the newest complete checkpoint, else a checkpoint path.
+    resume: str = ""
+    nan_policy: Literal["skip", "stop"] = "skip"
+
+    def __post_init__(self):
+        for key in ("global_batch_size", "micro_batch_size", "steps", "log_every"):
+            _check_range(f"train.{key}", getattr(self, key), 1)
+        _check_range("train.save_every", self.save_every, 0)
+        _check_range("train.keep_last", self.keep_last, 1)
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size {self.micro_batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    # Periodic zero-shot evaluation during training; 0 turns it off.
+    every_steps: int = 0
+    dataset: str = ""
+    batch_size: int = 64
+
+    def __post_init__(self):
+        _check_range("eval.every_steps", self.every_steps, 0)
+        _check_range("eval.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class TrackingConfig:
+    # "" -> a local sqlite store next to the run folders (sqlite:///<output_dir>/mlflow.db).
+    tracking_uri: str = ""
+    experiment: str = "msclip"
+    system_metrics: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ---- loading ----------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls=RunConfig):
+    """Defaults <- YAML file <- `a.b=value` overrides, validated into `cls`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        _set_path(data, key.strip().split("."), _parse_scalar(raw))
+    return from_dict(cls, data)
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'; known in this section: {', '.join(sorted(names))}")
+    kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless
+    (int -> float, "1e-4" -> float, list -> tuple); otherwise a ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r} (quote it)")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def _parse_scalar(raw: str) -> Any:
+    """Command-line values are YAML scalars/lists ("true", "[0.9, 0.98]", "null")."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(data: dict, keys: list[str], value: Any):
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override key '{'.'.join(keys)}': '{'.'.join(keys[:i + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _check_range(key: str, value, low, exclusive: bool = False):
+    if value < low or (exclusive and value == low):
+        raise ConfigError(f"{key}: {value} must be {'>' if exclusive else '>='} {low}")
+
+
+# ---- printing and saving -----------------------------------------------------------
+
+def to_dict(cfg) -> dict:
+    """Plain, YAML-safe nested dict (tuples become lists) that `load_config` reads back."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def format_config(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg, path: str | Path):
+    Path(path).write_text(format_config(cfg))

@@ -1,0 +1,105 @@
+"""Run config: layering, validation, one-line errors that name the key."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, format_config,
+                             load_config, save_config, to_dict)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(p for p in (REPO_ROOT / "launch").rglob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert SHIPPED, "launch/ ships no YAML run configs"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_shipped_config_loads_and_resolves_its_model(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    cfg.model.arch()
+
+
+def test_layering_defaults_then_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n  warmup_steps: 7\ntrain:\n  steps: 50\n")
+    cfg = load_config(path, ["optim.lr=2e-4", "train.seed=3", "optim.betas=[0.9, 0.95]", "data.normalization=null"])
+    assert cfg.optim.lr == 2e-4  # override beats YAML
+    assert cfg.optim.warmup_steps == 7 and cfg.train.steps == 50  # YAML beats defaults
+    assert cfg.train.seed == 3 and cfg.optim.betas == (0.9, 0.95) and cfg.data.normalization is None
+    assert cfg.optim.weight_decay == OptimConfig().weight_decay  # untouched default
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("nosuch.key=1", "unknown config key 'nosuch'"),
+    ("model.overrides.no_such_field=1", "model.overrides.no_such_field"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("train.steps=1.5", "train.steps: expected an integer"),
+    ("train.steps=0", "train.steps: 0 must be >= 1"),
+    ("model.grad_checkpointing=maybe", "model.grad_checkpointing: expected true or false"),
+    ("train.nan_policy=ignore", "train.nan_policy: 'ignore' is not one of"),
+    ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+    ("train.global_batch_size=48", "train.global_batch_size: 48 is not a multiple of train.micro_batch_size 32"),
+    ("model.name=vit-huge", "model.name: unknown model 'vit-huge'"),
+    ("model.overrides.share=everything", "model.overrides.share"),
+    ("train.run_name=5", "train.run_name: expected a string"),
+    ("optim.lr", "is not of the form key.sub=value"),
+    ("optim=3", "optim: expected a mapping"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_the_full_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  stepz: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'"):
+        load_config(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_model_overrides_change_the_architecture():
+    cfg = load_config(None, ["model.name=msclip-tiny", "model.overrides.share=attn", "model.overrides.unshared_layers=2"])
+    arch = cfg.model.arch()
+    assert arch.share == "attn" and arch.unshared_layers == 2 and arch.vision_width == 128
+
+
+def test_saved_config_reloads_to_the_same_config(tmp_path):
+    cfg = load_config(SHIPPED[0], ["optim.lr=3e-4", "model.overrides.share=mlp"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    text = format_config(cfg)
+    assert "lr: 0.0003" in text and "share: mlp" in text
+
+
+def test_every_section_validates_when_built_directly():
+    with pytest.raises(ConfigError):
+        DataConfig(rrc_scale=(0.9, 0.5))
+    with pytest.raises(ConfigError):
+        OptimConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ConfigError):
+        TrainConfig(global_batch_size=10, micro_batch_size=4)
+    with pytest.raises(ConfigError):
+        ModelConfig(name="msclip-tiny", overrides={"vision_layers": 3})
+
+
+def test_to_dict_covers_every_field():
+    d = to_dict(RunConfig())
+    for section in dataclasses.fields(RunConfig):
+        assert set(d[section.name]) == {f.name for f in dataclasses.fields(getattr(RunConfig(), section.name))}

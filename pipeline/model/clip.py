@@ -1,0 +1,136 @@
+"""The modality-shared CLIP model: CLIP's dual encoder, with any part of the
+transformer blocks shared between the two towers (MS-CLIP, You et al., ECCV 2022,
+arXiv 2207.12661; reference Hxyou/MSCLIP at e25daf3, `CLIP.__init__`).
+
+Sharing is by object identity, as in the reference (`setattr` of the vision
+block's module onto the text block): the parameter count is honest and
+`model.visual.block_at(i).attn is model.text.blocks[i].attn` holds for every
+shared layer i.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import SHARED_BLOCK_MODULES, ModelArch, resolve_arch
+from .text import TextTower
+from .vision import VisionTower
+
+MAX_LOGIT_SCALE = math.log(100)
+
+
+class SharedCLIP(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        self.arch = arch
+        self.visual = VisionTower(arch)
+        self.text = TextTower(arch)
+        # Shape (1,) rather than CLIP's 0-dim: DeepSpeed 0.19.8's initialize broadcasts
+        # parameters through a uint8 view, which fails on 0-dim tensors
+        # (tests/test_model.py::test_deepspeed_initialize_accepts_model catches a regression).
+        self.logit_scale = nn.Parameter(torch.zeros(1))
+        self.shared_layers = list(range(arch.unshared_layers, arch.text_layers)) if arch.share != "none" else []
+        for layer in self.shared_layers:
+            vision_block, text_block = self.visual.block_at(layer), self.text.blocks[layer]
+            for name in SHARED_BLOCK_MODULES[arch.share]:
+                setattr(text_block, name, getattr(vision_block, name))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """MS-CLIP's init for every parameter: trunc-normal(0.02) for linear and conv
+        weights, norms at 1/0, embeddings as in CLIP, logit scale at arch.logit_scale_init."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        v, t = self.visual, self.text
+        v_scale = v.class_embedding.shape[0] ** -0.5
+        v.class_embedding.copy_(v_scale * torch.randn_like(v.class_embedding))
+        v.positional_embedding.copy_(v_scale * torch.randn_like(v.positional_embedding))
+        v.proj.copy_(v_scale * torch.randn_like(v.proj))
+        nn.init.normal_(t.token_embedding.weight, std=0.02)
+        nn.init.trunc_normal_(t.positional_embedding, std=0.02)
+        nn.init.normal_(t.text_projection, std=t.text_projection.shape[0] ** -0.5)
+        self.logit_scale.fill_(self.arch.logit_scale_init)
+
+    # ---- the interface the trainer and the evaluators use -------------------------
+    def image_trunk(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled image features before the joint projection (B, D): the CLS token after
+        ln_post, which CLIP's linear-probe protocol uses."""
+        return self.visual(image)[:, 0]
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self._pool_image(self.visual(image))  # (B, E)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self._pool_text(self.text(text), text)  # (B, E)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """Normalized joint-space features, the (clamped) logit scale, and on request
+        the per-token features of both towers (before projection) for token-level objectives."""
+        image_tokens = self.visual(image)  # (B, N, Dv)
+        text_tokens = self.text(text)  # (B, L, Dt)
+        out = {
+            "image_features": F.normalize(self._pool_image(image_tokens), dim=-1),  # (B, E)
+            "text_features": F.normalize(self._pool_text(text_tokens, text), dim=-1),  # (B, E)
+            # Clamped in the forward too (DeCLIP does this), so a scale that drifted past
+            # 100 between the trainer's post-step clamps cannot blow up the logits.
+            "logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
+        }
+        if return_tokens:
+            out["image_tokens"], out["text_tokens"] = image_tokens, text_tokens
+        return out
+
+    def _pool_image(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 0] @ self.visual.proj  # CLS token -> (B, E)
+
+    def _pool_text(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        eot = tokens[torch.arange(text.shape[0], device=text.device), TextTower.eot_positions(text)]  # (B, Dt)
+        return eot @ self.text.text_projection  # (B, E)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters excluded from weight decay besides norms and biases
+        (MS-CLIP: positional/token embeddings and logit_scale; plus the CLS embedding)."""
+        return {"logit_scale", "visual.class_embedding", "visual.positional_embedding",
+                "text.positional_embedding", "text.token_embedding.weight"}
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.visual.grad_checkpointing = enable
+        self.text.grad_checkpointing = enable
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that both towers use (the same objects)."""
+        text_ids = {id(p) for p in self.text.parameters()}
+        return [p for p in self.visual.parameters() if id(p) in text_ids]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total, shared, vision-only, text-only and other (logit scale) parameters."""
+        shared = {id(p) for p in self.shared_parameters()}
+        vision = {id(p): p.numel() for p in self.visual.parameters()}
+        text = {id(p): p.numel() for p in self.text.parameters()}
+        total = sum(p.numel() for p in self.parameters())
+        counts = {
+            "total": total,
+            "shared": sum(n for i, n in vision.items() if i in shared),
+            "vision_only": sum(n for i, n in vision.items() if i not in shared),
+            "text_only": sum(n for i, n in text.items() if i not in shared),
+            "vision_tower": sum(vision.values()),
+            "text_tower": sum(text.values()),
+        }
+        counts["other"] = total - counts["shared"] - counts["vision_only"] - counts["text_only"]
+        return counts
+
+
+def build_model(name_or_arch: str | ModelArch | dict, overrides: dict | None = None) -> SharedCLIP:
+    """Build any named size (`MODEL_CONFIGS`), with optional architecture overrides."""
+    return SharedCLIP(resolve_arch(name_or_arch, overrides))

@@ -1,0 +1,83 @@
+"""Transformer building blocks shared by both towers.
+
+Follows OpenAI CLIP's `ResidualAttentionBlock` (openai/CLIP:clip/model.py): pre-LN,
+fused QKV, QuickGELU MLP with 4x expansion. The parameter layout is the one
+MS-CLIP shares (Hxyou/MSCLIP:lib/models/clip_openai_pe_res_v1.py): `attn`
+(fused QKV weight+bias and out-projection) and `mlp` (c_fc, c_proj) are
+modality-free modules that can be the same object in both towers, while `ln_1`
+and `ln_2` stay per modality. The causal mask is an argument of the call, not
+state of the module, so one shared attention serves the causal text pathway and
+the bidirectional vision pathway.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back (CLIP's); MS-CLIP uses eps=1e-12."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection, through SDPA
+    (flash / memory-efficient kernels on GPU, the fused CPU kernel here)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        B, N, D = x.shape
+        H = self.heads
+        q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, D/H)
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.act = QuickGELU()
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, ln_eps: float):
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=ln_eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = LayerNorm(width, eps=ln_eps)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+def checkpointed(module: nn.Module, *args, enabled: bool):
+    """Call `module(*args)`, recomputing its activations in backward when enabled
+    and grads are on (non-reentrant, so it composes with DeepSpeed ZeRO)."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+    return module(*args)

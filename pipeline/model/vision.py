@@ -1,0 +1,168 @@
+"""Image tower: ViT (OpenAI CLIP) with MS-CLIP-S's Early Specialization and
+Efficient Parallel Branch.
+
+References: openai/CLIP:clip/model.py (VisionTransformer) and
+Hxyou/MSCLIP:lib/models/clip_openai_pe_res_v1.py (`EarlyconvRes`,
+`ResBasicBlock_v0`, `Resnet_Stage`/`ConvResBlock`, `Lateral_Adapter`), as
+METHODS.md 1.4-1.5 describe them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configs import ModelArch
+from .layers import Block, LayerNorm, checkpointed
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bn_eps: float = 1e-5,
+            padding: int | None = None) -> nn.Sequential:
+    """Bias-free conv + BN; 'same' padding unless given."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2 if padding is None else padding,
+                  groups=groups, bias=False),
+        nn.BatchNorm2d(c_out, eps=bn_eps),
+    )
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.conv(image)  # (B, D, h, w)
+
+
+class StemStage(nn.Module):
+    """MS-CLIP's `ResBasicBlock_v0`: relu(BN(conv3x3_s(x)) + BN(conv1x1_s(x))), one 3x3 conv."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv3 = conv_bn(c_in, c_out, 3, stride)
+        self.conv1 = conv_bn(c_in, c_out, 1, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv3(x) + self.conv1(x))
+
+
+class EarlyConvStem(nn.Module):
+    """Early Specialization: replaces the patch embedding and transformer layer 0.
+    Channels width/16 -> width/8 -> ... -> width; output stride 2 x prod(strides)."""
+
+    def __init__(self, width: int, strides: tuple[int, ...]):
+        super().__init__()
+        c = width // 16
+        self.conv1 = nn.Sequential(conv_bn(3, c, 3, 2), nn.ReLU(inplace=True))
+        channels = [c * 2 ** i for i in range(len(strides) + 1)]
+        self.stages = nn.Sequential(*[StemStage(a, b, s) for a, b, s in zip(channels, channels[1:], strides)])
+        self.last_conv = nn.Conv2d(channels[-1], width, 1, bias=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.last_conv(self.stages(self.conv1(image)))  # (B, D, h, w)
+
+
+class BranchBottleneck(nn.Module):
+    """MS-CLIP's `ConvResBlock`: 1x1 -> 3x3 (stride) -> 1x1 bottleneck with a strided
+    1x1 projection shortcut; BN eps 1e-6 as in the reference."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        mid = c_out // 2
+        self.body = nn.Sequential(
+            conv_bn(c_in, mid, 1, 1, bn_eps=1e-6), nn.ReLU(inplace=True),
+            conv_bn(mid, mid, 3, stride, bn_eps=1e-6), nn.ReLU(inplace=True),
+            conv_bn(mid, c_out, 1, 1, bn_eps=1e-6),
+        )
+        self.shortcut = conv_bn(c_in, c_out, 1, stride, bn_eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ParallelBranch(nn.Module):
+    """Efficient Parallel Branch: stage 0 is conv3x3+BN+ReLU on the raw image, later
+    stages one bottleneck each; channels width/16 x (1, 2, 4, ...)."""
+
+    def __init__(self, width: int, strides: tuple[int, ...]):
+        super().__init__()
+        self.channels = [width // 16 * 2 ** i for i in range(len(strides))]
+        stages = [nn.Sequential(conv_bn(3, self.channels[0], 3, strides[0], bn_eps=1e-6), nn.ReLU(inplace=True))]
+        stages += [BranchBottleneck(a, b, s) for a, b, s in zip(self.channels, self.channels[1:], strides[1:])]
+        self.stages = nn.ModuleList(stages)
+
+
+class LateralAdapter(nn.Module):
+    """Fuses one branch stage into the token stream (MS-CLIP's `Lateral_Adapter`).
+
+    The token sequence is *replaced* (no identity term, as in the reference):
+        t2b  = PW(BN(DW_{k=s=K}(branch)))          # branch -> token grid, width channels
+        grid = BN(DW3x3(patch tokens as an h x w map))
+        out  = LN(cat[cls + cls, grid + t2b])       # PRALLEL_T2B_USECLS: cls added to itself
+    """
+
+    def __init__(self, c_branch: int, width: int, kernel: int, ln_eps: float):
+        super().__init__()
+        self.to_grid = nn.Sequential(conv_bn(c_branch, c_branch, kernel, kernel, groups=c_branch, padding=0),
+                                     nn.Conv2d(c_branch, width, 1, bias=False))
+        self.token_dw = conv_bn(width, width, 3, 1, groups=width)
+        self.ln = LayerNorm(width, eps=ln_eps)
+
+    def forward(self, tokens: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        B, N, D = tokens.shape
+        h = w = int((N - 1) ** 0.5)
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        grid = patches.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
+        fused = self.token_dw(grid) + self.to_grid(branch)  # (B, D, h, w)
+        fused = fused.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return self.ln(torch.cat([cls + cls, fused], dim=1))  # (B, N, D)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        width = arch.vision_width
+        self.grad_checkpointing = False
+        # With the conv stem, MS-CLIP's layer 0 *is* the stem: blocks[i] is layer i + first_layer.
+        self.first_layer = 1 if arch.early_conv_stem else 0
+        self.stem = EarlyConvStem(width, arch.stem_strides) if arch.early_conv_stem else PatchEmbed(width, arch.patch_size)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(arch.grid_size ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width, eps=arch.ln_eps)
+        self.blocks = nn.ModuleList(
+            Block(width, arch.vision_heads, arch.mlp_ratio, arch.ln_eps) for _ in range(self.first_layer, arch.vision_layers))
+        self.ln_post = LayerNorm(width, eps=arch.ln_eps)
+        self.proj = nn.Parameter(torch.zeros(width, arch.embed_dim))
+
+        # fusion layer -> branch stage index
+        self.fusion_stage = {layer: j for j, layer in enumerate(arch.fusion_layers)} if arch.parallel_branch else {}
+        if arch.parallel_branch:
+            self.branch = ParallelBranch(width, arch.branch_strides)
+            sizes, size = [], arch.image_size
+            for stride in arch.branch_strides:
+                size //= stride
+                sizes.append(size)
+            self.adapters = nn.ModuleList(
+                LateralAdapter(c, width, s // arch.grid_size, arch.ln_eps) for c, s in zip(self.branch.channels, sizes))
+
+    def block_at(self, layer: int) -> Block:
+        """The transformer block of layer `layer` (MS-CLIP numbering, stem = layer 0)."""
+        if layer < self.first_layer:
+            raise IndexError(f"vision layer {layer} is the conv stem, not a transformer block")
+        return self.blocks[layer - self.first_layer]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + h*w, D) tokens after ln_post; token 0 is CLS."""
+        x = self.stem(image)  # (B, D, h, w)
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, N, D)
+        x = self.ln_pre(x)
+        branch = image
+        for i, block in enumerate(self.blocks):
+            stage = self.fusion_stage.get(i + self.first_layer)
+            if stage is not None:
+                branch = self.branch.stages[stage](branch)  # (B, C_j, s_j, s_j)
+                x = self.adapters[stage](x, branch)
+            x = checkpointed(block, x, False, enabled=self.grad_checkpointing)
+        return self.ln_post(x)

@@ -1,0 +1,165 @@
+"""Metadata commands on small files in the real YFCC100M and LAION layouts, rule by rule."""
+import bz2
+import random
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import laion, yfcc
+
+
+# ---- YFCC ---------------------------------------------------------------------------
+
+def yfcc_line(photo_id, title="", description="", tags="", url=None, marker="0", layout=23) -> str:
+    """One line of the YFCC100M dataset file (URL-encoded text fields, as Flickr wrote them)."""
+    row = {c: "" for c in yfcc.LAYOUTS[layout]}
+    row.update(photo_id=str(photo_id), user_nsid="12345678@N00", user_nickname="someone",
+               date_taken="2012-02-16 09:56:37.0", date_uploaded="1331840483", capture_device="Canon+EOS+5D",
+               title=title, description=description, user_tags=tags, longitude="-81.8", latitude="24.5",
+               accuracy="12", page_url=f"http://www.flickr.com/photos/someone/{photo_id}/",
+               download_url=f"http://farm8.staticflickr.com/7205/{photo_id}_abc.jpg" if url is None else url,
+               license_name="Attribution-NonCommercial-ShareAlike License",
+               license_url="http://creativecommons.org/licenses/by-nc-sa/2.0/", server_id="7205", farm_id="8",
+               secret="abc", secret_original="def", extension_original="jpg", marker=marker)
+    if layout == 25:
+        row.update(line_number="0", photo_hash="4e2f7a26a1dfbf165a7e30bdabf7e72a")
+    return "\t".join(row[c] for c in yfcc.LAYOUTS[layout]) + "\n"
+
+
+def run_yfcc(tmp_path, lines, **kw):
+    src = tmp_path / "yfcc100m_dataset.bz2"
+    with bz2.open(src, "wt", encoding="utf-8") as f:
+        f.writelines(lines)
+    out = tmp_path / "yfcc.parquet"
+    stats = yfcc.convert(str(src), str(out), **kw)
+    return pq.read_table(out).to_pandas().set_index("key"), stats
+
+
+@pytest.mark.parametrize("layout", [23, 25])
+def test_yfcc_rules_one_by_one(tmp_path, layout):
+    lines = [
+        yfcc_line(1, "Sunset+over+the+bay", "A+%3Cb%3Ebeautiful%3C%2Fb%3E+evening%2C+with++friends", "sunset,bay+area",
+                  layout=layout),
+        yfcc_line(2, "A+video+of+a+dog", marker="1", layout=layout),  # video
+        yfcc_line(3, "Lovely+garden", url="", layout=layout),  # no download URL
+        yfcc_line(4, "IMG_1234", "", layout=layout),  # camera default title and nothing else
+        yfcc_line(5, "DSC01234.JPG", "Our+cat+sleeping+on+the+sofa", layout=layout),  # description survives
+        yfcc_line(6, "P1010001", "", layout=layout),
+        yfcc_line(7, "ok", "", layout=layout),  # too short
+        yfcc_line(8, "Caf%C3%A9+in+Paris", "&amp;+more+&quot;quotes&quot;", layout=layout),  # unicode + entities
+        yfcc_line(9, "", "Just+a+description+here", layout=layout),
+        "only\tthree\tfields\n",  # malformed
+    ]
+    table, stats = run_yfcc(tmp_path, lines)
+    assert list(table.index) == ["1", "5", "8", "9"]
+    assert table.loc["1", "caption"] == "Sunset over the bay. A beautiful evening, with friends"
+    assert table.loc["1", "tags"] == "sunset, bay area"
+    assert table.loc["1", "url"] == "http://farm8.staticflickr.com/7205/1_abc.jpg"
+    assert table.loc["5", "caption"] == "Our cat sleeping on the sofa"
+    assert table.loc["8", "caption"] == 'Café in Paris. & more "quotes"'
+    assert table.loc["9", "caption"] == "Just a description here"
+    assert stats["dropped_video"] == 1 and stats["dropped_no_url"] == 1
+    assert stats["dropped_short_caption"] == 3 and stats["dropped_malformed_line"] == 1
+    assert stats["kept"] == 4 and stats["lines"] == 10
+
+
+def test_yfcc_keeps_only_listed_ids(tmp_path):
+    ids = tmp_path / "yfcc15m_ids.txt"
+    ids.write_text("photoid\n3\n1\n99\n")
+    lines = [yfcc_line(i, f"Photo+number+{i}+of+a+tree") for i in range(1, 6)]
+    table, stats = run_yfcc(tmp_path, lines, ids_path=str(ids))
+    assert sorted(table.index) == ["1", "3"] and stats["dropped_not_in_ids"] == 3
+
+
+@pytest.mark.parametrize("title,default", [("IMG_1234", True), ("DSC01234", True), ("DSCN0042.jpg", True),
+                                           ("P1010001.JPG", True), ("100_0042", True), ("GOPR0001", True),
+                                           ("12345", True), ("holiday.jpeg", True), ("Eiffel tower at night", False),
+                                           ("IMG of my dog", False), ("1984 protest march", False)])
+def test_camera_default_titles(title, default):
+    assert yfcc.is_camera_default(title) == default
+
+
+def test_yfcc_rejects_a_file_that_is_not_yfcc(tmp_path):
+    src = tmp_path / "x.tsv"
+    src.write_text("a\tb\tc\n")
+    with pytest.raises(SystemExit, match="has 3 tab-separated columns"):
+        yfcc.convert(str(src), str(tmp_path / "o.parquet"))
+
+
+def test_yfcc_streams_without_reading_everything(tmp_path):
+    lines = [yfcc_line(i, f"Photo+number+{i}+of+a+tree") for i in range(1000)]
+    table, stats = run_yfcc(tmp_path, lines, limit=10)
+    assert len(table) == 10 and stats["lines"] == 10
+
+
+# ---- LAION --------------------------------------------------------------------------
+
+def write_laion400m(path, rows):
+    cols = ["SAMPLE_ID", "URL", "TEXT", "HEIGHT", "WIDTH", "LICENSE", "NSFW", "similarity"]
+    pq.write_table(pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)}), path)
+
+
+def test_laion_400m_rules_one_by_one(tmp_path):
+    rows = [
+        (1, "http://a.com/1.jpg", "A <i>red</i>  car", 300, 400, "?", "UNLIKELY", 0.35),
+        (2, "http://a.com/2.jpg", "low similarity", 300, 400, "?", "UNLIKELY", 0.20),
+        (3, "http://a.com/3.jpg", "too small", 30, 400, "?", "UNLIKELY", 0.40),
+        (4, "http://a.com/4.jpg", "nsfw", 300, 400, "?", "NSFW", 0.40),
+        (5, "http://a.com/5.jpg", "unsure", 300, 400, "?", "UNSURE", 0.40),
+        (6, "http://a.com/1.jpg", "duplicate url", 300, 400, "?", "UNLIKELY", 0.50),
+        (7, "http://a.com/7.jpg", "   ", 300, 400, "?", "UNLIKELY", 0.50),
+        (8, None, "no url", 300, 400, "?", "UNLIKELY", 0.50),
+        (9, "http://a.com/9.jpg", "a dog &amp; a cat", 64, 64, "?", "UNLIKELY", 0.28),
+    ]
+    write_laion400m(tmp_path / "part-0.parquet", rows)
+    out = tmp_path / "laion.parquet"
+    stats = laion.convert(str(tmp_path / "part-*.parquet"), str(out), min_similarity=0.28, min_side=64)
+    table = pq.read_table(out).to_pandas()
+    assert list(table["key"]) == ["1", "9"]
+    assert list(table["caption"]) == ["A red car", "a dog & a cat"]
+    assert stats["dropped_low_similarity"] == 1 and stats["dropped_small"] == 1 and stats["dropped_nsfw"] == 2
+    assert stats["dropped_duplicate_url"] == 1 and stats["dropped_empty_caption"] == 1 and stats["dropped_no_url"] == 1
+
+
+def test_laion_5b_columns_use_punsafe(tmp_path):
+    pq.write_table(pa.table({"URL": ["http://b.com/1.jpg", "http://b.com/2.jpg"], "TEXT": ["safe", "unsafe"],
+                             "WIDTH": [512, 512], "HEIGHT": [512, 512], "similarity": [0.3, 0.3],
+                             "hash": [1, 2], "punsafe": [0.1, 0.9], "pwatermark": [0.0, 0.0]}),
+                   tmp_path / "laion2B-en.parquet")
+    out = tmp_path / "o.parquet"
+    stats = laion.convert(str(tmp_path / "laion2B-en.parquet"), str(out))
+    table = pq.read_table(out).to_pandas()
+    assert list(table["caption"]) == ["safe"] and stats["dropped_nsfw"] == 1
+    assert len(table["key"][0]) == 16  # no SAMPLE_ID: a hash of the URL
+
+
+def test_laion_sampling_is_seeded_uniform_and_order_independent(tmp_path):
+    rng = random.Random(0)
+    n = 2000
+    rows = [(i, f"http://c.com/{i}.jpg", f"caption {i}", 256, 256, "?", "UNLIKELY", 0.3 + rng.random() * 0.1)
+            for i in range(n)]
+    rows += [(n + i, f"http://c.com/{i}.jpg", "dup", 256, 256, "?", "UNLIKELY", 0.4) for i in range(100)]  # dups
+    write_laion400m(tmp_path / "a.parquet", rows)
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    write_laion400m(tmp_path / "b.parquet", shuffled)
+
+    def sample(src, seed, k=300):
+        out = tmp_path / f"s_{src}_{seed}.parquet"
+        laion.convert(str(tmp_path / src), str(out), sample=k, seed=seed)
+        return pq.read_table(out).to_pandas()
+
+    s0, s0_again, s1, s0_shuffled = sample("a.parquet", 0), sample("a.parquet", 0), sample("a.parquet", 1), sample("b.parquet", 0)
+    assert len(s0) == 300 and s0["url"].is_unique
+    assert list(s0["url"]) == list(s0_again["url"])
+    assert set(s0["url"]) == set(s0_shuffled["url"])  # the same rows whatever the input order
+    assert len(set(s0["url"]) & set(s1["url"])) < 150  # another seed, another sample (expected overlap ~45)
+    ids = s0["key"].astype(int)
+    assert 0.35 < (ids < n / 2).mean() < 0.65  # no bias towards the start of the file
+
+
+def test_laion_missing_input_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such file"):
+        laion.convert(str(tmp_path / "nope.parquet"), str(tmp_path / "o.parquet"))

@@ -21,3 +21,13 @@ def free_port() -> int:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """A small demo dataset built once per session the real way: images served from a
+    loopback HTTP server, downloaded and sharded by the real img2dataset."""
+    from data_prep.demo import build
+    out = tmp_path_factory.mktemp("demo")
+    build(str(out), image_size=64, renders=1, crops_per_photo=20, samples_per_shard=250, seed=0)
+    return out

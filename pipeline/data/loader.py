@@ -1,0 +1,352 @@
+"""Streaming webdataset loader: shards -> decoded, augmented, tokenized batches.
+
+Properties the trainer relies on:
+
+* **Split by rank and worker.** Without resampling each shard goes to exactly one
+  (rank, worker) per epoch (`assign_shards`), so an epoch reads every sample once.
+  With resampling each reader draws shards with replacement (weighted by their
+  sample counts) from its own seeded stream.
+* **Deterministic.** Shard order, the shuffle buffer and every augmentation are seeded
+  from (seed, epoch, rank, worker, sample index), so the same seed and epoch give the
+  same batches, whatever the process timing.
+* **Resumable.** Each batch carries, per worker, how many raw samples that worker has
+  pulled from its shuffled stream. `DataStream.state_dict()` holds these; a resumed
+  stream skips exactly that many raw samples per worker before decoding anything, so
+  no sample is seen twice or skipped.
+* **Bad data is skipped and counted, never fatal.** Unreadable or truncated tars,
+  missing/empty/undecodable images, missing/empty captions: each is counted by reason
+  (`SKIP_REASONS`) and the stream goes on. (webdataset's `warn_and_continue` is not
+  used: it sleeps half a second per exception.) A skip rate above
+  `data.max_skip_rate` stops the run with `DataQualityError`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import tarfile
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DataConfig
+from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
+from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.tokenizer import get_tokenizer
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
+                "missing_caption", "empty_caption")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# The skip-rate ceiling is checked once this many samples have been read, so that one
+# bad sample among the first few does not stop a run.
+MIN_SAMPLES_FOR_SKIP_RATE = 200
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class DataQualityError(RuntimeError):
+    pass
+
+
+@dataclass
+class StreamSpec:
+    """Everything a reader process needs (picklable)."""
+    shards: ShardSet
+    batch_size: int
+    image_size: int
+    normalization: str
+    context_length: int
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world: int = 1
+    num_workers: int = 1
+    resampled: bool = False
+    shuffle_buffer: int = 0
+    train: bool = True
+    rrc_scale: tuple[float, float] = (0.9, 1.0)
+    views: int = 1  # augmented views of each image: images, images_1, ...
+    keep_captions: bool = False
+    drop_last: bool = True
+    # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
+    resume: dict[int, dict] = field(default_factory=dict)
+
+
+def decode_sample(sample: dict) -> tuple[Image.Image, str]:
+    """Raw webdataset sample -> (RGB image, caption), or BadSample(reason)."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise BadSample("missing_image")
+    data = sample[key]
+    if not data:
+        raise BadSample("empty_image")
+    if "txt" not in sample:
+        raise BadSample("missing_caption")
+    caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    if not caption:
+        raise BadSample("empty_caption")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = image.convert("RGB")  # forces a full decode: truncated files fail here
+    except Exception:  # PIL raises many types for corrupt data
+        raise BadSample("undecodable_image") from None
+    return image, caption
+
+
+def sample_seed(*parts: int) -> int:
+    # Python's hash of a tuple of ints is deterministic across processes and runs
+    # (only str/bytes hashing is randomized), and ~100x cheaper than a SeedSequence.
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _Reader:
+    """One worker's pass: tar stream -> shuffle -> skip -> decode -> batches."""
+
+    def __init__(self, spec: StreamSpec, worker: int):
+        self.spec, self.worker = spec, worker
+        state = spec.resume.get(worker, {})
+        self.skip = int(state.get("raw", 0))
+        self.raw = 0
+        self.good = int(state.get("good", 0))
+        self.skipped = Counter(state.get("skipped", {}))
+        self.per_url: Counter = Counter()
+        self.flagged: set[str] = set()
+        self.transform = (train_transform(spec.image_size, spec.normalization, spec.rrc_scale) if spec.train
+                          else eval_transform(spec.image_size, spec.normalization))
+        self.ids = (spec.seed, spec.epoch, spec.rank, worker)
+
+    def count(self, reason: str):
+        if self.raw >= self.skip:  # the skipped prefix was counted before the checkpoint
+            self.skipped[reason] += 1
+
+    def on_tar_error(self, exn: Exception) -> bool:
+        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "")
+        truncated = isinstance(exn, (tarfile.ReadError, EOFError)) and self.per_url[url] > 0
+        if url not in self.flagged:
+            self.flagged.add(url)
+            self.count("truncated_shard" if truncated else "unreadable_shard")
+            log.warning("shard %s: %s (%s); skipping the rest of it", url, "truncated" if truncated else "unreadable",
+                        str(exn.args[0]) if exn.args else type(exn).__name__)
+        return True  # keep going with the next shard
+
+    def urls(self):
+        spec = self.spec
+        if spec.resampled:
+            rng = random.Random(f"resample:{spec.seed}:{spec.epoch}:{spec.rank}:{self.worker}")
+            weights = spec.shards.samples if spec.shards.total_samples else None
+            while True:
+                yield dict(url=rng.choices(spec.shards.urls, weights=weights)[0])
+        else:
+            for i in assign_shards(spec.shards, spec.epoch, spec.seed, spec.rank, spec.world, self.worker,
+                                   spec.num_workers):
+                yield dict(url=spec.shards.urls[i])
+
+    def checked(self, samples):
+        """Count samples per shard; a shard that ends short of its manifest count was truncated."""
+        expected = dict(zip(self.spec.shards.urls, self.spec.shards.samples))
+        current = None
+
+        def close(url):
+            if url is not None and url not in self.flagged and expected.get(url) and self.per_url[url] < expected[url]:
+                self.flagged.add(url)
+                self.count("truncated_shard")
+                log.warning("shard %s ended after %d of %d samples (truncated)", url, self.per_url[url], expected[url])
+
+        for sample in samples:
+            url = sample["__url__"]
+            if url != current:
+                close(current)
+                if self.spec.resampled:  # a shard can come round again
+                    self.per_url[url] = 0
+                    self.flagged.discard(url)
+                current = url
+            self.per_url[url] += 1
+            yield sample
+        close(current)
+
+    def raw_samples(self):
+        stream = self.checked(wds.tarfile_to_samples(handler=self.on_tar_error)(self.urls()))
+        if self.spec.shuffle_buffer > 1:
+            rng = random.Random(f"shuffle:{':'.join(map(str, self.ids))}")
+            stream = wds.shuffle(self.spec.shuffle_buffer, initial=self.spec.shuffle_buffer // 2, rng=rng)(stream)
+        return stream
+
+    def process(self, sample: dict) -> dict:
+        image, caption = decode_sample(sample)
+        out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
+        for view in range(self.spec.views):
+            # Seed each augmentation from the sample's position: a resumed stream that skipped
+            # the prefix without decoding it still draws the same crops.
+            # The CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU/MTIA
+            # seeding calls, each capturing a stack trace (a third of the loader's time).
+            cpu_rng = torch.default_generator
+            saved = cpu_rng.get_state()
+            cpu_rng.manual_seed(sample_seed(*self.ids, self.raw, view))
+            out["images" if view == 0 else f"images_{view}"] = self.transform(image)
+            cpu_rng.set_state(saved)
+        return out
+
+    def batch(self, items: list[dict]) -> dict:
+        captions = [it["caption"] for it in items]
+        out = {key: torch.stack([it[key] for it in items]) for key in items[0] if key.startswith("images")}
+        out["text"] = get_tokenizer()(captions, self.spec.context_length)
+        out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
+        if self.spec.keep_captions:
+            out["captions"] = captions
+        out["meta"] = self.meta()
+        return out
+
+    def meta(self, end: bool = False) -> dict:
+        return {"worker": self.worker, "raw": self.raw, "good": self.good, "skipped": dict(self.skipped), "end": end}
+
+    def __iter__(self):
+        items = []
+        for sample in self.raw_samples():
+            self.raw += 1
+            if self.raw <= self.skip:
+                continue
+            try:
+                items.append(self.process(sample))
+            except BadSample as bad:
+                self.count(bad.reason)
+                continue
+            self.good += 1
+            if len(items) == self.spec.batch_size:
+                yield self.batch(items)
+                items = []
+        if items and not self.spec.drop_last:
+            yield self.batch(items)
+        # An end marker: the stream knows at once that this worker is done (and its final
+        # counters, including bad samples after its last batch).
+        yield {"meta": self.meta(end=True)}
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self):
+        info = get_worker_info()
+        return iter(_Reader(self.spec, info.id if info else 0))
+
+
+class DataStream:
+    """The trainer's view of the data: epochs of batches, skip counters, and a position
+    (`state_dict`) that a resumed run continues from exactly."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, image_size: int, normalization: str,
+                 context_length: int, seed: int = 0, rank: int = 0, world: int = 1, train: bool = True,
+                 views: int = 1, keep_captions: bool = False, drop_last: bool = True, shards: ShardSet | None = None):
+        self.cfg = cfg
+        self.shards = shards or resolve_shards(cfg.train_shards)
+        self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image_size,
+                               normalization=normalization, context_length=context_length, seed=seed, rank=rank,
+                               world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
+                               shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
+                               rrc_scale=cfg.rrc_scale, views=views, keep_captions=keep_captions, drop_last=drop_last)
+        self.epoch = 0
+        self.workers: dict[int, dict] = {}  # this epoch's per-worker position
+        self.next_worker = 0  # whose batch comes next in the round-robin
+        self.done = {"good": 0, "skipped": Counter()}  # finished epochs
+
+    # ---- position ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "workers": {int(w): dict(s) for w, s in self.workers.items()},
+                "next_worker": self.next_worker,
+                "done": {"good": self.done["good"], "skipped": dict(self.done["skipped"])}}
+
+    def load_state_dict(self, state: dict):
+        self.epoch = int(state["epoch"])
+        self.workers = {int(w): dict(s) for w, s in state["workers"].items()}
+        self.next_worker = int(state["next_worker"])
+        self.done = {"good": int(state["done"]["good"]), "skipped": Counter(state["done"]["skipped"])}
+
+    # ---- counters ------------------------------------------------------------------
+    def skipped(self) -> Counter:
+        total = Counter(self.done["skipped"])
+        for s in self.workers.values():
+            total.update(s["skipped"])
+        return total
+
+    def good(self) -> int:
+        return self.done["good"] + sum(s["good"] for s in self.workers.values())
+
+    def check_skip_rate(self):
+        bad = sum(self.skipped().values())
+        seen = bad + self.good()
+        if seen >= MIN_SAMPLES_FOR_SKIP_RATE and bad / seen > self.cfg.max_skip_rate:
+            reasons = ", ".join(f"{k}={v}" for k, v in self.skipped().most_common())
+            raise DataQualityError(f"skipped {bad} of {seen} samples ({bad / seen:.1%}), above data.max_skip_rate="
+                                   f"{self.cfg.max_skip_rate}: {reasons}. Check the shards with "
+                                   f"`python -m data_prep.verify`.")
+
+    # ---- iteration -----------------------------------------------------------------
+    def batches_per_epoch(self) -> int:
+        """Batches every rank can deliver per epoch. Resampled: the epoch size from
+        data.train_num_samples (default: the manifest total). Otherwise the smallest rank's
+        share, discounted by the tolerated skip rate so that no rank runs dry first."""
+        b = self.base
+        if b.resampled:
+            total = self.cfg.train_num_samples or self.shards.total_samples
+            if not total:
+                raise ValueError("data.train_num_samples: needed when the shards have no manifest")
+            return max(1, total // (b.batch_size * b.world))
+        if self.shards.total_samples is None:
+            raise ValueError("data.resampled=false needs a manifest for every shard to size the epoch")
+        per_worker = [[sum(self.shards.samples[i] for i in assign_shards(self.shards, self.epoch, b.seed, r, b.world,
+                                                                          w, b.num_workers))
+                       for w in range(b.num_workers)] for r in range(b.world)]
+        usable = 1 - self.cfg.max_skip_rate
+        return min(sum(math.floor(n * usable / b.batch_size) for n in rank) for rank in per_worker)
+
+    def __iter__(self):
+        """Batches of the current epoch, from where the stream stands.
+
+        The order is a strict round-robin over the workers that still have data, starting
+        at `next_worker`: the DataLoader's own order, but one a resumed stream can restart
+        in the middle of (the DataLoader always starts at worker 0)."""
+        spec = StreamSpec(**{**self.base.__dict__, "epoch": self.epoch, "resume": dict(self.workers)})
+        num_workers = self.cfg.workers
+        loader = iter(DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None))
+        queues = {w: deque() for w in range(max(1, num_workers))}
+        active = [w for w in queues if not self.workers.get(w, {}).get("end")]
+        while active:
+            w = self.next_worker if self.next_worker in active else active[0]
+            while not queues[w]:
+                item = next(loader, None)
+                if item is None:  # every worker has sent its end marker
+                    queues[w].append({"meta": {**self.workers.get(w, {"raw": 0, "good": 0, "skipped": {}}),
+                                               "worker": w, "end": True}})
+                    break
+                queues[item["meta"]["worker"]].append(item)
+            batch = queues[w].popleft()
+            meta = batch.pop("meta")
+            self.workers[w] = {k: meta[k] for k in ("raw", "good", "skipped", "end")}
+            after = active[(active.index(w) + 1) % len(active)]
+            if meta["end"]:
+                active.remove(w)
+            self.next_worker = after
+            if not meta["end"]:
+                self.check_skip_rate()
+                yield batch
+
+    def next_epoch(self):
+        """Close the current epoch (its counters go to the totals) and move on."""
+        self.done["good"] = self.good()
+        self.done["skipped"] = self.skipped()
+        self.workers = {}
+        self.next_worker = 0
+        self.epoch += 1

@@ -1,0 +1,193 @@
+"""The streaming loader: split by rank and worker, deterministic, resumable, and never
+dying on bad data."""
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data.loader import DataQualityError, DataStream
+from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
+
+
+def stream(shards: str, *, rank=0, world=1, workers=2, resampled=False, shuffle=50, batch=16, seed=0,
+           drop_last=False, max_skip_rate=0.5, keep_captions=False) -> DataStream:
+    cfg = DataConfig(train_shards=shards, workers=workers, resampled=resampled, shuffle_buffer=shuffle,
+                     max_skip_rate=max_skip_rate)
+    return DataStream(cfg, batch_size=batch, image_size=32, normalization="clip", context_length=16, seed=seed,
+                      rank=rank, world=world, drop_last=drop_last, keep_captions=keep_captions)
+
+
+def all_keys(directory: Path) -> set[str]:
+    keys = set()
+    for tar in directory.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            keys |= {f"{tar}#{Path(m.name).stem}" for m in t.getmembers() if m.name.endswith(".jpg")}
+    return keys
+
+
+def test_two_ranks_two_workers_cover_an_epoch_exactly_once(demo_data):
+    shards = demo_data / "shards" / "digits"
+    seen = []
+    for rank in range(2):
+        for batch in stream(str(shards), rank=rank, world=2, workers=2):
+            seen += batch["keys"]
+    assert len(seen) == len(set(seen)), "a sample was read twice in one epoch"
+    assert set(seen) == all_keys(shards)
+
+
+def test_ranks_get_balanced_shares_and_a_common_epoch_length(demo_data):
+    s0 = stream(str(demo_data / "shards" / "digits"), rank=0, world=2, drop_last=True)
+    s1 = stream(str(demo_data / "shards" / "digits"), rank=1, world=2, drop_last=True)
+    assert s0.batches_per_epoch() == s1.batches_per_epoch() > 0
+    for s in (s0, s1):  # every rank can really deliver that many batches
+        assert sum(1 for _ in s) >= s.batches_per_epoch()
+
+
+@pytest.mark.parametrize("shards,world,workers", [(13, 2, 2), (7, 3, 2), (6, 2, 2), (5, 1, 1), (3, 2, 2)])
+def test_shard_assignment_is_a_partition(shards, world, workers):
+    s = ShardSet([f"{i}.tar" for i in range(shards)], [100 + i for i in range(shards)])
+    for epoch in range(3):
+        got = [i for r in range(world) for w in range(workers) for i in assign_shards(s, epoch, 0, r, world, w, workers)]
+        assert sorted(got) == list(range(shards))
+
+
+def test_same_seed_and_epoch_give_the_same_batches(demo_data):
+    spec = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
+    a = list(stream(spec, seed=3))
+    b = list(stream(spec, seed=3))
+    assert [x["keys"] for x in a] == [x["keys"] for x in b]
+    for x, y in zip(a, b):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["text"], y["text"])
+    s = stream(spec, seed=3)
+    s.next_epoch()
+    other_epoch = list(s)
+    assert [x["keys"] for x in other_epoch] != [x["keys"] for x in a]
+    assert sorted(k for x in other_epoch for k in x["keys"]) == sorted(k for x in a for k in x["keys"])
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_continues_exactly_where_the_stream_stood(demo_data, resampled):
+    spec = str(demo_data / "shards" / "digits")
+    straight = stream(spec, resampled=resampled)
+    full = []
+    for batch in straight:
+        full.append(batch)
+        if len(full) == 12:
+            break
+    first = stream(spec, resampled=resampled)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = first.state_dict()
+    del it
+    resumed = stream(spec, resampled=resampled)
+    resumed.load_state_dict(state)
+    rest = [b for b, _ in zip(resumed, range(7))]
+    for x, y in zip(full[5:], rest):
+        assert x["keys"] == y["keys"]
+        assert torch.equal(x["images"], y["images"])  # same augmentations too
+
+
+def test_resampled_stream_is_endless_and_weighted(demo_data):
+    spec = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
+    s = stream(spec, resampled=True, workers=1, shuffle=0)
+    counts = Counter()
+    for batch, _ in zip(s, range(60)):
+        counts.update("photos" if "photos" in k else "digits" for k in batch["keys"])
+    share = counts["photos"] / sum(counts.values())
+    expected = 20 / (20 + 1257)  # shards are drawn in proportion to their sample counts
+    assert sum(counts.values()) == 60 * 16 and share < 5 * expected + 0.02
+
+
+# ---- bad data ------------------------------------------------------------------------
+
+def jpeg_bytes(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (value, 255 - value, 50)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]):
+    with wds.TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+
+
+@pytest.fixture
+def dirty_shards(tmp_path):
+    """Good samples mixed with every kind of bad data the loader must survive."""
+    good = [{"__key__": f"good{i:03d}", "jpg": jpeg_bytes(i), "txt": f"a good caption {i}"} for i in range(40)]
+    truncated_jpeg = jpeg_bytes(7)[:200]
+    bad = [
+        {"__key__": "undecodable", "jpg": b"this is not a jpeg at all", "txt": "bad image"},
+        {"__key__": "truncatedjpeg", "jpg": truncated_jpeg, "txt": "truncated image"},
+        {"__key__": "zerobyteimage", "jpg": b"", "txt": "empty image"},
+        {"__key__": "nocaption", "jpg": jpeg_bytes(1)},
+        {"__key__": "emptycaption", "jpg": jpeg_bytes(2), "txt": "   "},
+        {"__key__": "zerobytecaption", "jpg": jpeg_bytes(3), "txt": b""},
+        {"__key__": "noimage", "txt": "text without an image"},
+    ]
+    write_tar(tmp_path / "00000.tar", good[:20] + bad[:4])
+    write_tar(tmp_path / "00001.tar", good[20:] + bad[4:])
+    # A tar cut after its 15th sample: those 15 are fine to read, the rest is lost.
+    write_tar(tmp_path / "full2.tar", [{"__key__": f"cut{i:03d}", "jpg": jpeg_bytes(i), "txt": "x"} for i in range(30)])
+    with tarfile.open(tmp_path / "full2.tar") as t:
+        last = t.getmember("cut014.txt")
+    data = (tmp_path / "full2.tar").read_bytes()
+    (tmp_path / "00002.tar").write_bytes(data[: last.offset_data + -(-last.size // 512) * 512])
+    (tmp_path / "full2.tar").unlink()
+    (tmp_path / "00003.tar").write_bytes(b"this is not a tar file" * 50)  # not a tar
+    (tmp_path / "00004.tar").write_bytes(b"")  # zero-byte file
+    Manifest([ShardInfo("00000.tar", 20), ShardInfo("00001.tar", 20), ShardInfo("00002.tar", 30),
+              ShardInfo("00003.tar", 10), ShardInfo("00004.tar", 10)]).write(str(tmp_path))
+    return tmp_path, {f"{tmp_path / ('00000.tar' if i < 20 else '00001.tar')}#good{i:03d}" for i in range(40)}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_good_sample_arrives_and_every_bad_one_is_counted(dirty_shards, workers):
+    directory, good_keys = dirty_shards
+    s = stream(str(directory), workers=workers, max_skip_rate=1.0)
+    seen = [k for batch in s for k in batch["keys"]]
+    assert len(seen) == len(set(seen))
+    assert good_keys <= set(seen)
+    assert set(seen) - good_keys == {f"{directory / '00002.tar'}#cut{i:03d}" for i in range(15)}  # the cut tar's
+    skipped = s.skipped()
+    assert skipped == Counter(undecodable_image=2, empty_image=1, missing_caption=1, empty_caption=2,
+                              missing_image=1, truncated_shard=1, unreadable_shard=2), skipped
+
+
+def test_skip_rate_ceiling_stops_with_a_clear_message(tmp_path):
+    samples = [{"__key__": f"s{i:04d}", "jpg": jpeg_bytes(i % 250) if i % 2 else b"garbage", "txt": "caption"}
+               for i in range(400)]
+    write_tar(tmp_path / "00000.tar", samples)
+    Manifest([ShardInfo("00000.tar", 400)]).write(str(tmp_path))
+    with pytest.raises(DataQualityError, match=r"skipped \d+ of \d+ samples .*max_skip_rate=0.1: undecodable_image="):
+        for _ in stream(str(tmp_path), workers=0, max_skip_rate=0.1):
+            pass
+
+
+def test_missing_shards_fail_before_anything_starts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.train_shards: shard .*00006.tar does not exist"):
+        resolve_shards(f"{tmp_path}/{{00006..00007}}.tar")
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        resolve_shards(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no shards given"):
+        resolve_shards("")
+
+
+def test_batches_carry_what_objectives_ask_for(demo_data):
+    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0)
+    s = DataStream(cfg, batch_size=4, image_size=32, normalization="imagenet", context_length=16, views=2,
+                   keep_captions=True)
+    batch = next(iter(s))
+    assert batch["images"].shape == batch["images_1"].shape == (4, 3, 32, 32)
+    assert not torch.equal(batch["images"], batch["images_1"])  # two independent augmentations
+    assert len(batch["captions"]) == 4 and batch["text"].shape == (4, 16)
+    assert (batch["text"][:, 0] == 49406).all()

@@ -116,12 +116,15 @@ class TrainConfig:
     # "" starts fresh, "latest" picks the newest complete checkpoint, else a checkpoint path.
     resume: str = ""
     nan_policy: Literal["skip", "stop"] = "skip"
+    # A collective that waits longer than this ends the run (a dead rank must not hang it).
+    timeout_minutes: float = 30.0
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "steps", "log_every"):
             _check_range(f"train.{key}", getattr(self, key), 1)
         _check_range("train.save_every", self.save_every, 0)
         _check_range("train.keep_last", self.keep_last, 1)
+        _check_range("train.timeout_minutes", self.timeout_minutes, 0, exclusive=True)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size {self.micro_batch_size}")
@@ -145,6 +148,8 @@ class TrackingConfig:
     tracking_uri: str = ""
     experiment: str = "msclip"
     system_metrics: bool = True
+    # Peak FLOP/s of one device (e.g. 989 for an H100 SXM in bf16) for the logged MFU; None: no MFU.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -312,3 +317,14 @@ def format_config(cfg) -> str:
 
 def save_config(cfg, path: str | Path):
     Path(path).write_text(format_config(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the form MLflow params take."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -41,8 +41,15 @@ class SharedCLIP(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """MS-CLIP's init for every parameter: trunc-normal(0.02) for linear and conv
-        weights, norms at 1/0, embeddings as in CLIP, logit scale at arch.logit_scale_init."""
+        """Every parameter, as open_clip initializes CLIP: the text blocks with OpenAI CLIP's
+        width-scaled scheme (openai/CLIP:clip/model.py `initialize_parameters`), the vision
+        blocks at PyTorch's default Linear scale (OpenAI's and open_clip's ViT keep the
+        defaults), embeddings and projections as CLIP, convolutions and adapters
+        trunc-normal(0.02) (MS-CLIP's), norms at 1/0, the logit scale at arch.logit_scale_init.
+
+        MS-CLIP uses trunc-normal(0.02) for every transformer linear. At width 768 that is
+        close to these scales, but at the tiny widths it starts the image features nearly
+        collapsed (pairwise cosine 0.99), so we follow open_clip at every width."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -51,13 +58,27 @@ class SharedCLIP(nn.Module):
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # Vision blocks first, text blocks second: a block module shared by both towers ends
+        # up with the text tower's init, as in MS-CLIP where the text blocks hold the
+        # shared weights after setattr.
+        for block in self.visual.blocks:
+            for linear in (block.attn.qkv, block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                # PyTorch's default Linear scale (open_clip's ViT keeps the defaults)
+                nn.init.normal_(linear.weight, std=(3 * linear.weight.shape[1]) ** -0.5)
+        width, layers = self.text.blocks[0].attn.out_proj.weight.shape[0], len(self.text.blocks)
+        attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+        for block in self.text.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         v, t = self.visual, self.text
         v_scale = v.class_embedding.shape[0] ** -0.5
         v.class_embedding.copy_(v_scale * torch.randn_like(v.class_embedding))
         v.positional_embedding.copy_(v_scale * torch.randn_like(v.positional_embedding))
         v.proj.copy_(v_scale * torch.randn_like(v.proj))
         nn.init.normal_(t.token_embedding.weight, std=0.02)
-        nn.init.trunc_normal_(t.positional_embedding, std=0.02)
+        nn.init.normal_(t.positional_embedding, std=0.01)
         nn.init.normal_(t.text_projection, std=t.text_projection.shape[0] ** -0.5)
         self.logit_scale.fill_(self.arch.logit_scale_init)
 

@@ -145,7 +145,7 @@ def resolve_arch(name_or_arch: str | ModelArch | dict, overrides: dict | None = 
         base = dict(MODEL_CONFIGS[name_or_arch])
     else:
         raise ValueError(f"model.name: unknown model {name_or_arch!r}; known: {', '.join(MODEL_CONFIGS)}")
-    merged = {**base, **(overrides or {})}
+    merged = {k: tuple(v) if isinstance(v, list) else v for k, v in {**base, **(overrides or {})}.items()}
     unknown = sorted(set(merged) - ARCH_FIELDS)
     if unknown:
         raise ValueError(f"model.overrides.{unknown[0]}: unknown architecture field; known: {', '.join(sorted(ARCH_FIELDS))}")

@@ -24,6 +24,23 @@ class LayerNorm(nn.LayerNorm):
         return y.to(x.dtype)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm computed in the dtype of its running statistics (fp32 unless something
+    cast the buffers) and cast back: batch_norm refuses mixed dtypes, and a low-precision
+    engine may hold bf16 weights beside fp32 statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        dtype = self.running_mean.dtype if self.running_mean is not None else torch.float32
+        momentum = self.momentum
+        if momentum is None:  # cumulative average, as nn.BatchNorm2d does
+            momentum = 1.0 / float(self.num_batches_tracked) if self.training else 0.0
+        y = F.batch_norm(x.to(dtype), self.running_mean, self.running_var, self.weight.to(dtype), self.bias.to(dtype),
+                         self.training or not self.track_running_stats, momentum, self.eps)
+        return y.to(x.dtype)
+
+
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)

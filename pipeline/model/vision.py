@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .configs import ModelArch
-from .layers import Block, LayerNorm, checkpointed
+from .layers import BatchNorm2d, Block, LayerNorm, checkpointed
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bn_eps: float = 1e-5,
@@ -21,7 +21,7 @@ def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bn
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2 if padding is None else padding,
                   groups=groups, bias=False),
-        nn.BatchNorm2d(c_out, eps=bn_eps),
+        BatchNorm2d(c_out, eps=bn_eps),
     )
 
 

@@ -1,0 +1,225 @@
+"""Training entry point.
+
+    deepspeed [--hostfile H | --num_gpus N | --num_nodes ...] launch/train.py \
+        --deepspeed_config ds_configs/zero2_bf16.json --config launch/recipes/X.yaml [key.sub=value ...]
+
+Also runs under torchrun (it reads RANK / WORLD_SIZE / LOCAL_RANK) and SLURM srun
+(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, see launch/slurm.sh). Everything that can
+be wrong with the inputs (config keys, batch arithmetic, DeepSpeed JSON, shards) fails
+before the process group starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline import checkpoint  # noqa: E402
+from pipeline.config import ConfigError, RunConfig, flatten, load_config, save_config, to_dict  # noqa: E402
+from pipeline.data.loader import DataStream  # noqa: E402
+from pipeline.data.shards import resolve_shards  # noqa: E402
+from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, lr_factor, param_groups,  # noqa: E402
+                             read_ds_config, set_learning_rates, train_step)
+from pipeline.losses import clip_objective  # noqa: E402
+from pipeline.tracking import MetricsLogger  # noqa: E402
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deepspeed_config", required=True, help="ds_configs/*.json (DeepSpeed knobs only)")
+    parser.add_argument("--config", help="run YAML (launch/recipes/*.yaml)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the run config")
+    return parser.parse_args(argv)
+
+
+def adopt_slurm_env():
+    """Under `srun`, map SLURM's variables to the ones torch.distributed reads."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
+
+
+def validate(args) -> tuple[RunConfig, dict, int]:
+    """All input checks, before any process group exists."""
+    cfg = load_config(args.config, args.overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = fill_ds_config(read_ds_config(args.deepspeed_config), cfg.train, cfg.optim, world)
+    resolve_shards(cfg.data.train_shards)
+    if cfg.train.resume == "latest" and not cfg.train.run_name:
+        raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
+    return cfg, ds_config, world
+
+
+def prepare_run_dir(cfg: RunConfig, ds_config: dict, model, run_name: str, rank: int) -> Path:
+    run_dir = Path(cfg.train.output_dir) / run_name
+    if rank == 0:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        (run_dir / "model.json").write_text(json.dumps({"model_name": cfg.model.name, "arch": to_dict(model.arch),
+                                                        "config": to_dict(cfg)}, indent=2))
+    return run_dir
+
+
+def run_params(cfg: RunConfig, ds_config: dict, model, world: int, accum: int) -> dict:
+    """What MLflow compares runs on: the resolved config, the architecture, the DeepSpeed
+    config, and the derived sizes."""
+    counts = model.parameter_counts()
+    return {**flatten(to_dict(cfg)), **flatten({"arch": to_dict(model.arch)}), **flatten({"ds": ds_config}),
+            "world_size": world, "accumulation_steps": accum, "params_total": counts["total"],
+            "params_shared": counts["shared"], "shared_fraction": round(counts["shared"] / counts["total"], 4)}
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    adopt_slurm_env()
+    try:
+        cfg, ds_config, world = validate(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import deepspeed
+    import torch.distributed as dist
+    from pipeline.model import build_model
+    from pipeline.model.flops import train_flops_per_sample
+
+    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accum = accumulation_steps(cfg.train, world)
+    torch.manual_seed(cfg.train.seed)  # same init everywhere (DeepSpeed also broadcasts rank 0's)
+    model = build_model(cfg.model.arch())
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    flops_per_sample = train_flops_per_sample(model) if rank == 0 else 0.0
+    run_name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = broadcast_str(run_name)
+    run_dir = prepare_run_dir(cfg, ds_config, model, run_name, rank)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config)
+    data = DataStream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
+                      normalization=cfg.data.normalization or model.arch.normalization,
+                      context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world)
+    state = checkpoint.TrainState()
+    resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
+    if resume:
+        state = checkpoint.load(engine, *resume)
+        data.load_state_dict(state.data)
+        checkpoint.restore_rng(state.rng)
+    logger = MetricsLogger(run_dir, cfg.tracking, cfg.train.output_dir, run_name, enabled=rank == 0,
+                           run_id=state.mlflow_run_id,
+                           tags={"model": cfg.model.name, "objective": "clip", "world_size": world,
+                                 "dataset": cfg.data.train_shards})
+    state.mlflow_run_id = logger.run_id
+    if rank == 0:
+        print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"
+              f"[train] resolved config:\n{json.dumps(to_dict(cfg), indent=1)}", flush=True)
+        if not resume:
+            logger.log_params(run_params(cfg, ds_config, model, world, accum))
+            for name in ("config.yaml", "ds_config.json", "model.json"):
+                logger.log_artifact(run_dir / name)
+    status = "FAILED"
+    try:
+        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world)
+        status = "FINISHED"
+    finally:
+        logger.close(status)
+    if rank == 0:
+        exported = checkpoint.export(run_dir / "checkpoints", run_dir / "model.pt")
+        print(f"[train] done: {state.step} steps; weights for eval: {exported}", flush=True)
+    return 0
+
+
+def broadcast_str(value: str) -> str:
+    import torch.distributed as dist
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path, accum: int,
+          flops_per_sample: float, world: int):
+    """The loop: step, log, save. Everything else lives in functions of its own."""
+    batches_per_epoch = data.batches_per_epoch()
+    window = {"loss": 0.0, "steps": 0, "time": time.perf_counter()}
+    while state.step < cfg.train.steps:
+        for batch in data:
+            set_learning_rates(engine.optimizer, lr_factor(state.step, cfg.optim, cfg.train.steps))
+            out = train_step(engine, batch, clip_objective, accum)
+            clamp_logit_scale(engine.module.logit_scale)
+            state.step += 1
+            state.epoch_step += 1
+            state.samples_seen += cfg.train.global_batch_size
+            state.data = data.state_dict()
+            window["loss"] = window["loss"] + out["loss"]
+            window["steps"] += 1
+            if out["skipped"]:
+                handle_nonfinite(engine, state, batch, cfg, run_dir, logger)
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+                save_checkpoint(engine, run_dir, state, cfg)
+            if state.step >= cfg.train.steps or state.epoch_step >= batches_per_epoch:
+                break
+        if state.step < cfg.train.steps:  # the epoch is over (or its data ran out first)
+            data.next_epoch()
+            state.epoch_step = 0
+    if not cfg.train.save_every or state.step % cfg.train.save_every:
+        save_checkpoint(engine, run_dir, state, cfg)
+
+
+def save_checkpoint(engine, run_dir: Path, state, cfg: RunConfig):
+    state.rng = checkpoint.capture_rng()
+    checkpoint.save(engine, run_dir / "checkpoints", state, cfg.train.keep_last)
+
+
+def handle_nonfinite(engine, state, batch, cfg: RunConfig, run_dir: Path, logger):
+    state.skipped_steps += 1
+    keys = batch.get("keys", [])[:4]
+    msg = f"non-finite loss at step {state.step} (batch starting {keys})"
+    logger.event("nonfinite_loss", step=state.step, keys=keys, policy=cfg.train.nan_policy)
+    if cfg.train.nan_policy == "stop":
+        save_checkpoint(engine, run_dir, state, cfg)
+        raise FloatingPointError(f"{msg}; stopped (train.nan_policy=stop), checkpoint saved")
+    print(f"[train] {msg}: update skipped (train.nan_policy=skip)", flush=True)
+
+
+def log_window(logger, engine, data: DataStream, state, out: dict, window: dict, cfg: RunConfig,
+               flops_per_sample: float, world: int):
+    now = time.perf_counter()
+    samples_per_s = window["steps"] * cfg.train.global_batch_size / (now - window["time"])
+    metrics = {"loss": window["loss"] / window["steps"], "loss_last": out["loss"],
+               "logit_scale": engine.module.logit_scale.detach().float().exp(),
+               "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": state.samples_seen,
+               "skipped_steps": state.skipped_steps}
+    metrics.update({k: v for k, v in out.items() if k.startswith("loss_")})
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    for group in engine.optimizer.param_groups:
+        metrics[f"lr/{group['name']}"] = group["lr"]
+    if cfg.tracking.peak_tflops and flops_per_sample:
+        metrics["mfu"] = flops_per_sample * samples_per_s / (cfg.tracking.peak_tflops * 1e12 * world)
+    for reason, count in data.skipped().items():
+        metrics[f"data_skipped/{reason}"] = count
+    logger.log_metrics(metrics, state.step)
+    if logger.enabled:
+        print(f"[train] step {state.step}/{cfg.train.steps} loss {float(metrics['loss']):.4f} "
+              f"{samples_per_s:.1f} samples/s", flush=True)
+    window.update(loss=0.0, steps=0, time=now)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

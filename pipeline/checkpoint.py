@@ -1,0 +1,235 @@
+"""Checkpoints: DeepSpeed's sharded format plus our train state, resumable exactly;
+export of consolidated fp32 weights for evaluation.
+
+Layout under `<run dir>/checkpoints/`:
+
+    step_00000200/                 DeepSpeed's files (model, ZeRO optimizer shards)
+        train_state_rank0.json     step, samples seen, this rank's data position, RNG states
+        train_state_rank1.json
+        COMPLETE.json              written last, atomically, after every rank has finished
+
+A checkpoint without COMPLETE.json (the process was killed while writing it) is never
+picked by `resume=latest`, and DeepSpeed's own `latest` file is not used. Nothing here
+unpickles arbitrary objects: our state is JSON, and DeepSpeed's files are read with
+torch's weights-only unpickler (`safe_torch_load`).
+
+    python -m pipeline.checkpoint export --checkpoint runs/NAME/checkpoints [--tag step_00000200] --output model.pt
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE.json"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class TrainState:
+    """Everything a restart needs besides the model and optimizer."""
+    step: int = 0
+    samples_seen: int = 0
+    epoch_step: int = 0  # batches taken in the current data epoch
+    data: dict = field(default_factory=dict)  # DataStream.state_dict() of this rank
+    rng: dict = field(default_factory=dict)
+    mlflow_run_id: str = ""
+    skipped_steps: int = 0  # non-finite losses skipped
+
+
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict):
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---- weights-only loading of DeepSpeed's files -------------------------------------------
+
+def _deepspeed_safe_globals() -> list:
+    """The few non-tensor types DeepSpeed puts in its checkpoint files (plain data classes)."""
+    # import_module, not attribute access: deepspeed.utils.tensor_fragment is shadowed by a
+    # class of the same name in deepspeed.utils.
+    wanted = [("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+              ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+              ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+              ("deepspeed.utils.tensor_fragment", "fragment_address")]
+    return [getattr(importlib.import_module(mod), name) for mod, name in wanted
+            if hasattr(importlib.import_module(mod), name)]
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Within the block every torch.load is weights-only: DeepSpeed's loaders (engine
+    load_checkpoint, zero_to_fp32) call torch.load(weights_only=False) themselves, and a
+    checkpoint directory is not to be trusted with arbitrary code."""
+    original = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    # add_safe_globals, not the safe_globals context: that one is thread-local, and
+    # DeepSpeed reads checkpoint shards from a thread pool.
+    torch.serialization.add_safe_globals(_deepspeed_safe_globals())
+    torch.load = weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+# ---- save / find / load ---------------------------------------------------------------------
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _write_json_atomic(path: Path, payload: dict):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Path:
+    """Save on every rank; returns the tag directory. Rank 0 marks it complete once all
+    ranks are done, then prunes old checkpoints."""
+    ckpt_dir = Path(ckpt_dir)
+    rank, world = _rank_world()
+    tag = tag_for(state.step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": state.step}, save_latest=False)
+    _write_json_atomic(ckpt_dir / tag / f"train_state_rank{rank}.json", asdict(state))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        _write_json_atomic(ckpt_dir / tag / COMPLETE, {"step": state.step, "world_size": world, "time": time.time()})
+        prune(ckpt_dir, keep_last)
+    if world > 1:
+        dist.barrier()
+    return ckpt_dir / tag
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def prune(ckpt_dir: Path, keep_last: int):
+    tags = complete_tags(ckpt_dir)
+    keep = set(tags[-keep_last:])
+    newest = tags[-1] if tags else None
+    for p in ckpt_dir.iterdir():
+        if not TAG_RE.match(p.name) or p.name in keep:
+            continue
+        if p.name in tags or (newest and p.name < newest):  # old complete ones, and debris of killed saves
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> tuple[Path, str] | None:
+    """train.resume -> (checkpoint dir, tag), None to start fresh."""
+    if not resume:
+        return None
+    if resume == "latest":
+        tags = complete_tags(ckpt_dir)
+        return (Path(ckpt_dir), tags[-1]) if tags else None
+    path = Path(resume)
+    if TAG_RE.match(path.name) and (path / COMPLETE).is_file():
+        return path.parent, path.name
+    if path.is_dir() and complete_tags(path):
+        return path, complete_tags(path)[-1]
+    raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
+    rank, world = _rank_world()
+    info = json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    if info["world_size"] != world:
+        raise RuntimeError(f"{ckpt_dir / tag}: written by {info['world_size']} ranks, this run has {world}; "
+                           f"the data position of each rank cannot be carried over")
+    with safe_torch_load():
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+    raw = json.loads((ckpt_dir / tag / f"train_state_rank{rank}.json").read_text())
+    return TrainState(**raw)
+
+
+# ---- export for evaluation ----------------------------------------------------------------
+
+def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
+    """Consolidated fp32 weights + what it takes to rebuild the model, loadable with
+    torch.load(weights_only=True)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or (complete_tags(ckpt_dir) or [None])[-1]
+    if tag is None or not (ckpt_dir / tag / COMPLETE).is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint{' ' + tag if tag else ''} to export")
+    run_dir = ckpt_dir.parent
+    meta = json.loads((run_dir / "model.json").read_text())
+    with safe_torch_load():
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    payload = {"state_dict": {k: v.float().contiguous() for k, v in state_dict.items()}, **meta,
+               "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag)}
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, output)
+    return output
+
+
+def load_exported(path: str | Path):
+    """The model of an exported file, built and loaded; weights-only, so a file crafted to
+    run code when unpickled is rejected instead of executed."""
+    from pipeline.model import build_model
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(payload["arch"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), payload
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m pipeline.checkpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="consolidated fp32 weights for evaluation")
+    ex.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
+    ex.add_argument("--tag", help="e.g. step_00000200 (default: the newest complete one)")
+    ex.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    print(f"wrote {export(args.checkpoint, args.output, args.tag)}")
+
+
+if __name__ == "__main__":
+    main()

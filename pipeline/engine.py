@@ -1,0 +1,218 @@
+"""DeepSpeed glue: config fill with the batch arithmetic checked in one place, MS-CLIP's
+optimizer groups, the learning-rate schedule as a pure function of the step, and
+`train_step`.
+
+Gradient accumulation and the contrastive objective: DeepSpeed's accumulation sums
+the gradients of per-micro-batch losses, so each micro-batch would contrast against
+micro x world negatives instead of the global batch; that is a different objective.
+Whenever global_batch_size > micro_batch_size x world, `train_step` instead computes
+the global-batch loss from features cached without grad, then re-runs each micro-batch
+with grad and backpropagates the cached feature gradients (GradCache, Gao et al. 2021;
+ZeroVL's decoupled gradient accumulation): the gradients equal one big batch's.
+DeepSpeed's plain accumulation is not offered.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline.model import MAX_LOGIT_SCALE
+
+log = logging.getLogger(__name__)
+
+# Keys the run config owns; a DeepSpeed JSON that sets them would silently disagree.
+RUN_CONFIG_KEYS = {"train_batch_size": "train.global_batch_size",
+                   "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                   "gradient_accumulation_steps": "train.global_batch_size / (micro_batch_size x world size)",
+                   "gradient_clipping": "optim.grad_clip"}
+
+
+def read_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed_config {path}: no such file")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    for key, owner in RUN_CONFIG_KEYS.items():
+        if key in ds:
+            raise ConfigError(f"{path}: '{key}' belongs in the run config ({owner}), not in the DeepSpeed config")
+    for key in ("lr", "weight_decay", "betas", "eps"):
+        if key in ds.get("optimizer", {}).get("params", {}):
+            raise ConfigError(f"{path}: optimizer.params.{key} belongs in the run config (optim.{key})")
+    return ds
+
+
+def accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size: {train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size {train.micro_batch_size} x world size {world_size}")
+    return train.global_batch_size // per_step
+
+
+def fill_ds_config(ds: dict, train: TrainConfig, optim: OptimConfig, world_size: int) -> dict:
+    """The DeepSpeed config the engine runs with: the file's knobs plus batch sizes,
+    accumulation, clipping and optimizer hyper-parameters from the run config."""
+    accum = accumulation_steps(train, world_size)
+    ds = copy.deepcopy(ds)
+    ds["train_batch_size"] = train.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    ds["gradient_accumulation_steps"] = accum
+    ds["gradient_clipping"] = optim.grad_clip
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt.setdefault("params", {}).update(lr=optim.lr, betas=list(optim.betas), eps=optim.eps,
+                                        weight_decay=optim.weight_decay)
+    assert ds["train_batch_size"] == train.micro_batch_size * accum * world_size
+    return ds
+
+
+def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """AdamW groups as MS-CLIP configures them: no weight decay on norms, biases,
+    embeddings and the logit scale (1-d tensors + model.no_weight_decay()); the modules
+    both towers share get their own lr and weight decay (LR_SHARE / WD_SHARE)."""
+    shared = {id(p) for p in model.shared_parameters()}
+    no_decay_names = model.no_weight_decay()
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and name not in no_decay_names
+        groups.setdefault((id(p) in shared, decay), []).append(p)
+    out = []
+    for (is_shared, decay), params in sorted(groups.items()):
+        lr = optim.shared_lr if is_shared and optim.shared_lr is not None else optim.lr
+        wd = optim.shared_weight_decay if is_shared and optim.shared_weight_decay is not None else optim.weight_decay
+        out.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": wd if decay else 0.0,
+                    "name": f"{'shared' if is_shared else 'tower'}_{'decay' if decay else 'no_decay'}"})
+    return out
+
+
+def lr_factor(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Multiplier of each group's base lr at `step` (0-based): linear warmup from
+    1/warmup to 1, then cosine or linear decay to min_lr/lr at the last step."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    floor = optim.min_lr / optim.lr
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1 - progress
+    return floor + (1 - floor) * shape
+
+
+def set_learning_rates(optimizer, factor: float):
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+@torch.no_grad()
+def clamp_logit_scale(param: nn.Parameter):
+    """Keep the stored log-scale in [0, ln 100] after every step (open_clip). Under ZeRO
+    the fp32 master copy lives in the optimizer, so that is the copy to clamp; the model
+    also clamps in its forward, so the effective scale never exceeds 100 in between."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    master = safe_get_full_fp32_param(param)
+    if master is None:  # no DeepSpeed optimizer wraps it: the parameter is the master
+        param.clamp_(0, MAX_LOGIT_SCALE)
+    else:
+        safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(model: nn.Module):
+    """Run forwards without moving BatchNorm running statistics (the caching pass of the
+    exact accumulation: the grad pass after it updates them once, as a plain step would)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        yield
+    finally:
+        for m, (mean, var, n) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is true on any rank (every rank must take the same branch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def split_batch(batch: dict, parts: int) -> list[dict]:
+    n = batch["images"].shape[0]
+    if n % parts:
+        raise ValueError(f"a batch of {n} does not split into {parts} micro-batches")
+    size = n // parts
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items() if torch.is_tensor(v)} for i in range(parts)]
+
+
+def model_inputs(batch: dict, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch["images"].to(device=device, dtype=dtype, non_blocking=True)
+    return images, batch["text"].to(device=device, non_blocking=True)
+
+
+def features_loss(loss_fn, out: dict) -> tuple[torch.Tensor, dict]:
+    """The objective on fp32 copies of the features (logits in bf16 lose too much)."""
+    return loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
+
+
+def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
+    """One optimizer step over a local batch of `accum` micro-batches.
+
+    loss_fn(image_features, text_features, logit_scale) -> (loss, components).
+    Returns device tensors (no host sync here beyond the non-finite check, which every
+    rank must agree on): loss, components, skipped (0/1).
+    """
+    module = engine.module
+    dtype = next(module.parameters()).dtype
+    device = engine.device
+    if accum == 1:
+        loss, components = features_loss(loss_fn, engine(*model_inputs(batch, dtype, device)))
+        if any_rank(not torch.isfinite(loss).item()):
+            return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
+        engine.backward(loss)
+        engine.step()
+        return {"loss": loss.detach(), "skipped": 0, **{k: v.detach() for k, v in components.items()}}
+    micro = split_batch(batch, accum)
+
+    # Exact accumulation. Pass 1: features of every micro-batch, no grad, BN stats untouched.
+    with torch.no_grad(), frozen_batchnorm_stats(module):
+        outs = [module(*model_inputs(mb, dtype, device)) for mb in micro]
+    image = torch.cat([o["image_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
+    text = torch.cat([o["text_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
+    scale = outs[0]["logit_scale"].float().requires_grad_(True)
+    with torch.enable_grad():
+        loss, components = loss_fn(image, text, scale)
+        if any_rank(not torch.isfinite(loss).item()):
+            return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
+        loss.backward()
+    # Pass 2: re-run each micro-batch with grad and push the cached feature gradients
+    # through it; DeepSpeed sums them and steps at the accumulation boundary.
+    B = micro[0]["images"].shape[0]
+    for i, mb in enumerate(micro):
+        out = engine(*model_inputs(mb, dtype, device))
+        rows = slice(i * B, (i + 1) * B)
+        surrogate = (out["image_features"].float() * image.grad[rows]).sum() + \
+                    (out["text_features"].float() * text.grad[rows]).sum()
+        if i == 0:  # the scale is one parameter: its gradient enters once
+            surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
+        engine.backward(surrogate, scale_wrt_gas=False)
+        engine.step()
+    return {"loss": loss.detach(), "skipped": 0, **{k: v.detach() for k, v in components.items()}}

@@ -11,6 +11,7 @@ before the process group starts.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -27,8 +28,8 @@ from pipeline import checkpoint  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, flatten, load_config, save_config, to_dict  # noqa: E402
 from pipeline.data.loader import DataStream  # noqa: E402
 from pipeline.data.shards import resolve_shards  # noqa: E402
-from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, lr_factor, param_groups,  # noqa: E402
-                             read_ds_config, set_learning_rates, train_step)
+from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
+                             param_groups, read_ds_config, set_learning_rates, train_step)
 from pipeline.losses import clip_objective  # noqa: E402
 from pipeline.tracking import MetricsLogger  # noqa: E402
 
@@ -74,11 +75,10 @@ def prepare_run_dir(cfg: RunConfig, ds_config: dict, model, run_name: str, rank:
     return run_dir
 
 
-def run_params(cfg: RunConfig, ds_config: dict, model, world: int, accum: int) -> dict:
+def run_params(cfg: RunConfig, ds_config: dict, arch, counts: dict, world: int, accum: int) -> dict:
     """What MLflow compares runs on: the resolved config, the architecture, the DeepSpeed
     config, and the derived sizes."""
-    counts = model.parameter_counts()
-    return {**flatten(to_dict(cfg)), **flatten({"arch": to_dict(model.arch)}), **flatten({"ds": ds_config}),
+    return {**flatten(to_dict(cfg)), **flatten({"arch": to_dict(arch)}), **flatten({"ds": ds_config}),
             "world_size": world, "accumulation_steps": accum, "params_total": counts["total"],
             "params_shared": counts["shared"], "shared_fraction": round(counts["shared"] / counts["total"], 4)}
 
@@ -105,6 +105,7 @@ def main(argv=None):
     model = build_model(cfg.model.arch())
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     flops_per_sample = train_flops_per_sample(model) if rank == 0 else 0.0
+    counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
     run_name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_name = broadcast_str(run_name)
     run_dir = prepare_run_dir(cfg, ds_config, model, run_name, rank)
@@ -127,7 +128,7 @@ def main(argv=None):
         print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"
               f"[train] resolved config:\n{json.dumps(to_dict(cfg), indent=1)}", flush=True)
         if not resume:
-            logger.log_params(run_params(cfg, ds_config, model, world, accum))
+            logger.log_params(run_params(cfg, ds_config, model.arch, counts, world, accum))
             for name in ("config.yaml", "ds_config.json", "model.json"):
                 logger.log_artifact(run_dir / name)
     status = "FAILED"
@@ -165,6 +166,9 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
             state.data = data.state_dict()
             window["loss"] = window["loss"] + out["loss"]
             window["steps"] += 1
+            # Which samples made this step (rank 0's share): lets a resumed run be checked
+            # against a straight one, sample for sample.
+            logger.event("batch", step=state.step, keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
             if out["skipped"]:
                 handle_nonfinite(engine, state, batch, cfg, run_dir, logger)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -201,7 +205,7 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
     now = time.perf_counter()
     samples_per_s = window["steps"] * cfg.train.global_batch_size / (now - window["time"])
     metrics = {"loss": window["loss"] / window["steps"], "loss_last": out["loss"],
-               "logit_scale": engine.module.logit_scale.detach().float().exp(),
+               "logit_scale": full_fp32(engine.module.logit_scale).exp(),
                "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": state.samples_seen,
                "skipped_steps": state.skipped_steps}
     metrics.update({k: v for k, v in out.items() if k.startswith("loss_")})

@@ -117,11 +117,24 @@ def set_learning_rates(optimizer, factor: float):
 
 
 @torch.no_grad()
+def full_fp32(param: nn.Parameter) -> torch.Tensor:
+    """The whole fp32 value of a parameter, also when ZeRO keeps it partitioned or in bf16."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    master = safe_get_full_fp32_param(param)
+    return (param if master is None else master).detach().float()
+
+
+@torch.no_grad()
 def clamp_logit_scale(param: nn.Parameter):
     """Keep the stored log-scale in [0, ln 100] after every step (open_clip). Under ZeRO
     the fp32 master copy lives in the optimizer, so that is the copy to clamp; the model
     also clamps in its forward, so the effective scale never exceeds 100 in between."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    if hasattr(param, "ds_id"):
+        # ZeRO-3: DeepSpeed 0.19.8's set_full_hp_param cannot write a parameter with fewer
+        # elements than ranks (it narrows past the end). The forward clamp alone keeps the
+        # effective scale <= 100 (and the gradient above it is zero).
+        return
     master = safe_get_full_fp32_param(param)
     if master is None:  # no DeepSpeed optimizer wraps it: the parameter is the master
         param.clamp_(0, MAX_LOGIT_SCALE)

@@ -1,0 +1,215 @@
+"""Training end to end through the real `deepspeed` launcher with 2 CPU processes (gloo),
+on shards the real img2dataset built, tracked in a real MLflow store read back through
+the MLflow client."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, free_port
+
+pytestmark = pytest.mark.slow
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def run_config(tmp_path: Path, demo: Path, name: str, **sections) -> Path:
+    cfg = {
+        "model": {"name": "msclip-s-tiny"},
+        "data": {"train_shards": str(demo / "shards" / "digits"), "workers": 1, "shuffle_buffer": 200},
+        "optim": {"lr": 5.0e-4, "warmup_steps": 10, "weight_decay": 0.1, "shared_weight_decay": 0.2},
+        "train": {"global_batch_size": 32, "micro_batch_size": 16, "steps": 12, "log_every": 2,
+                  "output_dir": str(tmp_path / "runs"), "run_name": name},
+        "tracking": {"experiment": "e2e"},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def ds_config(tmp_path: Path, base: str = "cpu_fp32.json", stage: int | None = None) -> Path:
+    ds = json.loads((REPO_ROOT / "ds_configs" / base).read_text())
+    if stage is not None:
+        ds["zero_optimization"]["stage"] = stage
+    path = tmp_path / f"ds_{base}_{stage}.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def launcher_cmd(config: Path, ds: Path, *overrides: str, extra: tuple = ()) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *extra, "launch/train.py",
+            "--deepspeed_config", str(ds), "--config", str(config), *overrides]
+
+
+def launch(config: Path, ds: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    result = subprocess.run(launcher_cmd(config, ds, *overrides), cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def jsonl(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step loss, the last record of each step winning (a resumed run re-logs steps)."""
+    return {r["step"]: r["loss"] for r in jsonl(run_dir) if "step" in r and "loss" in r}
+
+
+def batch_digests(run_dir: Path) -> dict[int, str]:
+    return {r["step"]: r["keys_sha1"] for r in jsonl(run_dir) if r.get("event") == "batch"}
+
+
+def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_data):
+    """The flagship CPU path: ZeRO-2, bf16, DeepSpeed's JIT-compiled fused CPU Adam, exact
+    large-batch accumulation (global 32 = 2 ranks x 2 micro-batches of 8), 40 steps."""
+    from mlflow.tracking import MlflowClient
+    config = run_config(tmp_path, demo_data, "zero2", train={"steps": 40, "micro_batch_size": 8, "log_every": 4,
+                                                             "save_every": 20})
+    launch(config, REPO_ROOT / "ds_configs" / "cpu_bf16.json", timeout=1200)
+    run_dir = tmp_path / "runs" / "zero2"
+    losses = step_losses(run_dir)
+    first, last = [losses[s] for s in (4, 8)], [losses[s] for s in (36, 40)]
+    assert sum(last) / 2 < sum(first) / 2 - 0.1, losses
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "msclip-s-tiny" and params["train.global_batch_size"] == "32"
+    assert params["ds.zero_optimization.stage"] == "2" and params["ds.bf16.enabled"] == "True"
+    assert params["world_size"] == "2" and params["accumulation_steps"] == "2"
+    assert 0 < float(params["shared_fraction"]) < 1
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(4, 41, 4))
+    metrics = run.data.metrics
+    for key in ("loss_clip", "logit_scale", "grad_norm", "samples_per_s", "lr/shared_decay", "lr/tower_decay"):
+        assert key in metrics, key
+    assert any(k.startswith("system/") for k in metrics), "no MLflow system metrics"
+    assert run.data.tags["git_commit"] and run.data.tags["model"] == "msclip-s-tiny"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "ds_config.json", "model.json"} <= artifacts
+    assert (run_dir / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_zero_stage_trains_on_two_processes(tmp_path, demo_data, stage):
+    config = run_config(tmp_path, demo_data, f"stage{stage}", train={"steps": 6, "log_every": 2, "save_every": 6})
+    launch(config, ds_config(tmp_path, stage=stage))
+    run_dir = tmp_path / "runs" / f"stage{stage}"
+    losses = step_losses(run_dir)
+    assert sorted(losses) == [2, 4, 6] and all(v == v for v in losses.values())  # logged and finite
+    info = json.loads((run_dir / "checkpoints" / "step_00000006" / "COMPLETE.json").read_text())
+    assert info["world_size"] == 2
+    from pipeline.checkpoint import load_exported
+    model, payload = load_exported(run_dir / "model.pt")  # consolidated from ZeRO-{stage} shards
+    assert payload["step"] == 6 and sum(p.numel() for p in model.parameters()) == 7785825
+
+
+def test_killed_run_resumes_exactly(tmp_path, demo_data):
+    """8 steps straight vs 4 steps, SIGKILL, resume=latest, 4 more: identical per-step
+    losses (fp32) and identical batches."""
+    ds = ds_config(tmp_path)
+    common = {"steps": 8, "log_every": 1, "save_every": 4, "keep_last": 3}
+    launch(run_config(tmp_path, demo_data, "straight", train=common), ds)
+    straight = tmp_path / "runs" / "straight"
+
+    config = run_config(tmp_path, demo_data, "killed", train=common)
+    killed = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen(launcher_cmd(config, ds), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step_00000004" / "COMPLETE.json"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    launch(config, ds, "train.resume=latest")
+
+    a, b = step_losses(straight), step_losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert a == b, (a, b)  # exactly, in fp32
+    assert batch_digests(straight) == batch_digests(killed)
+    assert any(r.get("event") == "run_start" for r in jsonl(killed))
+
+
+def test_unreachable_tracking_server_does_not_stop_training(tmp_path, demo_data):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = run_config(tmp_path, demo_data, "offline", train={"steps": 4}, tracking={"tracking_uri": dead})
+    result = launch(config, ds_config(tmp_path))
+    records = jsonl(tmp_path / "runs" / "offline")
+    assert sorted(step_losses(tmp_path / "runs" / "offline")) == [2, 4]
+    assert sum(r.get("event") == "mlflow_unavailable" for r in records) == 1
+    assert "MLflow at " + dead + " is unavailable" in result.stdout
+
+
+def test_two_nodes_simulated_on_loopback(tmp_path, demo_data):
+    """Two launcher invocations, node ranks 0 and 1, one process each, as on two machines."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    config = run_config(tmp_path, demo_data, "twonode", train={"steps": 4, "save_every": 2})
+    ds = ds_config(tmp_path)
+    port = free_port()
+
+    def node(rank):
+        return subprocess.Popen([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                                 "--master_addr", "127.0.0.1", "--master_port", str(port), "launch/train.py",
+                                 "--deepspeed_config", str(ds), "--config", str(config)],
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [node(1), node(0)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[1][-3000:]
+    run_dir = tmp_path / "runs" / "twonode"
+    assert json.loads((run_dir / "checkpoints" / "step_00000004" / "COMPLETE.json").read_text())["world_size"] == 2
+    assert sorted(step_losses(run_dir)) == [2, 4]
+
+
+def test_a_killed_rank_ends_the_run(tmp_path, demo_data):
+    import psutil
+    config = run_config(tmp_path, demo_data, "dying", train={"steps": 400})
+    proc = subprocess.Popen(launcher_cmd(config, ds_config(tmp_path)), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = tmp_path / "runs" / "dying" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and '"step"' in metrics.read_text()):
+        time.sleep(0.5)
+    victim = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
+    assert victim, "rank 1 not found"
+    victim[0].kill()
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc != 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "error: unknown config key 'optim.lrr'"),
+    ("train.global_batch_size=48", "error: train.global_batch_size: 48 is not a multiple of train.micro_batch_size 16 x world size 2"),
+    ("data.train_shards=/nonexistent/{00000..00003}.tar", "error: data.train_shards: shard /nonexistent/00000.tar does not exist"),
+])
+def test_bad_config_fails_before_any_process_group(tmp_path, demo_data, override, message):
+    config = run_config(tmp_path, demo_data, "bad")
+    start = time.time()
+    result = subprocess.run([sys.executable, "launch/train.py", "--deepspeed_config",
+                             str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), "--config", str(config), override],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                 "MASTER_PORT": str(free_port())})
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert lines == [lines[0]] and lines[0].startswith(message), result.stderr[-2000:]
+    assert time.time() - start < 60  # with world size 2 and no peer, a process group would wait forever

@@ -43,15 +43,17 @@ def ds_config(tmp_path: Path, base: str = "cpu_fp32.json", stage: int | None = N
     return path
 
 
-def launcher_cmd(config: Path, ds: Path, *overrides: str, extra: tuple = ()) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *extra, "launch/train.py",
-            "--deepspeed_config", str(ds), "--config", str(config), *overrides]
+def launcher_cmd(config: Path, ds: Path, *overrides: str, launcher: str = "deepspeed") -> list[str]:
+    port = str(free_port())
+    start = ([DEEPSPEED, "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed" else
+             [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port])
+    return [*start, "launch/train.py", "--deepspeed_config", str(ds), "--config", str(config), *overrides]
 
 
-def launch(config: Path, ds: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def launch(config: Path, ds: Path, *overrides: str, timeout: int = 600, launcher: str = "deepspeed"):
     env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    result = subprocess.run(launcher_cmd(config, ds, *overrides), cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+    result = subprocess.run(launcher_cmd(config, ds, *overrides, launcher=launcher), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
 
@@ -102,10 +104,11 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
     assert (run_dir / "model.pt").is_file()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_zero_stage_trains_on_two_processes(tmp_path, demo_data, stage):
+@pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "deepspeed")])
+def test_each_zero_stage_trains_on_two_processes(tmp_path, demo_data, stage, launcher):
+    """ZeRO-1 is started by torchrun instead of the deepspeed launcher: both must work."""
     config = run_config(tmp_path, demo_data, f"stage{stage}", train={"steps": 6, "log_every": 2, "save_every": 6})
-    launch(config, ds_config(tmp_path, stage=stage))
+    launch(config, ds_config(tmp_path, stage=stage), launcher=launcher)
     run_dir = tmp_path / "runs" / f"stage{stage}"
     losses = step_losses(run_dir)
     assert sorted(losses) == [2, 4, 6] and all(v == v for v in losses.values())  # logged and finite

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, linear probe, image-text retrieval (`python -m eval`)."""

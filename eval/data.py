@@ -1,0 +1,195 @@
+"""Evaluation dataset readers. Each returns plain lists (image sources, labels or
+captions) plus the metadata the task needs; bad or missing data is one line naming the
+path and what is wrong.
+
+Classification (zero-shot, linear probe):
+* class folders: `ROOT/[SPLIT/]<class>/<image>`; class names from `ROOT/classnames.txt`
+  (one per line, in label order) or else the folder names; numeric folder names are
+  label indices. This is also what `python -m data_prep.demo` writes for its held-out set.
+* CLIP_benchmark's webdataset layout: `ROOT/classnames.txt`,
+  `ROOT/zeroshot_classification_templates.txt`, `ROOT/SPLIT/nshards.txt`,
+  `ROOT/SPLIT/{0..n-1}.tar` with an image (webp/jpg/png) and a `.cls` label per sample.
+Templates come from `ROOT/zeroshot_classification_templates.txt` (`{c}` is the class
+name), else OpenAI's ImageNet templates from open_clip.
+
+Retrieval:
+* Karpathy splits: `ROOT/dataset_coco.json` or `ROOT/dataset_flickr30k.json` (images with
+  `split`, `filepath`, `filename`, `sentences[].raw`), images under ROOT (COCO:
+  `ROOT/<filepath>/<filename>`; Flickr30K: `ROOT/flickr30k-images/<filename>` or
+  `ROOT/images/<filename>`).
+* CLIP_benchmark's webdataset layout: samples with an image and a `.txt` of captions,
+  one per line.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+WDS_IMAGE_KEYS = ("webp", "jpg", "jpeg", "png")
+
+
+class EvalDataError(ValueError):
+    pass
+
+
+@dataclass
+class ClassificationSet:
+    name: str
+    images: list  # file paths or encoded image bytes
+    labels: list[int]
+    classnames: list[str]
+    templates: list[str]
+
+
+@dataclass
+class RetrievalSet:
+    name: str
+    images: list  # file paths or encoded image bytes, one per image
+    captions: list[list[str]]  # captions[i]: the captions of image i
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    if not lines:
+        raise EvalDataError(f"{path}: empty")
+    return lines
+
+
+def read_templates(root: Path) -> list[str]:
+    path = root / "zeroshot_classification_templates.txt"
+    if path.is_file():
+        templates = _read_lines(path)
+        bad = [t for t in templates if "{c}" not in t]
+        if bad:
+            raise EvalDataError(f"{path}: template {bad[0]!r} has no {{c}} placeholder for the class name")
+        return templates
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def read_classification(root: str | Path, split: str = "test") -> ClassificationSet:
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalDataError(f"{root}: no such dataset directory")
+    if (root / split / "nshards.txt").is_file():
+        return _read_wds_classification(root, split)
+    base = root / split if (root / split).is_dir() else root
+    folders = sorted(p for p in base.iterdir() if p.is_dir())
+    if not folders:
+        raise EvalDataError(f"{base}: no class folders (expected {base}/<class>/<image>) and no {split}/nshards.txt")
+    if (root / "classnames.txt").is_file():
+        classnames = _read_lines(root / "classnames.txt")
+    else:
+        classnames = [f.name for f in folders]
+    if all(f.name.isdigit() for f in folders):
+        index = {f: int(f.name) for f in folders}
+    else:
+        index = {f: i for i, f in enumerate(folders)}
+    if max(index.values()) >= len(classnames):
+        raise EvalDataError(f"{base}: class folder {max(index.values())} but {root / 'classnames.txt'} "
+                            f"lists {len(classnames)} classes")
+    images, labels = [], []
+    for folder in folders:
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                images.append(f)
+                labels.append(index[folder])
+    if not images:
+        raise EvalDataError(f"{base}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return ClassificationSet(root.name, images, labels, classnames, read_templates(root))
+
+
+def _wds_samples(root: Path, split: str):
+    nshards_file = root / split / "nshards.txt"
+    try:
+        nshards = int(nshards_file.read_text().strip())
+    except ValueError:
+        raise EvalDataError(f"{nshards_file}: not a shard count") from None
+    urls = [str(root / split / f"{i}.tar") for i in range(nshards)]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise EvalDataError(f"{missing[0]}: missing ({nshards_file} says {nshards} shards)")
+    for sample in wds.tarfile_to_samples()(iter([dict(url=u) for u in urls])):
+        key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise EvalDataError(f"{sample['__url__']}: sample {sample['__key__']} has no image")
+        yield sample, sample[key]
+
+
+def _read_wds_classification(root: Path, split: str) -> ClassificationSet:
+    images, labels = [], []
+    for sample, image in _wds_samples(root, split):
+        if "cls" not in sample:
+            raise EvalDataError(f"{sample['__url__']}: sample {sample['__key__']} has no .cls label")
+        images.append(image)
+        labels.append(int(sample["cls"].decode().strip()))
+    classnames = _read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else None
+    if classnames is None:
+        raise EvalDataError(f"{root / 'classnames.txt'}: missing")
+    return ClassificationSet(root.name, images, labels, classnames, read_templates(root))
+
+
+def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
+    root = Path(root)
+    if (root / split / "nshards.txt").is_file():
+        images, captions = [], []
+        for sample, image in _wds_samples(root, split):
+            if "txt" not in sample:
+                raise EvalDataError(f"{sample['__url__']}: sample {sample['__key__']} has no .txt captions")
+            images.append(image)
+            captions.append([c for c in sample["txt"].decode().splitlines() if c.strip()])
+        return RetrievalSet(root.name, images, captions)
+    karpathy = root if root.suffix == ".json" else next(
+        (root / n for n in ("dataset_coco.json", "dataset_flickr30k.json") if (root / n).is_file()), None)
+    if karpathy is None or not karpathy.is_file():
+        raise EvalDataError(f"{root}: neither a Karpathy split json (dataset_coco.json / dataset_flickr30k.json) "
+                            f"nor {split}/nshards.txt")
+    base = karpathy.parent
+    try:
+        entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == split]
+    except (ValueError, KeyError, TypeError) as e:
+        raise EvalDataError(f"{karpathy}: not a Karpathy split file ({type(e).__name__}: {e})") from None
+    images, captions = [], []
+    for e in entries:
+        candidates = [base / e.get("filepath", "") / e["filename"], base / "flickr30k-images" / e["filename"],
+                      base / "images" / e["filename"]]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise EvalDataError(f"{candidates[0]}: image listed in {karpathy.name} is missing")
+        images.append(path)
+        captions.append([s["raw"] for s in e["sentences"]])
+    if not images:
+        raise EvalDataError(f"{karpathy}: no images in split {split!r}")
+    return RetrievalSet(karpathy.stem.replace("dataset_", ""), images, captions)
+
+
+class ImageDataset(Dataset):
+    """Images (paths or encoded bytes) through the model's eval transform."""
+
+    def __init__(self, images: list, transform, targets: list | None = None):
+        self.images, self.transform, self.targets = images, transform, targets
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        src = self.images[i]
+        try:
+            image = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")
+        except Exception as e:
+            raise EvalDataError(f"{src if not isinstance(src, bytes) else f'image {i}'}: cannot decode ({e})") from None
+        x = self.transform(image)
+        return (x, self.targets[i]) if self.targets is not None else x
+
+
+def image_loader(images: list, transform, batch_size: int, workers: int, targets: list | None = None) -> DataLoader:
+    return DataLoader(ImageDataset(images, transform, targets), batch_size=batch_size, num_workers=workers,
+                      shuffle=False, pin_memory=torch.cuda.is_available())

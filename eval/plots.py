@@ -1,0 +1,57 @@
+"""Artifacts people would rather look at than read."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display here or on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def confusion_matrix(targets: list[int], preds: list[int], classnames: list[str], path: Path, title: str) -> Path:
+    n = len(classnames)
+    counts = np.zeros((n, n), dtype=int)
+    for t, p in zip(targets, preds):
+        counts[t, p] += 1
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * n, 1 + 0.5 * n))
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classnames, rotation=90)
+    ax.set_yticks(range(n), classnames)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title} (row-normalized)")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+HEADLINE = {"zeroshot_classification": "acc1", "linear_probe": "lp_acc1", "zeroshot_retrieval": "rsum"}
+
+
+def bar_chart(results: list[dict], path: Path) -> Path:
+    """One bar per (task, dataset): its headline metric (accuracy in %, or RSUM)."""
+    labels, values = [], []
+    for r in results:
+        key = HEADLINE[r["task"]]
+        value = r["metrics"][key]
+        labels.append(f"{r['task'].replace('zeroshot_', 'zs ')}\n{r['dataset']}")
+        values.append(value if key == "rsum" else 100 * value)
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(values)), 4))
+    bars = ax.bar(range(len(values)), values, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_xticks(range(len(values)), labels, fontsize=8)
+    ax.set_ylabel("top-1 % (classification) / RSUM (retrieval)")
+    ax.set_title("results by dataset")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

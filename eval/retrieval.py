@@ -1,0 +1,40 @@
+"""Image-text retrieval (METHODS.md 2.7): R@1/5/10 both ways and RSUM, where an image
+has several captions. Keys follow CLIP_benchmark: `text_retrieval_recall@k` is
+image->text, `image_retrieval_recall@k` is text->image.
+
+Ties are counted against the query: a wrong candidate scoring exactly as high as the
+best right one ranks ahead of it (recall is never overstated)."""
+from __future__ import annotations
+
+import torch
+
+from eval.data import RetrievalSet, image_loader
+from eval.features import image_features, model_transform, text_features
+
+
+def recalls(scores: torch.Tensor, caption_image: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """scores: (N_images, N_captions); caption_image[j]: the image caption j describes."""
+    n_img, n_txt = scores.shape
+    positive = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    positive[caption_image, torch.arange(n_txt)] = True
+    # image -> text: rank of the best right caption = wrong captions scoring >= it
+    best_right = scores.masked_fill(~positive, float("-inf")).max(dim=1).values  # (N_images,)
+    i2t_rank = (scores.masked_fill(positive, float("-inf")) >= best_right[:, None]).sum(dim=1)
+    # text -> image: wrong images scoring >= the right one
+    right = scores[caption_image, torch.arange(n_txt)]  # (N_captions,)
+    t2i_rank = (scores.masked_fill(positive, float("-inf")) >= right[None, :]).sum(dim=0)
+    out = {}
+    for k in ks:
+        out[f"text_retrieval_recall@{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"image_retrieval_recall@{k}"] = (t2i_rank < k).float().mean().item()
+    out["rsum"] = 100.0 * sum(out[f"{d}_retrieval_recall@{k}"] for d in ("text", "image") for k in ks)
+    return out
+
+
+def evaluate(model, data: RetrievalSet, batch_size: int = 64, workers: int = 2, device: str = "cpu") -> dict:
+    img, _ = image_features(model, image_loader(data.images, model_transform(model), batch_size, workers), device,
+                            desc=f"retrieval {data.name}")
+    captions = [c for caps in data.captions for c in caps]
+    caption_image = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps])
+    txt = text_features(model, captions, device)
+    return recalls(img @ txt.T, caption_image)

@@ -1,0 +1,27 @@
+"""Zero-shot classification (METHODS.md 0.3): prompt-ensembled class embeddings, top-1,
+top-5 and mean-per-class recall. Keys follow CLIP_benchmark's output."""
+from __future__ import annotations
+
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from eval.data import ClassificationSet, image_loader
+from eval.features import image_features, model_transform, zeroshot_weights
+
+
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    return (logits.topk(k, dim=1).indices == target[:, None]).any(dim=1).float().mean().item()
+
+
+def evaluate(model, data: ClassificationSet, batch_size: int = 64, workers: int = 2, device: str = "cpu") -> dict:
+    classifier = zeroshot_weights(model, data.classnames, data.templates, device)  # (E, C)
+    loader = image_loader(data.images, model_transform(model), batch_size, workers, data.labels)
+    feats, target = image_features(model, loader, device, desc=f"zero-shot {data.name}")
+    logits = 100.0 * feats @ classifier  # the scale does not change the ranking
+    pred = logits.argmax(dim=1)
+    metrics = {"acc1": topk_accuracy(logits, target, 1),
+               "mean_per_class_recall": float(balanced_accuracy_score(target.numpy(), pred.numpy())),
+               "predictions": pred.tolist(), "targets": target.tolist()}
+    if len(data.classnames) >= 5:  # as CLIP_benchmark: top-5 of fewer classes means nothing
+        metrics["acc5"] = topk_accuracy(logits, target, 5)
+    return metrics

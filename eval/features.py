@@ -18,9 +18,10 @@ def image_features(model, loader, device: str = "cpu", projected: bool = True, d
     """(N, E) L2-normalized joint-space features, or (N, D) pre-projection features
     (CLIP's linear-probe features) when projected=False; plus the targets if the loader has them."""
     feats, targets = [], []
+    dtype = next(model.parameters()).dtype  # bf16 when called on a bf16 engine's module
     for batch in tqdm(loader, desc=desc, unit=" batches", leave=False):
         images, target = batch if isinstance(batch, (list, tuple)) else (batch, None)
-        images = images.to(device)
+        images = images.to(device, dtype)
         x = model.encode_image(images, normalize=True) if projected else model.image_trunk(images)
         feats.append(x.float().cpu())
         if target is not None:

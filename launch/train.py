@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from eval.during_training import PeriodicZeroShot  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, flatten, load_config, save_config, to_dict  # noqa: E402
 from pipeline.data.loader import DataStream  # noqa: E402
@@ -53,7 +54,7 @@ def adopt_slurm_env():
         os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
 
 
-def validate(args) -> tuple[RunConfig, dict, int]:
+def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
     """All input checks, before any process group exists."""
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,7 +62,8 @@ def validate(args) -> tuple[RunConfig, dict, int]:
     resolve_shards(cfg.data.train_shards)
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
-    return cfg, ds_config, world
+    evaluator = PeriodicZeroShot(cfg.eval, cfg.train.steps) if cfg.eval.every_steps else None
+    return cfg, ds_config, world, evaluator
 
 
 def prepare_run_dir(cfg: RunConfig, ds_config: dict, model, run_name: str, rank: int) -> Path:
@@ -88,7 +90,7 @@ def main(argv=None):
     args = parse_args(argv)
     adopt_slurm_env()
     try:
-        cfg, ds_config, world = validate(args)
+        cfg, ds_config, world, evaluator = validate(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,7 +135,7 @@ def main(argv=None):
                 logger.log_artifact(run_dir / name)
     status = "FAILED"
     try:
-        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world)
+        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, evaluator)
         status = "FINISHED"
     finally:
         logger.close(status)
@@ -151,7 +153,7 @@ def broadcast_str(value: str) -> str:
 
 
 def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path, accum: int,
-          flops_per_sample: float, world: int):
+          flops_per_sample: float, world: int, evaluator: PeriodicZeroShot | None = None):
     """The loop: step, log, save. Everything else lives in functions of its own."""
     batches_per_epoch = data.batches_per_epoch()
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter()}
@@ -173,6 +175,8 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
                 handle_nonfinite(engine, state, batch, cfg, run_dir, logger)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
+            if evaluator and evaluator.due(state.step):
+                evaluate_now(evaluator, engine, logger, state.step, window)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 save_checkpoint(engine, run_dir, state, cfg)
             if state.step >= cfg.train.steps or state.epoch_step >= batches_per_epoch:
@@ -182,6 +186,12 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
             state.epoch_step = 0
     if not cfg.train.save_every or state.step % cfg.train.save_every:
         save_checkpoint(engine, run_dir, state, cfg)
+
+
+def evaluate_now(evaluator: PeriodicZeroShot, engine, logger, step: int, window: dict):
+    started = time.perf_counter()
+    logger.log_metrics(evaluator(engine), step)
+    window["time"] += time.perf_counter() - started  # evaluation time is not training throughput
 
 
 def save_checkpoint(engine, run_dir: Path, state, cfg: RunConfig):

@@ -132,14 +132,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Periodic zero-shot evaluation during training; 0 turns it off.
+    # Periodic zero-shot evaluation during training (every N steps and at the last step,
+    # logged as eval/zeroshot/<name>/acc1 at its step); 0 turns it off.
     every_steps: int = 0
+    # A classification set eval/data.py reads: class folders (the demo's held-out set,
+    # ImageNet-style) or CLIP_benchmark's webdataset layout. Keep it small: rank 0
+    # evaluates while the other ranks wait.
     dataset: str = ""
+    split: str = "test"
     batch_size: int = 64
+    workers: int = 2
 
     def __post_init__(self):
         _check_range("eval.every_steps", self.every_steps, 0)
         _check_range("eval.batch_size", self.batch_size, 1)
+        _check_range("eval.workers", self.workers, 0)
+        if self.every_steps and not self.dataset:
+            raise ConfigError("eval.dataset: eval.every_steps is set but no dataset is named")
 
 
 @dataclass

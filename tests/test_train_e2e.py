@@ -28,7 +28,7 @@ def run_config(tmp_path: Path, demo: Path, name: str, **sections) -> Path:
         "tracking": {"experiment": "e2e"},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -76,7 +76,8 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
     large-batch accumulation (global 32 = 2 ranks x 2 micro-batches of 8), 40 steps."""
     from mlflow.tracking import MlflowClient
     config = run_config(tmp_path, demo_data, "zero2", train={"steps": 40, "micro_batch_size": 8, "log_every": 4,
-                                                             "save_every": 20})
+                                                             "save_every": 20},
+                        eval={"every_steps": 20, "dataset": str(demo_data / "eval" / "digits"), "workers": 0})
     launch(config, REPO_ROOT / "ds_configs" / "cpu_bf16.json", timeout=1200)
     run_dir = tmp_path / "runs" / "zero2"
     losses = step_losses(run_dir)
@@ -94,6 +95,8 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
     assert 0 < float(params["shared_fraction"]) < 1
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(4, 41, 4))
+    zeroshot = client.get_metric_history(run.info.run_id, "eval/zeroshot/digits/acc1")  # evaluated in bf16
+    assert sorted(m.step for m in zeroshot) == [20, 40] and all(0 <= m.value <= 1 for m in zeroshot)
     metrics = run.data.metrics
     for key in ("loss_clip", "logit_scale", "grad_norm", "samples_per_s", "lr/shared_decay", "lr/tower_decay"):
         assert key in metrics, key
@@ -107,7 +110,8 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
 @pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "deepspeed")])
 def test_each_zero_stage_trains_on_two_processes(tmp_path, demo_data, stage, launcher):
     """ZeRO-1 is started by torchrun instead of the deepspeed launcher: both must work."""
-    config = run_config(tmp_path, demo_data, f"stage{stage}", train={"steps": 6, "log_every": 2, "save_every": 6})
+    config = run_config(tmp_path, demo_data, f"stage{stage}", train={"steps": 6, "log_every": 2, "save_every": 6},
+                        eval={"every_steps": 4, "dataset": str(demo_data / "eval" / "digits"), "workers": 0})
     launch(config, ds_config(tmp_path, stage=stage), launcher=launcher)
     run_dir = tmp_path / "runs" / f"stage{stage}"
     losses = step_losses(run_dir)
@@ -117,6 +121,16 @@ def test_each_zero_stage_trains_on_two_processes(tmp_path, demo_data, stage, lau
     from pipeline.checkpoint import load_exported
     model, payload = load_exported(run_dir / "model.pt")  # consolidated from ZeRO-{stage} shards
     assert payload["step"] == 6 and sum(p.numel() for p in model.parameters()) == 7785825
+
+    # The periodic zero-shot eval ran at step 4 and at the last step, on the full model
+    # (gathered from ZeRO-3 partitions): at step 6 it equals an offline eval of the export.
+    from eval import zeroshot
+    from eval.data import read_classification
+    during = {r["step"]: r["eval/zeroshot/digits/acc1"] for r in jsonl(run_dir) if "eval/zeroshot/digits/acc1" in r}
+    assert sorted(during) == [4, 6]
+    data = read_classification(demo_data / "eval" / "digits")
+    offline = zeroshot.evaluate(model.eval(), data, workers=0)["acc1"]
+    assert abs(during[6] - offline) <= 1 / len(data.labels) + 1e-9, (during, offline)
 
 
 def test_killed_run_resumes_exactly(tmp_path, demo_data):
@@ -203,12 +217,15 @@ def test_a_killed_rank_ends_the_run(tmp_path, demo_data):
     ("optim.lrr=1", "error: unknown config key 'optim.lrr'"),
     ("train.global_batch_size=48", "error: train.global_batch_size: 48 is not a multiple of train.micro_batch_size 16 x world size 2"),
     ("data.train_shards=/nonexistent/{00000..00003}.tar", "error: data.train_shards: shard /nonexistent/00000.tar does not exist"),
+    (("eval.every_steps=5", "eval.dataset=/nonexistent"), "error: eval.dataset: /nonexistent: no such dataset directory"),
+    ("eval.every_steps=5", "error: eval.dataset: eval.every_steps is set but no dataset is named"),
 ])
 def test_bad_config_fails_before_any_process_group(tmp_path, demo_data, override, message):
     config = run_config(tmp_path, demo_data, "bad")
     start = time.time()
     result = subprocess.run([sys.executable, "launch/train.py", "--deepspeed_config",
-                             str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), "--config", str(config), override],
+                             str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), "--config", str(config),
+                             *([override] if isinstance(override, str) else override)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
                                  "MASTER_PORT": str(free_port())})

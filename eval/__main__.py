@@ -1,12 +1,14 @@
 """Evaluate a checkpoint and log every metric to MLflow.
 
     python -m eval --checkpoint runs/NAME/model.pt --zeroshot data/demo/eval/digits \
-        [--linear-probe data/demo/eval/digits] [--retrieval PATH] [--run-id ID | --experiment NAME] \
-        [--tracking-uri URI] [--output results.json]
+        [--linear-probe data/demo/eval/digits] [--retrieval PATH] \
+        [--training-run | --run-id ID | --experiment NAME] [--tracking-uri URI] [--output results.json]
 
 --checkpoint is an exported file (`model.pt`, weights-only) or a run's DeepSpeed
-checkpoints/ directory (exported on the fly). Metrics go into the training run when
---run-id is given, else into a new run tagged with the checkpoint. Writes a JSON of
+checkpoints/ directory (exported on the fly). Metrics go into the run that trained the
+checkpoint with --training-run (its MLflow id is in the export), into run ID with
+--run-id, else into a new run tagged with the checkpoint; they are logged at the
+checkpoint's training step. Writes a JSON of
 results (CLIP_benchmark's keys where they overlap) and logs it with a confusion matrix
 (for up to 30 classes) and a bar chart of the per-dataset results as artifacts.
 """
@@ -100,7 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run-id", help="log into this (training) run")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--training-run", action="store_true", help="log into the run that trained the checkpoint")
+    target.add_argument("--run-id", help="log into this run")
     parser.add_argument("--experiment", default="eval", help="experiment of a new run (without --run-id)")
     parser.add_argument("--tracking-uri", help="default: the sqlite store next to the run folders")
     parser.add_argument("--no-mlflow", action="store_true")
@@ -110,6 +114,10 @@ def main(argv=None) -> int:
         parser.error("name at least one task: --zeroshot, --linear-probe or --retrieval")
     try:
         model, payload = load_checkpoint(args.checkpoint)
+        if args.training_run:
+            args.run_id = payload.get("mlflow_run_id") or None
+            if not args.run_id:
+                raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
         results, artifacts = run_tasks(model, args, device)

@@ -200,8 +200,11 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> 
     meta = json.loads((run_dir / "model.json").read_text())
     with safe_torch_load():
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    train_state = json.loads((ckpt_dir / tag / "train_state_rank0.json").read_text())
     payload = {"state_dict": {k: v.float().contiguous() for k, v in state_dict.items()}, **meta,
-               "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag)}
+               "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag),
+               # lets `python -m eval --training-run` log into the run that trained it
+               "mlflow_run_id": train_state.get("mlflow_run_id", "")}
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")

@@ -1,0 +1,49 @@
+"""The README's main command, shortened (fewer steps, the session's demo shards), run
+as written: bash launch/demo.sh. Its MLflow store is read back through the MLflow client."""
+import csv
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_main_command_trains_evaluates_and_compares_both_variants(tmp_path, demo_data):
+    from mlflow.tracking import MlflowClient
+    from pipeline.model import build_model
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(demo_data)  # built by the same data_prep.demo code
+    result = subprocess.run(["bash", "launch/demo.sh", "--steps", "12", "--workdir", str(tmp_path)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+    out = result.stdout
+    assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    store = tmp_path / "runs" / "mlflow.db"
+    assert f"mlflow ui --backend-store-uri sqlite:///{store}" in out
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert sorted(r.data.tags["model"] for r in runs) == ["clip-tiny", "msclip-s-tiny"]
+    (table,) = list((tmp_path / "runs").glob("comparison-*.csv"))
+    header, *rows = list(csv.reader(table.open()))
+    by_run = {row[0]: dict(zip(header, row)) for row in rows}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        model = run.data.tags["model"]
+        assert int(run.data.params["params_total"]) == sum(p.numel() for p in build_model(model).parameters())
+        history = client.get_metric_history(run.info.run_id, "eval/zeroshot/digits/acc1")
+        assert {3, 6, 9, 12} <= {m.step for m in history}  # during training (every 3) and from python -m eval
+        metrics = run.data.metrics
+        for key in ("loss", "eval/linear_probe/digits/lp_acc1", "eval/zeroshot/digits/mean_per_class_recall"):
+            assert key in metrics, (model, key)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")} | \
+            {a.path for a in client.list_artifacts(run.info.run_id, "comparison")}
+        assert {"eval/confusion_digits.png", "comparison/comparison_demo.png"} <= artifacts, artifacts
+        row = by_run[run.info.run_name]  # the printed comparison is what the store holds
+        assert row["model"] == model and float(row["params (M)"]) == round(int(run.data.params["params_total"]) / 1e6, 2)
+        assert float(row["zeroshot digits acc1"]) == pytest.approx(metrics["eval/zeroshot/digits/acc1"], abs=1e-4)
+        assert float(row["linear_probe digits lp_acc1"]) == pytest.approx(metrics["eval/linear_probe/digits/lp_acc1"], abs=1e-4)
+        assert run.info.run_name in out

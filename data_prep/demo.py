@@ -35,9 +35,12 @@ from data_prep.serve import serve_directory
 from data_prep.shard import build_manifest, run_img2dataset
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-COLOURS = {"black": (20, 20, 20), "white": (245, 245, 245), "red": (200, 30, 30), "green": (30, 150, 50),
-           "blue": (30, 60, 200), "yellow": (240, 210, 40), "orange": (240, 130, 20), "purple": (130, 40, 160),
-           "gray": (128, 128, 128)}
+# Dark inks on light papers: the colours vary (a nuisance the model must learn to ignore)
+# but the digit always stands out from its paper, as on a real scan.
+INKS = {"black": (20, 20, 20), "blue": (30, 60, 200), "red": (190, 30, 30), "green": (30, 120, 50),
+        "purple": (110, 40, 150)}
+PAPERS = {"white": (245, 245, 245), "cream": (250, 240, 200), "light gray": (205, 205, 205),
+          "light blue": (200, 220, 245), "pink": (245, 205, 215)}
 # Captions name the digit and nothing else: ink and paper colours vary as nuisance, so
 # the only thing a caption tells apart is the digit (a colour in the caption would be an
 # easier cue for the contrastive loss than the shape, and zero-shot asks for the shape).
@@ -69,14 +72,15 @@ def photo_paths() -> dict[str, Path]:
 
 
 def render_digit(scan: np.ndarray, size: int, rng: random.Random) -> Image.Image:
-    """An 8x8 scan (0..16) drawn in random ink on random paper, jittered in scale and position."""
-    fg, bg = rng.sample(list(COLOURS), 2)
+    """An 8x8 scan (0..16) drawn in a random dark ink on a random light paper, jittered in
+    scale and position."""
+    fg, bg = INKS[rng.choice(list(INKS))], PAPERS[rng.choice(list(PAPERS))]
     glyph = Image.fromarray((scan / 16 * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
     scale = rng.uniform(0.7, 1.0)
     inner = int(size * scale)
     mask = Image.new("L", (size, size), 0)
     mask.paste(glyph.resize((inner, inner), Image.BICUBIC), (rng.randint(0, size - inner), rng.randint(0, size - inner)))
-    image = Image.composite(Image.new("RGB", (size, size), COLOURS[fg]), Image.new("RGB", (size, size), COLOURS[bg]), mask)
+    image = Image.composite(Image.new("RGB", (size, size), fg), Image.new("RGB", (size, size), bg), mask)
     return image
 
 

@@ -6,6 +6,7 @@ import torch
 from eval import zeroshot
 from eval.data import EvalDataError, read_classification
 from pipeline.config import ConfigError, EvalConfig
+from pipeline.objectives import without_objective_heads
 
 
 class PeriodicZeroShot:
@@ -37,7 +38,7 @@ class PeriodicZeroShot:
         metrics = {}
         if rank == 0:
             model = build_model(module.arch)
-            model.load_state_dict(snapshot)
+            model.load_state_dict(without_objective_heads(snapshot))
             model.to(engine.device).eval()
             # The eval DataLoader draws its seed from the global generator: keep the
             # training RNG stream (and so exact resume) independent of evaluation.

@@ -32,6 +32,7 @@ from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
 from pipeline.losses import clip_objective  # noqa: E402
+from pipeline.objectives import attach_objective  # noqa: E402
 from pipeline.tracking import MetricsLogger  # noqa: E402
 
 log = logging.getLogger("train")
@@ -62,6 +63,10 @@ def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
     resolve_shards(cfg.data.train_shards)
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
+    beyond_features = sorted(set(cfg.objective.weights) - {"clip"})
+    if beyond_features and accumulation_steps(cfg.train, world) > 1:
+        raise ConfigError(f"objective.weights: {', '.join(beyond_features)} use more than the pooled features, so "
+                          f"they cannot run exact accumulation: set train.global_batch_size = micro_batch_size x world size")
     evaluator = PeriodicZeroShot(cfg.eval, cfg.train.steps) if cfg.eval.every_steps else None
     return cfg, ds_config, world, evaluator
 
@@ -82,7 +87,8 @@ def run_params(cfg: RunConfig, ds_config: dict, arch, counts: dict, world: int, 
     config, and the derived sizes."""
     return {**flatten(to_dict(cfg)), **flatten({"arch": to_dict(arch)}), **flatten({"ds": ds_config}),
             "world_size": world, "accumulation_steps": accum, "params_total": counts["total"],
-            "params_shared": counts["shared"], "shared_fraction": round(counts["shared"] / counts["total"], 4)}
+            "params_shared": counts["shared"], "shared_fraction": round(counts["shared"] / counts["total"], 4),
+            "params_objective_heads": counts["objective_heads"]}
 
 
 def main(argv=None):
@@ -108,13 +114,16 @@ def main(argv=None):
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     flops_per_sample = train_flops_per_sample(model) if rank == 0 else 0.0
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
+    objective = attach_objective(model, cfg.objective)  # heads join the model: DeepSpeed trains and saves them
+    counts["objective_heads"] = sum(p.numel() for p in objective.parameters()) if objective else 0
     run_name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_name = broadcast_str(run_name)
     run_dir = prepare_run_dir(cfg, ds_config, model, run_name, rank)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config)
     data = DataStream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
                       normalization=cfg.data.normalization or model.arch.normalization,
-                      context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world)
+                      context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
+                      ssl_views=objective.ssl_views if objective else 0)
     state = checkpoint.TrainState()
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     if resume:
@@ -123,7 +132,7 @@ def main(argv=None):
         checkpoint.restore_rng(state.rng)
     logger = MetricsLogger(run_dir, cfg.tracking, cfg.train.output_dir, run_name, enabled=rank == 0,
                            run_id=state.mlflow_run_id,
-                           tags={"model": cfg.model.name, "objective": "clip", "world_size": world,
+                           tags={"model": cfg.model.name, "objective": "+".join(cfg.objective.weights), "world_size": world,
                                  "dataset": cfg.data.train_shards})
     state.mlflow_run_id = logger.run_id
     if rank == 0:
@@ -135,7 +144,8 @@ def main(argv=None):
                 logger.log_artifact(run_dir / name)
     status = "FAILED"
     try:
-        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, evaluator)
+        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, objective or clip_objective,
+              evaluator)
         status = "FINISHED"
     finally:
         logger.close(status)
@@ -153,14 +163,14 @@ def broadcast_str(value: str) -> str:
 
 
 def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path, accum: int,
-          flops_per_sample: float, world: int, evaluator: PeriodicZeroShot | None = None):
+          flops_per_sample: float, world: int, loss_fn=clip_objective, evaluator: PeriodicZeroShot | None = None):
     """The loop: step, log, save. Everything else lives in functions of its own."""
     batches_per_epoch = data.batches_per_epoch()
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter()}
     while state.step < cfg.train.steps:
         for batch in data:
             set_learning_rates(engine.optimizer, lr_factor(state.step, cfg.optim, cfg.train.steps))
-            out = train_step(engine, batch, clip_objective, accum)
+            out = train_step(engine, batch, loss_fn, accum)
             clamp_logit_scale(engine.module.logit_scale)
             state.step += 1
             state.epoch_step += 1

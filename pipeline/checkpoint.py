@@ -201,6 +201,8 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> 
     with safe_torch_load():
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     train_state = json.loads((ckpt_dir / tag / "train_state_rank0.json").read_text())
+    from pipeline.objectives import without_objective_heads
+    state_dict = without_objective_heads(state_dict)  # evaluation needs the encoders only
     payload = {"state_dict": {k: v.float().contiguous() for k, v in state_dict.items()}, **meta,
                "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag),
                # lets `python -m eval --training-run` log into the run that trained it

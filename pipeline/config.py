@@ -151,6 +151,37 @@ class EvalConfig:
             raise ConfigError("eval.dataset: eval.every_steps is set but no dataset is named")
 
 
+OBJECTIVE_NAMES = ("clip", "slip", "filip")
+
+
+@dataclass
+class ObjectiveConfig:
+    # The training loss: weighted terms, each logged as loss_<name> (METHODS.md 3). The
+    # mapping is the whole loss: {slip: 1.0} alone has no CLIP term; SLIP is
+    # {clip: 1.0, slip: 1.0}, FILIP as the CLIP-Benchmark runs it {filip: 1.0}.
+    weights: dict = field(default_factory=lambda: {"clip": 1.0})
+    # SLIP: NT-Xent temperature and the SimCLR MLP head (trunk -> mlp -> mlp -> out).
+    simclr_temperature: float = 0.1
+    slip_mlp_dim: int = 4096
+    slip_out_dim: int = 256
+    # FILIP: token embedding size, tokens kept per sample before the all-gather (0: all).
+    filip_dim: int = 256
+    filip_top_k: int = 16
+
+    def __post_init__(self):
+        if not self.weights:
+            raise ConfigError("objective.weights: name at least one objective")
+        for name, weight in self.weights.items():
+            if name not in OBJECTIVE_NAMES:
+                raise ConfigError(f"objective.weights.{name}: unknown objective; known: {', '.join(OBJECTIVE_NAMES)}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+                raise ConfigError(f"objective.weights.{name}: {weight!r} is not a non-negative number")
+        _check_range("objective.simclr_temperature", self.simclr_temperature, 0, exclusive=True)
+        for key in ("slip_mlp_dim", "slip_out_dim", "filip_dim"):
+            _check_range(f"objective.{key}", getattr(self, key), 1)
+        _check_range("objective.filip_top_k", self.filip_top_k, 0)
+
+
 @dataclass
 class TrackingConfig:
     # "" -> a local sqlite store next to the run folders (sqlite:///<output_dir>/mlflow.db).
@@ -168,6 +199,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -189,20 +189,27 @@ def features_loss(loss_fn, out: dict) -> tuple[torch.Tensor, dict]:
 def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
     """One optimizer step over a local batch of `accum` micro-batches.
 
-    loss_fn(image_features, text_features, logit_scale) -> (loss, components).
-    Returns device tensors (no host sync here beyond the non-finite check, which every
-    rank must agree on): loss, components, skipped (0/1).
+    loss_fn: either loss_fn(image_features, text_features, logit_scale) -> (loss, components)
+    (plain CLIP), or a pipeline.objectives.ComposedObjective, which says what else the
+    forward must compute (`model_kwargs`) and scores the whole output. Returns device
+    tensors (no host sync here beyond the non-finite check, which every rank must agree
+    on): loss, components, skipped (0/1).
     """
     module = engine.module
     dtype = next(module.parameters()).dtype
     device = engine.device
+    composed = hasattr(loss_fn, "model_kwargs")
+    score = (lambda out: loss_fn(out, batch)) if composed else (lambda out: features_loss(loss_fn, out))
     if accum == 1:
-        loss, components = features_loss(loss_fn, engine(*model_inputs(batch, dtype, device)))
+        kwargs = loss_fn.model_kwargs(batch, dtype, device) if composed else {}
+        loss, components = score(engine(*model_inputs(batch, dtype, device), **kwargs))
         if any_rank(not torch.isfinite(loss).item()):
             return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach(), "skipped": 0, **{k: v.detach() for k, v in components.items()}}
+    if composed and not loss_fn.features_only:
+        raise ValueError("exact accumulation needs an objective of the pooled features only (clip)")
     micro = split_batch(batch, accum)
 
     # Exact accumulation. Pass 1: features of every micro-batch, no grad, BN stats untouched.
@@ -212,7 +219,7 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
     text = torch.cat([o["text_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     scale = outs[0]["logit_scale"].float().requires_grad_(True)
     with torch.enable_grad():
-        loss, components = loss_fn(image, text, scale)
+        loss, components = score({"image_features": image, "text_features": text, "logit_scale": scale})
         if any_rank(not torch.isfinite(loss).item()):
             return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
         loss.backward()

@@ -48,6 +48,10 @@ def test_layering_defaults_then_yaml_then_overrides(tmp_path):
     ("train.run_name=5", "train.run_name: expected a string"),
     ("optim.lr", "is not of the form key.sub=value"),
     ("optim=3", "optim: expected a mapping"),
+    ("objective.weights.declip_typo=1", "objective.weights.declip_typo: unknown objective"),
+    ("objective.weights.slip=-1", "objective.weights.slip: -1 is not a non-negative number"),
+    ("objective.filip_top_k=-2", "objective.filip_top_k: -2 must be >= 0"),
+    ("eval.every_steps=10", "eval.dataset: eval.every_steps is set but no dataset is named"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
@@ -81,7 +85,7 @@ def test_model_overrides_change_the_architecture():
 
 
 def test_saved_config_reloads_to_the_same_config(tmp_path):
-    cfg = load_config(SHIPPED[0], ["optim.lr=3e-4", "model.overrides.share=mlp"])
+    cfg = load_config(next(p for p in SHIPPED if p.name == "demo-msclip-s-tiny.yaml"), ["optim.lr=3e-4", "model.overrides.share=mlp"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
     text = format_config(cfg)

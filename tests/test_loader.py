@@ -191,3 +191,28 @@ def test_batches_carry_what_objectives_ask_for(demo_data):
     assert not torch.equal(batch["images"], batch["images_1"])  # two independent augmentations
     assert len(batch["captions"]) == 4 and batch["text"].shape == (4, 16)
     assert (batch["text"][:, 0] == 49406).all()
+
+
+def test_slip_views_are_simclr_augmentations_of_the_same_image(demo_data):
+    """ssl_0/ssl_1: two views with SimCLR's recipe (crops down to 8% of the image, colour
+    jitter, grayscale, blur, flip) next to the CLIP view, reproducible for a seed."""
+    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
+
+    def first_batch():
+        s = DataStream(cfg, batch_size=16, image_size=32, normalization="clip", context_length=16, ssl_views=2)
+        return next(iter(s))
+    batch, again = first_batch(), first_batch()
+    assert batch["ssl_0"].shape == batch["ssl_1"].shape == batch["images"].shape == (16, 3, 32, 32)
+    assert not torch.equal(batch["ssl_0"], batch["ssl_1"]) and not torch.equal(batch["ssl_0"], batch["images"])
+    for key in ("images", "ssl_0", "ssl_1"):
+        assert torch.equal(batch[key], again[key]), key
+    # Grayscale with p 0.2 is part of the recipe: un-normalized, some views have R == G == B,
+    # the plain CLIP views of these colour photographs never do.
+    from pipeline.model.configs import NORMALIZATION
+    mean, std = (torch.tensor(v)[None, :, None, None] for v in NORMALIZATION["clip"])
+
+    def grayscale_count(x):
+        rgb = x * std + mean
+        return int(((rgb[:, 0] - rgb[:, 1]).abs().amax(dim=(1, 2)) < 1e-4).sum())
+    views = torch.cat([batch["ssl_0"], batch["ssl_1"]])
+    assert grayscale_count(batch["images"]) == 0 and 0 < grayscale_count(views) < len(views)

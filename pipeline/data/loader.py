@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
-from pipeline.data.transforms import eval_transform, train_transform
+from pipeline.data.transforms import eval_transform, ssl_transform, train_transform
 from pipeline.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class StreamSpec:
     train: bool = True
     rrc_scale: tuple[float, float] = (0.9, 1.0)
     views: int = 1  # augmented views of each image: images, images_1, ...
+    # self-supervised views for objectives that need them (SLIP): ssl_0, ssl_1, ...
+    ssl_views: int = 0
+    ssl_augment: str = "simclr"
     keep_captions: bool = False
     drop_last: bool = True
     # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
@@ -124,6 +127,8 @@ class _Reader:
         self.flagged: set[str] = set()
         self.transform = (train_transform(spec.image_size, spec.normalization, spec.rrc_scale) if spec.train
                           else eval_transform(spec.image_size, spec.normalization))
+        self.ssl_transform = (ssl_transform(spec.image_size, spec.normalization, spec.ssl_augment)
+                              if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
 
     def count(self, reason: str):
@@ -185,21 +190,23 @@ class _Reader:
     def process(self, sample: dict) -> dict:
         image, caption = decode_sample(sample)
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
-        for view in range(self.spec.views):
+        views = [("images" if v == 0 else f"images_{v}", self.transform) for v in range(self.spec.views)]
+        views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.ssl_views)]
+        for index, (name, transform) in enumerate(views):
             # Seed each augmentation from the sample's position: a resumed stream that skipped
             # the prefix without decoding it still draws the same crops.
             # The CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU/MTIA
             # seeding calls, each capturing a stack trace (a third of the loader's time).
             cpu_rng = torch.default_generator
             saved = cpu_rng.get_state()
-            cpu_rng.manual_seed(sample_seed(*self.ids, self.raw, view))
-            out["images" if view == 0 else f"images_{view}"] = self.transform(image)
+            cpu_rng.manual_seed(sample_seed(*self.ids, self.raw, index))
+            out[name] = transform(image)
             cpu_rng.set_state(saved)
         return out
 
     def batch(self, items: list[dict]) -> dict:
         captions = [it["caption"] for it in items]
-        out = {key: torch.stack([it[key] for it in items]) for key in items[0] if key.startswith("images")}
+        out = {key: torch.stack([it[key] for it in items]) for key in items[0] if key.startswith(("images", "ssl_"))}
         out["text"] = get_tokenizer()(captions, self.spec.context_length)
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
         if self.spec.keep_captions:
@@ -248,14 +255,16 @@ class DataStream:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, image_size: int, normalization: str,
                  context_length: int, seed: int = 0, rank: int = 0, world: int = 1, train: bool = True,
-                 views: int = 1, keep_captions: bool = False, drop_last: bool = True, shards: ShardSet | None = None):
+                 views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", keep_captions: bool = False,
+                 drop_last: bool = True, shards: ShardSet | None = None):
         self.cfg = cfg
         self.shards = shards or resolve_shards(cfg.train_shards)
         self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image_size,
                                normalization=normalization, context_length=context_length, seed=seed, rank=rank,
                                world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
                                shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
-                               rrc_scale=cfg.rrc_scale, views=views, keep_captions=keep_captions, drop_last=drop_last)
+                               rrc_scale=cfg.rrc_scale, views=views, ssl_views=ssl_views, ssl_augment=ssl_augment,
+                               keep_captions=keep_captions, drop_last=drop_last)
         self.epoch = 0
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin

@@ -96,9 +96,11 @@ class SharedCLIP(nn.Module):
         x = self._pool_text(self.text(text), text)  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False,
+                ssl_images: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Normalized joint-space features, the (clamped) logit scale, and on request
-        the per-token features of both towers (before projection) for token-level objectives."""
+        the per-token features of both towers (before projection) for token-level
+        objectives, and the pooled trunk features of extra self-supervised views (SLIP)."""
         image_tokens = self.visual(image)  # (B, N, Dv)
         text_tokens = self.text(text)  # (B, L, Dt)
         out = {
@@ -110,6 +112,8 @@ class SharedCLIP(nn.Module):
         }
         if return_tokens:
             out["image_tokens"], out["text_tokens"] = image_tokens, text_tokens
+        if ssl_images:
+            out["ssl_trunk"] = [self.image_trunk(view) for view in ssl_images]  # each (B, Dv)
         return out
 
     def _pool_image(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Step-time cost of each training objective relative to plain CLIP: same model, same
+batch, one process, forward + backward + AdamW step.
+
+    python -m bench.bench_objectives [--model msclip-s-tiny] [--batch-size 64] [--steps 10] [--repeats 3]
+        [--device cpu|cuda] [--full-heads]
+
+Objectives: clip; clip+slip (2 extra SimCLR views through the image trunk, MLP head,
+NT-Xent); filip (token projections, token-wise similarity with top-k selection);
+clip+filip. Random images and real tokenized captions (the data loader is not timed:
+bench_loader measures it). Heads are scaled down for the tiny models unless
+--full-heads (SLIP 4096/256, FILIP 256, top-16). Runs alternate between objectives and
+the best of --repeats is kept (this machine is shared and noisy). Prints ms/step and
+the ratio to clip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pipeline.config import ObjectiveConfig
+from pipeline.losses import clip_objective
+from pipeline.model import build_model
+from pipeline.objectives import attach_objective
+from pipeline.tokenizer import tokenize
+
+OBJECTIVES = {"clip": {"clip": 1.0}, "clip+slip": {"clip": 1.0, "slip": 1.0}, "filip": {"filip": 1.0},
+              "clip+filip": {"clip": 1.0, "filip": 0.2}}
+
+
+def make_step(name: str, args, batch: dict):
+    torch.manual_seed(0)
+    model = build_model(args.model).to(args.device)
+    heads = {} if args.full_heads else {"slip_mlp_dim": 512, "slip_out_dim": 128, "filip_dim": 64, "filip_top_k": 8}
+    objective = attach_objective(model, ObjectiveConfig(weights=OBJECTIVES[name], **heads))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        if objective is None:
+            out = model(batch["images"], batch["text"])
+            loss, _ = clip_objective(out["image_features"], out["text_features"], out["logit_scale"])
+        else:
+            out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, args.device))
+            loss, _ = objective(out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_objectives", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="msclip-s-tiny")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full-heads", action="store_true")
+    args = parser.parse_args(argv)
+    arch = build_model(args.model).arch
+    g = torch.Generator().manual_seed(0)
+    size = arch.image_size
+    batch = {key: torch.randn(args.batch_size, 3, size, size, generator=g).to(args.device)
+             for key in ("images", "ssl_0", "ssl_1")}
+    captions = [f"a photo of the handwritten digit {i % 10} " + "on paper " * (i % 4) for i in range(args.batch_size)]
+    batch["text"] = tokenize(captions, arch.context_length).to(args.device)
+    steps = {name: make_step(name, args, batch) for name in OBJECTIVES}
+    for step in steps.values():  # warm-up: allocator, kernels
+        step()
+    best = {name: float("inf") for name in OBJECTIVES}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps * 1000)
+    print(f"{args.model}, batch {args.batch_size}, {args.device}, best of {args.repeats} x {args.steps} steps")
+    print(f"{'objective':<12} {'ms/step':>9} {'x clip':>7}")
+    for name in OBJECTIVES:
+        print(f"{name:<12} {best[name]:9.1f} {best[name] / best['clip']:7.2f}")
+    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "device": args.device,
+                      "ms_per_step": {k: round(v, 2) for k, v in best.items()},
+                      "ratio_to_clip": {k: round(v / best["clip"], 3) for k, v in best.items()}}))
+
+
+if __name__ == "__main__":
+    main()

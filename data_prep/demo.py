@@ -5,8 +5,8 @@ the real img2dataset from a loopback HTTP server, sharded like any web dataset.
 
 Sources (both real images, no internet):
 * `digits`: scikit-learn's 1,797 handwritten digits (8x8 scans by 43 writers), drawn in
-  random ink/paper colours and positions, captioned from their label with varied
-  templates ("a red handwritten seven on a white background", "digit 7", ...).
+  random dark inks on random light papers at random positions and scales, captioned
+  from their label only, with varied templates ("a handwritten seven", "digit 7", ...).
 * `photos`: random crops of the photographs scikit-learn (china.jpg, flower.jpg) and
   matplotlib (grace_hopper.jpg) ship, captioned from what they show.
 

@@ -16,6 +16,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q -r "$REPO_ROOT/requirements.txt" 2> >(grep -v "^WARNING: Location" >&2)
   NO_ALBUMENTATIONS_UPDATE=1 "$VENV/bin/python" -c "import torch, deepspeed, open_clip, mlflow, img2dataset, webdataset" \
     || { echo "[setup] the install is incomplete: see the pip output above"; exit 1; }
+  # DeepSpeed JIT-compiles its CPU ops on first use (a minute or two each): its shared-
+  # memory allreduce (every multi-process CPU run) and fused Adam (cpu_bf16). Build them
+  # now, as part of the install, so that the first run does not pay for it.
+  echo "[setup] compiling DeepSpeed's CPU ops (once)"
+  "$VENV/bin/python" - <<'PY' 2>&1 | grep -E "built successfully|Error" || true
+from deepspeed.accelerator import get_accelerator
+for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None:
+        builder.load()
+        print(f"{builder.NAME} built successfully")
+PY
   echo "$want" > "$stamp"
 fi
 # img2dataset imports albumentations, which otherwise phones home for updates on import.

@@ -1,0 +1,101 @@
+"""DeCLIP's extra supervision (Li et al. 2022; Sense-GVT/DeCLIP `prototype/model/declip.py`,
+METHODS.md 3.1): masked language modelling on the text tower, SimSiam on image
+embeddings, and nearest-neighbour supervision from a FIFO text-feature queue.
+
+Building blocks only; the trainer composes them through pipeline/objectives.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+# CLIP's standard vocabulary ends with SOT, EOT (tests check them against the tokenizer);
+# DeCLIP appends its mask token after them (id 49408, the text tower's vocabulary + 1).
+SOT_ID, EOT_ID = 49406, 49407
+MASK_ID = 49408
+
+
+# ---- masked language modelling --------------------------------------------------------
+
+def mlm_mask(text: torch.Tensor, mask_id: int = MASK_ID, prob: float = 0.15,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking on CLIP token ids: `prob` of the real tokens (never SOT, EOT or the
+    padding after EOT) are selected; of those 80% become `mask_id`, 10% a random
+    ordinary token, 10% stay. Returns the masked ids and the labels (the original id at
+    selected positions, IGNORE_INDEX elsewhere)."""
+    positions = torch.arange(text.shape[1], device=text.device)[None]
+    eot = (text == EOT_ID).int().argmax(dim=1, keepdim=True)  # first EOT; padding lies after it
+    candidates = (positions < eot) & (text != SOT_ID)
+    draw = torch.rand(text.shape, generator=generator, device=text.device)
+    selected = candidates & (draw < prob)
+    action = torch.rand(text.shape, generator=generator, device=text.device)
+    random_ids = torch.randint(0, SOT_ID, text.shape, generator=generator, device=text.device)  # ordinary tokens
+    masked = torch.where(selected & (action < 0.8), torch.full_like(text, mask_id), text)
+    masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    labels = torch.where(selected, text, torch.full_like(text, IGNORE_INDEX))
+    return masked, labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the selected positions; (B, L, V), (B, L)."""
+    if not (labels != IGNORE_INDEX).any():  # nothing selected (tiny batches): no signal, no NaN
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# ---- SimSiam ---------------------------------------------------------------------------
+
+class SimSiamHead(nn.Module):
+    """DeCLIP's sizes on a 512-d image embedding: projector Linear 512->1024, BN, ReLU,
+    Linear 1024->1024, BN, ReLU, Linear 1024->1024, BN; predictor Linear 1024->512, BN,
+    ReLU, Linear 512->1024 (dims scale with the arguments)."""
+
+    def __init__(self, in_dim: int, proj_dim: int = 1024, pred_dim: int = 512):
+        super().__init__()
+        self.projector = nn.Sequential(
+            nn.Linear(in_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
+            nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
+            nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim, affine=False))
+        self.predictor = nn.Sequential(
+            nn.Linear(proj_dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+            nn.Linear(pred_dim, proj_dim))
+
+    def forward(self, view_1: torch.Tensor, view_2: torch.Tensor) -> torch.Tensor:
+        z1, z2 = self.projector(view_1), self.projector(view_2)
+        return simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2)
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2, averaged over the batch."""
+    return -(F.cosine_similarity(p1, z2.detach(), dim=-1).mean() +
+             F.cosine_similarity(p2, z1.detach(), dim=-1).mean()) / 2
+
+
+# ---- nearest-neighbour supervision ----------------------------------------------------------
+
+class FeatureQueue(nn.Module):
+    """A per-rank FIFO of L2-normalized features (DeCLIP's NNCLR-style memory bank, 65,536
+    text features by default), initialised to random unit vectors. Buffers, so DeepSpeed
+    checkpoints and restores them with the model."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=-1))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """The queue entry most cosine-similar to each (normalized) query: (B, D) -> (B, D).
+        Call before `push` of the same batch: a sample must not find itself."""
+        index = (queries.float() @ self.features.T.float()).argmax(dim=1)
+        return self.features[index].to(queries.dtype)
+
+    @torch.no_grad()
+    def push(self, batch: torch.Tensor):
+        """Enqueue (overwriting the oldest entries, wrapping around)."""
+        n, size = batch.shape[0], self.features.shape[0]
+        index = (self.pointer + torch.arange(n, device=batch.device)) % size
+        self.features[index] = F.normalize(batch.detach().float(), dim=-1).to(self.features.dtype)
+        self.pointer.copy_((self.pointer + n) % size)

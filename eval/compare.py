@@ -30,8 +30,10 @@ def select_runs(client, experiment_name: str, wanted: list[str] | None):
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise CompareError(f"--experiment {experiment_name!r}: no such experiment in this store")
+    # Training runs carry a `model` tag; runs that `python -m eval` opened for a bare
+    # checkpoint carry one too, but also task=eval.
     runs = [r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-            if "model" in r.data.tags]
+            if "model" in r.data.tags and r.data.tags.get("task") != "eval"]
     if wanted:
         by_key = {**{r.info.run_name: r for r in runs}, **{r.info.run_id: r for r in runs}}
         missing = [w for w in wanted if w not in by_key]

@@ -37,12 +37,13 @@ class PeriodicZeroShot:
                 snapshot = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
         metrics = {}
         if rank == 0:
-            model = build_model(module.arch)
-            model.load_state_dict(without_objective_heads(snapshot))
-            model.to(engine.device).eval()
-            # The eval DataLoader draws its seed from the global generator: keep the
-            # training RNG stream (and so exact resume) independent of evaluation.
+            # Building the copy (its init) and the eval DataLoader (its seed) draw from the
+            # global generator: keep the training RNG stream, and so exact resume,
+            # independent of evaluation.
             with torch.random.fork_rng(devices=[]):
+                model = build_model(module.arch)
+                model.load_state_dict(without_objective_heads(snapshot))
+                model.to(engine.device).eval()
                 result = zeroshot.evaluate(model, self.data, self.cfg.batch_size, self.cfg.workers, str(engine.device))
             metrics = {f"eval/zeroshot/{self.data.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
         dist.barrier()

@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
 
 from eval.data import ClassificationSet, image_loader
 from eval.features import image_features, model_transform
@@ -63,10 +64,13 @@ def evaluate(model, train: ClassificationSet, test: ClassificationSet, batch_siz
                                 device, projected=False, desc=f"probe {test.name} test")
     x_tr, y_tr, x_te, y_te = x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy()
     x_fit, x_val, y_fit, y_val = train_test_split(x_tr, y_tr, test_size=val_fraction, random_state=seed, stratify=y_tr)
-    lam, scores, unconverged = search_lambda(x_fit, y_fit, x_val, y_val, seed)
-    clf = fit(x_tr, y_tr, lam, seed)  # refit on train + val
-    pred = clf.predict(x_te)
-    probs = torch.from_numpy(clf.predict_proba(x_te))
+    # One BLAS thread: these problems are small, and multi-threaded BLAS made each L-BFGS
+    # iteration ~17x slower here (thread start-up per small matmul), minutes per probe.
+    with threadpool_limits(limits=1):
+        lam, scores, unconverged = search_lambda(x_fit, y_fit, x_val, y_val, seed)
+        clf = fit(x_tr, y_tr, lam, seed)  # refit on train + val
+        pred = clf.predict(x_te)
+        probs = torch.from_numpy(clf.predict_proba(x_te))
     top5 = (probs.topk(min(5, probs.shape[1]), dim=1).indices == torch.from_numpy(y_te)[:, None]).any(1)
     return {"lp_acc1": float((pred == y_te).mean()), "lp_acc5": float(top5.float().mean()),
             "lp_mean_per_class_recall": float(balanced_accuracy_score(y_te, pred)),

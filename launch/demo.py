@@ -57,9 +57,12 @@ def main(argv=None) -> int:
     for variant in args.variants:
         name = f"demo-{variant}-{stamp}"
         names.append(name)
+        # Variants without a demo recipe of their own train with the baseline's settings.
+        recipe = f"launch/recipes/demo-{variant}.yaml"
+        extra = [] if (REPO_ROOT / recipe).is_file() else [f"model.name={variant}"]
+        recipe = recipe if not extra else "launch/recipes/demo-clip-tiny.yaml"
         run([str(Path(python).with_name("deepspeed")), "--num_gpus", str(args.procs), "--master_port", str(free_port()),
-             "launch/train.py", "--deepspeed_config", "ds_configs/cpu_fp32.json",
-             "--config", f"launch/recipes/demo-{variant}.yaml",
+             "launch/train.py", "--deepspeed_config", "ds_configs/cpu_fp32.json", "--config", recipe, *extra,
              f"train.steps={args.steps}", f"train.run_name={name}", f"train.output_dir={runs}",
              f"data.train_shards={data}/shards/digits::{data}/shards/photos", f"eval.dataset={digits}",
              f"eval.every_steps={max(args.steps // 4, 1)}"], f"train {variant}")

@@ -6,7 +6,9 @@ batch, one process, forward + backward + AdamW step.
 
 Objectives: clip; clip+slip (2 extra SimCLR views through the image trunk, MLP head,
 NT-Xent); filip (token projections, token-wise similarity with top-k selection);
-clip+filip. Random images and real tokenized captions (the data loader is not timed:
+clip+filip; declip (2 image views x caption/EDA caption multi-view CLIP, NN queue,
+SimSiam, MLM with the mask token's vocabulary: the model is built with it); defilip
+(declip + FILIP 0.2). Random images and real tokenized captions (the data loader is not timed:
 bench_loader measures it). Heads are scaled down for the tiny models unless
 --full-heads (SLIP 4096/256, FILIP 256, top-16). Runs alternate between objectives and
 the best of --repeats is kept (this machine is shared and noisy). Prints ms/step and
@@ -23,18 +25,25 @@ import torch
 from pipeline.config import ObjectiveConfig
 from pipeline.losses import clip_objective
 from pipeline.model import build_model
-from pipeline.objectives import attach_objective
+from pipeline.losses.declip import mlm_mask
+from pipeline.objectives import attach_objective, objective_arch
 from pipeline.tokenizer import tokenize
 
-OBJECTIVES = {"clip": {"clip": 1.0}, "clip+slip": {"clip": 1.0, "slip": 1.0}, "filip": {"filip": 1.0},
-              "clip+filip": {"clip": 1.0, "filip": 0.2}}
+DECLIP_VIEWS = {"image_views": 2, "view_augment": "moco", "text_eda": True, "logit_scale_min": 3.0}
+DECLIP = {"clip": 0.4, "nn": 0.2, "simsiam": 0.2, "mlm": 0.2}
+OBJECTIVES = {"clip": ({"clip": 1.0}, {}), "clip+slip": ({"clip": 1.0, "slip": 1.0}, {}),
+              "filip": ({"filip": 1.0}, {}), "clip+filip": ({"clip": 1.0, "filip": 0.2}, {}),
+              "declip": (DECLIP, DECLIP_VIEWS), "defilip": ({**DECLIP, "filip": 0.2}, DECLIP_VIEWS)}
 
 
 def make_step(name: str, args, batch: dict):
     torch.manual_seed(0)
-    model = build_model(args.model).to(args.device)
+    weights, views = OBJECTIVES[name]
     heads = {} if args.full_heads else {"slip_mlp_dim": 512, "slip_out_dim": 128, "filip_dim": 64, "filip_top_k": 8}
-    objective = attach_objective(model, ObjectiveConfig(weights=OBJECTIVES[name], **heads))
+    cfg = ObjectiveConfig(weights=weights, **views, **heads)
+    model = build_model(objective_arch(build_model(args.model).arch, cfg))
+    objective = attach_objective(model, cfg)
+    model.to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -42,7 +51,8 @@ def make_step(name: str, args, batch: dict):
             out = model(batch["images"], batch["text"])
             loss, _ = clip_objective(out["image_features"], out["text_features"], out["logit_scale"])
         else:
-            out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, args.device))
+            text = batch["text_masked"] if "mlm" in weights else batch["text"]
+            out = model(batch["images"], text, **objective.model_kwargs(batch, torch.float32, args.device))
             loss, _ = objective(out, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,9 +75,14 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     size = arch.image_size
     batch = {key: torch.randn(args.batch_size, 3, size, size, generator=g).to(args.device)
-             for key in ("images", "ssl_0", "ssl_1")}
+             for key in ("images", "images_1", "ssl_0", "ssl_1")}
     captions = [f"a photo of the handwritten digit {i % 10} " + "on paper " * (i % 4) for i in range(args.batch_size)]
     batch["text"] = tokenize(captions, arch.context_length).to(args.device)
+    # DeCLIP's text views: an EDA-like variant and MLM labels (the masked ids replace `text`
+    # only for the DeCLIP objectives, as the loader does)
+    batch["text_eda"] = tokenize([" ".join(reversed(c.split())) for c in captions], arch.context_length).to(args.device)
+    masked, labels = mlm_mask(batch["text"].cpu(), generator=torch.Generator().manual_seed(0))
+    batch["text_masked"], batch["mlm_labels"] = masked.to(args.device), labels.to(args.device)
     steps = {name: make_step(name, args, batch) for name in OBJECTIVES}
     for step in steps.values():  # warm-up: allocator, kernels
         step()

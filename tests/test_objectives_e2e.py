@@ -1,6 +1,8 @@
-"""SLIP and FILIP (alone and with CLIP) train msclip-s-tiny through the real deepspeed
-launcher, 2 processes, ZeRO-2: the total loss falls, every component loss is in the
-MLflow run, and the export holds the encoders only."""
+"""SLIP, FILIP (alone and with CLIP), DeCLIP and DeFILIP train msclip-s-tiny through the
+real deepspeed launcher, 2 processes, ZeRO-2: the total loss falls, every component loss
+is in the MLflow run, and the export holds the encoders only."""
+import math
+
 import pytest
 
 from conftest import REPO_ROOT
@@ -10,14 +12,23 @@ pytestmark = pytest.mark.slow
 SMALL_HEADS = {"slip_mlp_dim": 256, "slip_out_dim": 64, "filip_dim": 64, "filip_top_k": 8}
 
 
-@pytest.mark.parametrize("weights", [{"clip": 1.0, "slip": 1.0}, {"filip": 1.0}, {"clip": 1.0, "filip": 0.2}],
-                         ids=["slip", "filip", "clip+filip"])
-def test_objective_trains_through_the_launcher(tmp_path, demo_data, weights):
+# DeCLIP as METHODS.md 3.1 gives it: 2 MoCo image views x (caption, EDA caption), weights
+# 0.4 / 0.2 / 0.2 / 0.2, the scale clamped to [3, ln 100]; DeFILIP adds FILIP at 0.2.
+DECLIP = {"weights": {"clip": 0.4, "nn": 0.2, "simsiam": 0.2, "mlm": 0.2}, "image_views": 2,
+          "view_augment": "moco", "text_eda": True, "logit_scale_min": 3.0}
+DEFILIP = {**DECLIP, "weights": {**DECLIP["weights"], "filip": 0.2}}
+
+
+@pytest.mark.parametrize("objective", [{"weights": {"clip": 1.0, "slip": 1.0}}, {"weights": {"filip": 1.0}},
+                                       {"weights": {"clip": 1.0, "filip": 0.2}}, DECLIP, DEFILIP],
+                         ids=["slip", "filip", "clip+filip", "declip", "defilip"])
+def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective):
     from mlflow.tracking import MlflowClient
     from pipeline.checkpoint import load_exported
+    weights = objective["weights"]
     name = "-".join(weights)
     config = run_config(tmp_path, demo_data, name, train={"steps": 30, "log_every": 5, "save_every": 30},
-                        objective={"weights": weights, **SMALL_HEADS})
+                        objective={**objective, **SMALL_HEADS})
     launch(config, REPO_ROOT / "ds_configs" / "cpu_fp32.json")
     run_dir = tmp_path / "runs" / name
     losses = step_losses(run_dir)
@@ -25,10 +36,15 @@ def test_objective_trains_through_the_launcher(tmp_path, demo_data, weights):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
-    assert run.data.tags["objective"] == "+".join(weights)
+    assert sorted(run.data.tags["objective"].split("+")) == sorted(weights)
     assert int(run.data.params["params_objective_heads"]) > 0
     for term in weights:
         history = client.get_metric_history(run.info.run_id, f"loss_{term}")
         assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30], term
     model, _ = load_exported(run_dir / "model.pt")  # strict load: no head weights in the export
     assert not hasattr(model, "objective_heads")
+    if "mlm" in weights:  # the mask token's embedding row travels with the text tower
+        assert model.arch.vocab_size == model.text.token_embedding.weight.shape[0] == 49409
+    if "logit_scale_min" in objective:  # DeCLIP's lower clamp (init ln(1/0.07) < 3 is raised at once)
+        scales = [m.value for m in client.get_metric_history(run.info.run_id, "logit_scale")]
+        assert scales and min(scales) >= math.exp(objective["logit_scale_min"]) * (1 - 1e-5), scales

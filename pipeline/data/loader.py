@@ -35,8 +35,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
+from pipeline.data.eda import eda, load_synonyms
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
 from pipeline.data.transforms import eval_transform, ssl_transform, train_transform
+from pipeline.losses.declip import mlm_mask
 from pipeline.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,12 @@ class StreamSpec:
     # self-supervised views for objectives that need them (SLIP): ssl_0, ssl_1, ...
     ssl_views: int = 0
     ssl_augment: str = "simclr"
+    # the views' augmentation: "clip" (train RRC) or "moco" (DeCLIP's MoCo v2 views)
+    view_augment: str = "clip"
+    # DeCLIP: an EDA text view (text_eda), and MLM masking of `text` (mlm_labels)
+    text_eda: bool = False
+    eda_synonyms: str = "wordnet"
+    mlm_probability: float = 0.0
     keep_captions: bool = False
     drop_last: bool = True
     # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
@@ -125,8 +133,13 @@ class _Reader:
         self.skipped = Counter(state.get("skipped", {}))
         self.per_url: Counter = Counter()
         self.flagged: set[str] = set()
-        self.transform = (train_transform(spec.image_size, spec.normalization, spec.rrc_scale) if spec.train
-                          else eval_transform(spec.image_size, spec.normalization))
+        if not spec.train:
+            self.transform = eval_transform(spec.image_size, spec.normalization)
+        elif spec.view_augment == "moco":
+            self.transform = ssl_transform(spec.image_size, spec.normalization, "moco")
+        else:
+            self.transform = train_transform(spec.image_size, spec.normalization, spec.rrc_scale)
+        self.synonyms = load_synonyms(spec.eda_synonyms) if spec.text_eda else None
         self.ssl_transform = (ssl_transform(spec.image_size, spec.normalization, spec.ssl_augment)
                               if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
@@ -202,12 +215,21 @@ class _Reader:
             cpu_rng.manual_seed(sample_seed(*self.ids, self.raw, index))
             out[name] = transform(image)
             cpu_rng.set_state(saved)
+        if self.synonyms is not None:
+            out["caption_eda"] = eda(caption, random.Random(sample_seed(*self.ids, self.raw, -1)), self.synonyms)
         return out
 
     def batch(self, items: list[dict]) -> dict:
         captions = [it["caption"] for it in items]
         out = {key: torch.stack([it[key] for it in items]) for key in items[0] if key.startswith(("images", "ssl_"))}
         out["text"] = get_tokenizer()(captions, self.spec.context_length)
+        if self.spec.text_eda:
+            out["text_eda"] = get_tokenizer()([it["caption_eda"] for it in items], self.spec.context_length)
+        if self.spec.mlm_probability:
+            # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
+            # contrastive terms (METHODS.md 3.1); seeded by the position, like the crops.
+            generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -2))
+            out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.spec.mlm_probability, generator=generator)
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
         if self.spec.keep_captions:
             out["captions"] = captions
@@ -255,7 +277,9 @@ class DataStream:
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, image_size: int, normalization: str,
                  context_length: int, seed: int = 0, rank: int = 0, world: int = 1, train: bool = True,
-                 views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", keep_captions: bool = False,
+                 views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", view_augment: str = "clip",
+                 text_eda: bool = False, eda_synonyms: str = "wordnet", mlm_probability: float = 0.0,
+                 keep_captions: bool = False,
                  drop_last: bool = True, shards: ShardSet | None = None):
         self.cfg = cfg
         self.shards = shards or resolve_shards(cfg.train_shards)
@@ -264,6 +288,8 @@ class DataStream:
                                world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
                                shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
                                rrc_scale=cfg.rrc_scale, views=views, ssl_views=ssl_views, ssl_augment=ssl_augment,
+                               view_augment=view_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
+                               mlm_probability=mlm_probability,
                                keep_captions=keep_captions, drop_last=drop_last)
         self.epoch = 0
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position

@@ -10,10 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.text import EOT_ID
+
+from .gather import all_gather_with_grad, world
+
 IGNORE_INDEX = -100
 # CLIP's standard vocabulary ends with SOT, EOT (tests check them against the tokenizer);
 # DeCLIP appends its mask token after them (id 49408, the text tower's vocabulary + 1).
-SOT_ID, EOT_ID = 49406, 49407
+SOT_ID = 49406
 MASK_ID = 49408
 
 
@@ -39,10 +43,10 @@ def mlm_mask(text: torch.Tensor, mask_id: int = MASK_ID, prob: float = 0.15,
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the selected positions; (B, L, V), (B, L)."""
+    """Cross-entropy over the selected positions; logits (..., V), labels (...)."""
     if not (labels != IGNORE_INDEX).any():  # nothing selected (tiny batches): no signal, no NaN
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 # ---- SimSiam ---------------------------------------------------------------------------
@@ -64,7 +68,7 @@ class SimSiamHead(nn.Module):
 
     def forward(self, view_1: torch.Tensor, view_2: torch.Tensor) -> torch.Tensor:
         z1, z2 = self.projector(view_1), self.projector(view_2)
-        return simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2)
+        return simsiam_loss(self.predictor(z1).float(), self.predictor(z2).float(), z1.float(), z2.float())
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -74,6 +78,17 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
 
 # ---- nearest-neighbour supervision ----------------------------------------------------------
+
+def nn_loss(image_features: torch.Tensor, neighbours: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Image -> nearest-neighbour text InfoNCE (DeCLIP's L_NN for one (image view, text
+    view) pair): each local image against every rank's neighbours, its own as the positive.
+    image_features (B, E) and neighbours (B, E) normalized; the neighbours carry no gradient."""
+    rank, _ = world()
+    all_neighbours = all_gather_with_grad(neighbours.detach())  # (W*B, E)
+    logits = logit_scale * image_features @ all_neighbours.T  # (B, W*B)
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+    return F.cross_entropy(logits, labels)
+
 
 class FeatureQueue(nn.Module):
     """A per-rank FIFO of L2-normalized features (DeCLIP's NNCLR-style memory bank, 65,536

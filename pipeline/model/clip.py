@@ -97,15 +97,20 @@ class SharedCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False,
-                ssl_images: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                ssl_images: list[torch.Tensor] | None = None, extra_images: list[torch.Tensor] | None = None,
+                extra_texts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Normalized joint-space features, the (clamped) logit scale, and on request
         the per-token features of both towers (before projection) for token-level
-        objectives, and the pooled trunk features of extra self-supervised views (SLIP)."""
+        objectives, the pooled trunk features of extra self-supervised views (SLIP), and
+        the joint-space embeddings (before normalization) of every image and text view,
+        the first being `image`/`text` (DeCLIP's multi-view terms and SimSiam)."""
         image_tokens = self.visual(image)  # (B, N, Dv)
         text_tokens = self.text(text)  # (B, L, Dt)
+        image_embedding = self._pool_image(image_tokens)  # (B, E)
+        text_embedding = self._pool_text(text_tokens, text)  # (B, E)
         out = {
-            "image_features": F.normalize(self._pool_image(image_tokens), dim=-1),  # (B, E)
-            "text_features": F.normalize(self._pool_text(text_tokens, text), dim=-1),  # (B, E)
+            "image_features": F.normalize(image_embedding, dim=-1),  # (B, E)
+            "text_features": F.normalize(text_embedding, dim=-1),  # (B, E)
             # Clamped in the forward too (DeCLIP does this), so a scale that drifted past
             # 100 between the trainer's post-step clamps cannot blow up the logits.
             "logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
@@ -114,6 +119,9 @@ class SharedCLIP(nn.Module):
             out["image_tokens"], out["text_tokens"] = image_tokens, text_tokens
         if ssl_images:
             out["ssl_trunk"] = [self.image_trunk(view) for view in ssl_images]  # each (B, Dv)
+        if extra_images is not None or extra_texts is not None:
+            out["image_views"] = [image_embedding, *(self.encode_image(v) for v in extra_images or [])]
+            out["text_views"] = [text_embedding, *(self.encode_text(t) for t in extra_texts or [])]
         return out
 
     def _pool_image(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from torch import nn
 from .configs import ModelArch
 from .layers import Block, LayerNorm, checkpointed
 
+EOT_ID = 49407  # CLIP's end-of-text token (tests/test_declip_parts.py checks it against the tokenizer)
+
 
 class TextTower(nn.Module):
     def __init__(self, arch: ModelArch):
@@ -31,6 +33,7 @@ class TextTower(nn.Module):
 
     @staticmethod
     def eot_positions(text: torch.Tensor) -> torch.Tensor:
-        # EOT (49407) is the largest id of CLIP's vocabulary, so argmax finds it; the
-        # tokenizer keeps EOT even in truncated captions.
-        return text.argmax(dim=-1)  # (B,)
+        # The first EOT (the tokenizer keeps it even in truncated captions). CLIP's
+        # `text.argmax(-1)` relies on EOT being the largest id, which DeCLIP's added mask
+        # token (EOT + 1) breaks.
+        return (text == EOT_ID).int().argmax(dim=-1)  # (B,)

@@ -8,7 +8,8 @@ Objectives: clip; clip+slip (2 extra SimCLR views through the image trunk, MLP h
 NT-Xent); filip (token projections, token-wise similarity with top-k selection);
 clip+filip; declip (2 image views x caption/EDA caption multi-view CLIP, NN queue,
 SimSiam, MLM with the mask token's vocabulary: the model is built with it); defilip
-(declip + FILIP 0.2). Random images and real tokenized captions (the data loader is not timed:
+(declip + FILIP 0.2); pyramid (PyramidCLIP without regions: 2 crops x 3 text levels,
+softened negatives); mixup (ZeroVL's coin-flipping mixup). Random images and real tokenized captions (the data loader is not timed:
 bench_loader measures it). Heads are scaled down for the tiny models unless
 --full-heads (SLIP 4096/256, FILIP 256, top-16). Runs alternate between objectives and
 the best of --repeats is kept (this machine is shared and noisy). Prints ms/step and
@@ -33,7 +34,8 @@ DECLIP_VIEWS = {"image_views": 2, "view_augment": "moco", "text_eda": True, "log
 DECLIP = {"clip": 0.4, "nn": 0.2, "simsiam": 0.2, "mlm": 0.2}
 OBJECTIVES = {"clip": ({"clip": 1.0}, {}), "clip+slip": ({"clip": 1.0, "slip": 1.0}, {}),
               "filip": ({"filip": 1.0}, {}), "clip+filip": ({"clip": 1.0, "filip": 0.2}, {}),
-              "declip": (DECLIP, DECLIP_VIEWS), "defilip": ({**DECLIP, "filip": 0.2}, DECLIP_VIEWS)}
+              "declip": (DECLIP, DECLIP_VIEWS), "defilip": ({**DECLIP, "filip": 0.2}, DECLIP_VIEWS),
+              "pyramid": ({"pyramid": 1.0}, {}), "mixup": ({"mixup": 1.0}, {})}
 
 
 def make_step(name: str, args, batch: dict):
@@ -51,9 +53,10 @@ def make_step(name: str, args, batch: dict):
             out = model(batch["images"], batch["text"])
             loss, _ = clip_objective(out["image_features"], out["text_features"], out["logit_scale"])
         else:
-            text = batch["text_masked"] if "mlm" in weights else batch["text"]
-            out = model(batch["images"], text, **objective.model_kwargs(batch, torch.float32, args.device))
-            loss, _ = objective(out, batch)
+            prepared = objective.prepare(batch)  # ZeroVL's pixel mixup
+            text = prepared["text_masked"] if "mlm" in weights else prepared["text"]
+            out = model(prepared["images"], text, **objective.model_kwargs(prepared, torch.float32, args.device))
+            loss, _ = objective(out, prepared)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -83,6 +86,9 @@ def main(argv=None):
     batch["text_eda"] = tokenize([" ".join(reversed(c.split())) for c in captions], arch.context_length).to(args.device)
     masked, labels = mlm_mask(batch["text"].cpu(), generator=torch.Generator().manual_seed(0))
     batch["text_masked"], batch["mlm_labels"] = masked.to(args.device), labels.to(args.device)
+    # PyramidCLIP's other text levels (summary, tags)
+    batch["text_summary"] = tokenize([" ".join(c.split()[:5]) for c in captions], arch.context_length).to(args.device)
+    batch["text_tags"] = tokenize([", ".join(c.split()[3:6]) for c in captions], arch.context_length).to(args.device)
     steps = {name: make_step(name, args, batch) for name in OBJECTIVES}
     for step in steps.values():  # warm-up: allocator, kernels
         step()

@@ -14,7 +14,8 @@ Writes, under --output:
   shards/digits/, shards/photos/   webdataset shards + manifest.yaml (via data_prep.shard)
   eval/digits/{train,test}/<class>/*.png, classnames.txt, zeroshot_classification_templates.txt
       held-out digits (writers' samples never seen in the shards) for zero-shot and linear probe
-  urls_digits.parquet, urls_photos.parquet   the url lists img2dataset read
+  urls_digits.parquet, urls_photos.parquet   the url lists img2dataset read (key, url, caption,
+      tags: YFCC-style user tags, which img2dataset stores in each sample's .json)
 """
 from __future__ import annotations
 
@@ -63,6 +64,13 @@ PHOTO_SOURCES = {  # file -> (class name, caption templates)
 }
 
 
+# YFCC-style user tags per source (the `tags` column, stored in each sample's .json):
+# PyramidCLIP's tag level reads them.
+PHOTO_TAGS = {"china.jpg": "temple, pagoda, china, architecture, roof", "flower.jpg": "flower, blossom, petals, pink",
+              "grace_hopper.jpg": "portrait, woman, uniform, navy"}
+DIGIT_TAGS = "{w}, {n}, digit, handwriting"
+
+
 def photo_paths() -> dict[str, Path]:
     import matplotlib
     import sklearn.datasets
@@ -84,8 +92,8 @@ def render_digit(scan: np.ndarray, size: int, rng: random.Random) -> Image.Image
     return image
 
 
-def write_digits(out_images: Path, eval_dir: Path, size: int, renders: int, seed: int) -> list[tuple[str, str]]:
-    """Render training digits (files to serve) and the held-out eval set; returns (file, caption) rows."""
+def write_digits(out_images: Path, eval_dir: Path, size: int, renders: int, seed: int) -> list[tuple[str, str, str]]:
+    """Render training digits (files to serve) and the held-out eval set; returns (file, caption, tags) rows."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     digits = load_digits()
@@ -99,7 +107,8 @@ def write_digits(out_images: Path, eval_dir: Path, size: int, renders: int, seed
             image = render_digit(digits.images[i], size, rng)
             name = f"digit_{i:04d}_{r}.png"
             image.save(out_images / name)
-            rows.append((name, rng.choice(DIGIT_CAPTIONS).format(n=label, w=NUMBER_WORDS[label])))
+            rows.append((name, rng.choice(DIGIT_CAPTIONS).format(n=label, w=NUMBER_WORDS[label]),
+                         DIGIT_TAGS.format(n=label, w=NUMBER_WORDS[label])))
     for split, split_idx in (("train", train_idx), ("test", test_idx)):
         for i in tqdm(split_idx, desc=f"digits (eval {split})", unit=" scans"):
             label = int(digits.target[i])
@@ -111,7 +120,7 @@ def write_digits(out_images: Path, eval_dir: Path, size: int, renders: int, seed
     return rows
 
 
-def write_photos(out_images: Path, crops_per_photo: int, seed: int) -> list[tuple[str, str]]:
+def write_photos(out_images: Path, crops_per_photo: int, seed: int) -> list[tuple[str, str, str]]:
     rng = random.Random(seed + 1)
     rows = []
     for file, path in photo_paths().items():
@@ -123,7 +132,7 @@ def write_photos(out_images: Path, crops_per_photo: int, seed: int) -> list[tupl
             x, y = rng.randint(0, W - side), rng.randint(0, H - side)
             name = f"{Path(file).stem}_{k:03d}.jpg"
             photo.crop((x, y, x + side, y + side)).save(out_images / name, quality=95)
-            rows.append((name, rng.choice(captions)))
+            rows.append((name, rng.choice(captions), PHOTO_TAGS[file]))
     return rows
 
 
@@ -145,8 +154,9 @@ def build(output: str, image_size: int = 64, renders: int = 4, crops_per_photo: 
                 random.Random(seed).shuffle(rows)  # shards mix classes
                 url_list = out / f"urls_{name}.parquet"
                 pq.write_table(pa.table({"key": [str(i) for i in range(len(rows))],
-                                         "url": [f"{base_url}/{file}" for file, _ in rows],
-                                         "caption": [caption for _, caption in rows]}), url_list)
+                                         "url": [f"{base_url}/{file}" for file, _, _ in rows],
+                                         "caption": [caption for _, caption, _ in rows],
+                                         "tags": [tags for _, _, tags in rows]}), url_list)
                 shard_dirs[name] = out / "shards" / name
                 run_img2dataset(str(url_list), str(shard_dirs[name]), image_size=image_size,
                                 samples_per_shard=samples_per_shard, processes=1, threads=16)

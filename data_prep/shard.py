@@ -10,6 +10,14 @@ caption stored as `.txt`, extra parquet columns (e.g. YFCC `tags`) stored in `.j
 Incremental: re-running the same command resumes, skipping shards img2dataset already
 finished. On a cluster pass `--distributor pyspark` inside a Spark session, and any
 fsspec path (s3://...) as --output.
+
+PyramidCLIP's extra levels (pipeline/data/pyramid.py): a `tags` column (YFCC user tags,
+comma-separated) and a `summary` column (a summarizer's caption) end up in each sample's
+`.json` and are read from there. Region features are not something img2dataset makes: a
+detector pass adds them to each sample as `<key>.roi.npy`, the bytes of
+`numpy.save(float32 array of shape (R, roi_dim))` (PyramidCLIP: R <= 10 regions,
+roi_dim 2052 = 2048 detector features + 4 box coordinates), e.g. by rewriting the shards
+with webdataset's TarWriter and a `"roi.npy"` entry per sample.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from eval.during_training import PeriodicZeroShot  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, flatten, load_config, save_config, to_dict  # noqa: E402
-from pipeline.data.loader import DataStream  # noqa: E402
+from pipeline.data.loader import DataStream, debiased_sources, make_stream  # noqa: E402
 from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
@@ -61,6 +61,8 @@ def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(args.deepspeed_config), cfg.train, cfg.optim, world)
     resolve_shards(cfg.data.train_shards)
+    if cfg.data.sampling == "debiased":
+        debiased_sources(cfg.data)
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
     if not features_only(cfg.objective) and accumulation_steps(cfg.train, world) > 1:
@@ -120,7 +122,7 @@ def main(argv=None):
     run_name = broadcast_str(run_name)
     run_dir = prepare_run_dir(cfg, ds_config, model, run_name, rank)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config)
-    data = DataStream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
+    data = make_stream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
                       normalization=cfg.data.normalization or model.arch.normalization,
                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
                       **(objective.data_kwargs() if objective else {}))

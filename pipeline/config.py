@@ -67,6 +67,10 @@ class DataConfig:
     normalization: Optional[Literal["clip", "imagenet"]] = None
     # Stop the run when more than this fraction of samples is skipped as bad data.
     max_skip_rate: float = 0.05
+    # How the "::"-separated sources of train_shards share a step: "mixed" (one stream over
+    # all shards) or "debiased" (ZeroVL: each step's whole global batch from one source,
+    # chosen with probability proportional to its size, identically on every rank).
+    sampling: Literal["mixed", "debiased"] = "mixed"
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)
@@ -152,7 +156,7 @@ class EvalConfig:
             raise ConfigError("eval.dataset: eval.every_steps is set but no dataset is named")
 
 
-OBJECTIVE_NAMES = ("clip", "slip", "filip", "mlm", "simsiam", "nn")
+OBJECTIVE_NAMES = ("clip", "slip", "filip", "mlm", "simsiam", "nn", "pyramid", "mixup")
 
 
 @dataclass
@@ -186,6 +190,18 @@ class ObjectiveConfig:
     nn_queue_size: int = 65536
     # Lower clamp of the log logit scale after every step (DeCLIP: 3, i.e. scale >= e^3 ~ 20).
     logit_scale_min: float = 0.0
+    # PyramidCLIP (METHODS.md 4; its loss is UNCONFIRMED there, decisions in
+    # pipeline/objectives.py PyramidTerm): softened negatives' epsilon, the cross-level
+    # terms' weight next to the peer-level ones, region features per sample (0: no ROI
+    # level) and their size.
+    pyramid_epsilon: float = 0.2
+    pyramid_cross_weight: float = 1.0
+    pyramid_rois: int = 0
+    roi_dim: int = 2052
+    # ZeroVL's coin-flipping mixup: alpha ~ Beta(mixup_beta, mixup_beta), drawn with the
+    # coin from a generator seeded by (mixup_seed, step), the same on every rank.
+    mixup_beta: float = 0.1
+    mixup_seed: int = 2021
 
     def __post_init__(self):
         if not self.weights:
@@ -202,7 +218,14 @@ class ObjectiveConfig:
         if self.image_views not in (1, 2):
             raise ConfigError(f"objective.image_views: {self.image_views} is not 1 or 2")
         if self.view_augment not in ("clip", "moco"):
-            raise ConfigError(f"objective.view_augment: {self.view_augment!r} is not 'clip' or 'moco'")
+            raise ConfigError(f"objective.view_augment: {self.view_augment!r} is not 'clip' or 'moco' "
+                              f"(PyramidCLIP's crops come with the pyramid objective)")
+        if not 0 <= self.pyramid_epsilon < 1:
+            raise ConfigError(f"objective.pyramid_epsilon: {self.pyramid_epsilon} must be in [0, 1)")
+        _check_range("objective.pyramid_cross_weight", self.pyramid_cross_weight, 0)
+        _check_range("objective.pyramid_rois", self.pyramid_rois, 0)
+        _check_range("objective.roi_dim", self.roi_dim, 1)
+        _check_range("objective.mixup_beta", self.mixup_beta, 0, exclusive=True)
         if self.weights.get("simsiam", 0) > 0 and self.image_views != 2:
             raise ConfigError("objective.weights.simsiam: SimSiam needs two image views: set objective.image_views: 2")
         if not 0 < self.mlm_probability < 1:

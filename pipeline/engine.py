@@ -201,6 +201,8 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
     dtype = next(module.parameters()).dtype
     device = engine.device
     composed = hasattr(loss_fn, "model_kwargs")
+    if composed and accum == 1:
+        batch = loss_fn.prepare(batch)  # e.g. ZeroVL's pixel mixup
     score = (lambda out: loss_fn(out, batch)) if composed else (lambda out: features_loss(loss_fn, out))
     if accum == 1:
         kwargs = loss_fn.model_kwargs(batch, dtype, device) if composed else {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,17 +28,24 @@ from pipeline.losses import contrastive_loss
 from pipeline.losses.declip import IGNORE_INDEX, MASK_ID, FeatureQueue, SimSiamHead, mlm_loss, nn_loss
 from pipeline.losses.filip import filip_loss
 from pipeline.losses.slip import simclr_loss
+from pipeline.losses.soft import mixup_contrastive_loss, softened_contrastive_loss
 from pipeline.model.text import TextTower
 
 HEADS_PREFIX = "objective_heads."
 
 
-def view_features(out: dict, modality: str) -> list[torch.Tensor]:
-    """Normalized fp32 joint-space features of every view of one modality (one view when
-    the forward computed no extra views)."""
+def view_features(out: dict, modality: str, keys: list[str]) -> list[torch.Tensor]:
+    """Normalized fp32 joint-space features of the named views of one modality (the batch
+    keys they came from: images, images_1; text, text_eda, ...). Without extra views the
+    forward's own features."""
     if f"{modality}_views" in out:
-        return [F.normalize(v.float(), dim=-1) for v in out[f"{modality}_views"]]
+        return [F.normalize(out[f"{modality}_views"][key].float(), dim=-1) for key in keys]
     return [out[f"{modality}_features"].float()]
+
+
+def contrastive_views(cfg: ObjectiveConfig) -> tuple[list[str], list[str]]:
+    """The image and text views the CLIP-style terms pair (DeCLIP: 2 x 2)."""
+    return ["images", "images_1"][:cfg.image_views], ["text", "text_eda"][:1 + cfg.text_eda]
 
 
 class ClipTerm(nn.Module):
@@ -49,10 +57,12 @@ class ClipTerm(nn.Module):
     def __init__(self, cfg: ObjectiveConfig, arch):
         super().__init__()
         self.features_only = cfg.image_views == 1 and not cfg.text_eda
+        self.image_keys, self.text_keys = contrastive_views(cfg)
 
     def forward(self, out: dict, batch: dict) -> torch.Tensor:
         scale = out["logit_scale"].float()
-        pairs = [contrastive_loss(i, t, scale) for i in view_features(out, "image") for t in view_features(out, "text")]
+        pairs = [contrastive_loss(i, t, scale) for i in view_features(out, "image", self.image_keys)
+                 for t in view_features(out, "text", self.text_keys)]
         return sum(pairs) / len(pairs)
 
 
@@ -87,8 +97,7 @@ class SimSiamTerm(nn.Module):
         self.head = SimSiamHead(arch.embed_dim, proj_dim=2 * arch.embed_dim, pred_dim=arch.embed_dim)
 
     def forward(self, out: dict, batch: dict) -> torch.Tensor:
-        view_1, view_2 = out["image_views"][:2]
-        return self.head(view_1, view_2)
+        return self.head(out["image_views"]["images"], out["image_views"]["images_1"])
 
 
 class NearestNeighbourTerm(nn.Module):
@@ -101,14 +110,16 @@ class NearestNeighbourTerm(nn.Module):
     def __init__(self, cfg: ObjectiveConfig, arch):
         super().__init__()
         self.queue = FeatureQueue(cfg.nn_queue_size, arch.embed_dim)
+        self.image_keys, self.text_keys = contrastive_views(cfg)
 
     def forward(self, out: dict, batch: dict) -> torch.Tensor:
-        texts = view_features(out, "text")
+        texts = view_features(out, "text", self.text_keys)
         neighbours = [self.queue.nearest(t) for t in texts]
         for t in texts:
             self.queue.push(t)
         scale = out["logit_scale"].float()
-        pairs = [nn_loss(image, nb.float(), scale) for image in view_features(out, "image") for nb in neighbours]
+        pairs = [nn_loss(image, nb.float(), scale) for image in view_features(out, "image", self.image_keys)
+                 for nb in neighbours]
         return sum(pairs) / len(pairs)
 
 
@@ -155,8 +166,87 @@ class FilipTerm(nn.Module):
         return filip_loss(image_tokens, text_tokens, text_mask, scale, top_k=self.top_k)
 
 
+class PyramidTerm(nn.Module):
+    """PyramidCLIP (METHODS.md 4). Image levels: a global crop (90-100%), a local crop
+    (50-100%) and, when the shards carry region features, the ROI sequence through the last
+    3 vision blocks; text levels: a summary, the caption, and tags (pipeline/data/pyramid.py
+    says where each comes from and the fallbacks).
+
+    Decisions (the released code has no loss; METHODS.md marks the terms, epsilon and the
+    weights UNCONFIRMED):
+    * peer level: (global, summary), (local, caption), and (ROI, tags) when ROIs exist;
+    * cross level: every other (image level, text level) pair;
+    * every pair is a symmetric InfoNCE over the gathered batch with softened negatives
+      (target 1 - eps on the pair, eps / (N - 1) on each negative; pyramid_epsilon, 0.2);
+    * loss = mean(peer) + pyramid_cross_weight (1.0) x mean(cross).
+    PyramidCLIP's architecture changes (LeFF blocks, frozen patch embedding, max-pooled
+    text) belong to its model, not its objective, and are not part of this term."""
+    features_only, needs_tokens, ssl_views = False, False, 0
+
+    def __init__(self, cfg: ObjectiveConfig, arch):
+        super().__init__()
+        self.epsilon, self.cross_weight, self.rois = cfg.pyramid_epsilon, cfg.pyramid_cross_weight, cfg.pyramid_rois > 0
+
+    def forward(self, out: dict, batch: dict):
+        images = {"global": out["image_views"]["images"], "local": out["image_views"]["images_1"]}
+        texts = {"summary": out["text_views"]["text_summary"], "caption": out["text_views"]["text"],
+                 "tags": out["text_views"]["text_tags"]}
+        if self.rois:
+            images["roi"] = out["roi_embedding"]
+        peers = {("global", "summary"), ("local", "caption"), ("roi", "tags")}
+        scale = out["logit_scale"].float()
+        peer, cross = [], []
+        for i_name, image in images.items():
+            for t_name, text in texts.items():
+                loss = softened_contrastive_loss(F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1),
+                                                 scale, self.epsilon)
+                (peer if (i_name, t_name) in peers else cross).append(loss)
+        peer_loss, cross_loss = sum(peer) / len(peer), sum(cross) / len(cross)
+        return peer_loss + self.cross_weight * cross_loss, {"peer": peer_loss, "cross": cross_loss}
+
+
+class MixupTerm(nn.Module):
+    """ZeroVL's coin-flipping mixup (METHODS.md 2.3): per step alpha ~ Beta(0.1, 0.1) and a
+    coin; heads: the images are mixed on pixels with the reversed local batch (before the
+    forward, `prepare`), tails: the projected text embeddings before normalization; the
+    loss is alpha x CE(y) + (1 - alpha) x CE(flip(y)) both ways. The draws come from a
+    generator seeded by (mixup_seed, draw number): the same on every rank, and the draw
+    number is a buffer, so a resumed run continues the sequence."""
+    features_only, needs_tokens, ssl_views = False, False, 0
+
+    def __init__(self, cfg: ObjectiveConfig, arch):
+        super().__init__()
+        self.beta, self.seed = cfg.mixup_beta, cfg.mixup_seed
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        self._draws: int | None = None  # host copy: no device sync per step
+
+    def draw(self) -> tuple[float, str]:
+        if self._draws is None:
+            self._draws = int(self.draws)
+        rng = np.random.default_rng([self.seed, self._draws])
+        alpha, coin = float(rng.beta(self.beta, self.beta)), float(rng.uniform())
+        self._draws += 1
+        self.draws.add_(1)
+        return alpha, ("image" if coin > 0.5 else "text")
+
+    def prepare(self, batch: dict) -> dict:
+        alpha, side = self.draw()
+        if side == "image":
+            images = batch["images"]
+            batch = {**batch, "images": alpha * images + (1 - alpha) * images.flip(0)}
+        return {**batch, "mixup": (alpha, side)}
+
+    def forward(self, out: dict, batch: dict) -> torch.Tensor:
+        alpha, side = batch["mixup"]
+        text = out["text_features"].float()
+        if side == "text":
+            embedding = out["text_views"]["text"].float()
+            text = F.normalize(alpha * embedding + (1 - alpha) * embedding.flip(0), dim=-1)
+        return mixup_contrastive_loss(out["image_features"].float(), text, out["logit_scale"].float(), alpha)
+
+
 TERMS = {"clip": ClipTerm, "slip": SlipTerm, "filip": FilipTerm, "mlm": MlmTerm, "simsiam": SimSiamTerm,
-         "nn": NearestNeighbourTerm}
+         "nn": NearestNeighbourTerm, "pyramid": PyramidTerm, "mixup": MixupTerm}
 
 
 def active_weights(cfg: ObjectiveConfig) -> dict[str, float]:
@@ -171,9 +261,13 @@ def features_only(cfg: ObjectiveConfig) -> bool:
 
 def objective_arch(arch, cfg: ObjectiveConfig):
     """The architecture the objective trains: MLM adds DeCLIP's mask token to the
-    vocabulary (id 49408 = CLIP's vocabulary size, so one more row)."""
-    if "mlm" in active_weights(cfg) and arch.vocab_size <= MASK_ID:
-        return dataclasses.replace(arch, vocab_size=MASK_ID + 1)
+    vocabulary (id 49408 = CLIP's vocabulary size, so one more row); PyramidCLIP's ROI
+    level adds the region projection."""
+    weights = active_weights(cfg)
+    if "mlm" in weights and arch.vocab_size <= MASK_ID:
+        arch = dataclasses.replace(arch, vocab_size=MASK_ID + 1)
+    if "pyramid" in weights and cfg.pyramid_rois:
+        arch = dataclasses.replace(arch, roi_dim=cfg.roi_dim)
     return arch
 
 
@@ -188,14 +282,28 @@ class ComposedObjective(nn.Module):
         self.features_only = all(t.features_only for t in self.terms.values())
         self.needs_tokens = any(t.needs_tokens for t in self.terms.values())
         self.ssl_views = max(t.ssl_views for t in self.terms.values())
-        self.multi_view = cfg.image_views > 1 or cfg.text_eda
+        pyramid = "pyramid" in self.terms
+        self.image_views = 2 if pyramid else cfg.image_views
+        # the views the forward embeds, by batch key (terms look them up by key)
+        self.image_keys = ["images", "images_1"][:self.image_views]
+        self.text_keys = ["text"] + ["text_eda"] * cfg.text_eda + ["text_summary", "text_tags"] * pyramid
+        self.rois = pyramid and cfg.pyramid_rois > 0
+        self.multi_view = len(self.image_keys) > 1 or len(self.text_keys) > 1 or "mixup" in self.terms
 
     def data_kwargs(self) -> dict:
         """What the loader must produce for these terms (pipeline.data.loader.DataStream)."""
-        cfg = self.cfg
-        return {"views": cfg.image_views, "view_augment": cfg.view_augment, "ssl_views": self.ssl_views,
-                "text_eda": cfg.text_eda, "eda_synonyms": cfg.eda_synonyms,
-                "mlm_probability": cfg.mlm_probability if "mlm" in self.terms else 0.0}
+        cfg, pyramid = self.cfg, "pyramid" in self.terms
+        return {"views": self.image_views, "view_augment": "pyramid" if pyramid else cfg.view_augment,
+                "ssl_views": self.ssl_views, "text_eda": cfg.text_eda, "eda_synonyms": cfg.eda_synonyms,
+                "mlm_probability": cfg.mlm_probability if "mlm" in self.terms else 0.0, "text_levels": pyramid,
+                "max_rois": cfg.pyramid_rois if self.rois else 0, "roi_dim": cfg.roi_dim if self.rois else 0}
+
+    def prepare(self, batch: dict) -> dict:
+        """Changes to the batch before the forward (ZeroVL's pixel mixup)."""
+        for term in self.terms.values():
+            if hasattr(term, "prepare"):
+                batch = term.prepare(batch)
+        return batch
 
     def model_kwargs(self, batch: dict, dtype: torch.dtype, device) -> dict:
         """What the model's forward must compute for these terms, beyond image and text."""
@@ -206,12 +314,24 @@ class ComposedObjective(nn.Module):
         if self.ssl_views:
             kwargs["ssl_images"] = [images(f"ssl_{i}") for i in range(self.ssl_views)]
         if self.multi_view:
-            kwargs["extra_images"] = [images(f"images_{v}") for v in range(1, self.cfg.image_views)]
-            kwargs["extra_texts"] = [batch["text_eda"].to(device, non_blocking=True)] if self.cfg.text_eda else []
+            kwargs["extra_images"] = [images(key) for key in self.image_keys[1:]]
+            kwargs["extra_texts"] = [batch[key].to(device, non_blocking=True) for key in self.text_keys[1:]]
+        if self.rois:
+            kwargs["rois"] = images("rois")
+            kwargs["roi_mask"] = batch["roi_mask"].to(device, non_blocking=True)
         return kwargs
 
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        components = {f"loss_{name}": term(out, batch) for name, term in self.terms.items()}
+        if self.multi_view:  # the views by batch key
+            out = {**out, "image_views": dict(zip(self.image_keys, out["image_views"])),
+                   "text_views": dict(zip(self.text_keys, out["text_views"]))}
+        components = {}
+        for name, term in self.terms.items():
+            value = term(out, batch)
+            if isinstance(value, tuple):  # a term with parts of its own logs them too
+                value, parts = value
+                components.update({f"loss_{name}_{part}": v for part, v in parts.items()})
+            components[f"loss_{name}"] = value
         total = sum(self.weights[name] * components[f"loss_{name}"] for name in self.terms)
         return total, components
 

@@ -1,6 +1,6 @@
-"""SLIP, FILIP (alone and with CLIP), DeCLIP and DeFILIP train msclip-s-tiny through the
-real deepspeed launcher, 2 processes, ZeRO-2: the total loss falls, every component loss
-is in the MLflow run, and the export holds the encoders only."""
+"""SLIP, FILIP, DeCLIP, DeFILIP, PyramidCLIP and ZeroVL (mixup + debiased sampling) train
+msclip-s-tiny through the real deepspeed launcher, 2 processes, ZeRO-2: the total loss
+falls, every component loss is in the MLflow run, and the export holds the encoders only."""
 import math
 
 import pytest
@@ -19,16 +19,25 @@ DECLIP = {"weights": {"clip": 0.4, "nn": 0.2, "simsiam": 0.2, "mlm": 0.2}, "imag
 DEFILIP = {**DECLIP, "weights": {**DECLIP["weights"], "filip": 0.2}}
 
 
-@pytest.mark.parametrize("objective", [{"weights": {"clip": 1.0, "slip": 1.0}}, {"weights": {"filip": 1.0}},
-                                       {"weights": {"clip": 1.0, "filip": 0.2}}, DECLIP, DEFILIP],
-                         ids=["slip", "filip", "clip+filip", "declip", "defilip"])
-def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective):
+# PyramidCLIP on the demo photos (learnable within 30 steps; the digits sit on the ln(batch)
+# plateau longer): global/local crops, summary (built-in fallback), caption, and the
+# YFCC-style tags the demo stores in each sample's .json. ZeroVL: coin-flipping
+# mixup, and debiased sampling over the two demo sources (digits, photos).
+PYRAMID = {"weights": {"pyramid": 1.0}}
+ZEROVL = {"weights": {"mixup": 1.0}}
+
+
+@pytest.mark.parametrize("objective,data", [({"weights": {"clip": 1.0, "slip": 1.0}}, {}), ({"weights": {"filip": 1.0}}, {}),
+                                            (DECLIP, {}), (DEFILIP, {}), (PYRAMID, {"train_shards": "{demo}/shards/photos"}), (ZEROVL, {"sampling": "debiased"})],
+                         ids=["slip", "filip", "declip", "defilip", "pyramidclip", "zerovl"])
+def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective, data):
     from mlflow.tracking import MlflowClient
     from pipeline.checkpoint import load_exported
     weights = objective["weights"]
     name = "-".join(weights)
     config = run_config(tmp_path, demo_data, name, train={"steps": 30, "log_every": 5, "save_every": 30},
-                        objective={**objective, **SMALL_HEADS})
+                        objective={**objective, **SMALL_HEADS},
+                        data={k: v.format(demo=demo_data) if isinstance(v, str) else v for k, v in data.items()})
     launch(config, REPO_ROOT / "ds_configs" / "cpu_fp32.json")
     run_dir = tmp_path / "runs" / name
     losses = step_losses(run_dir)
@@ -37,10 +46,13 @@ def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert sorted(run.data.tags["objective"].split("+")) == sorted(weights)
-    assert int(run.data.params["params_objective_heads"]) > 0
-    for term in weights:
+    if not set(weights) <= {"pyramid", "mixup"}:  # these two have no heads
+        assert int(run.data.params["params_objective_heads"]) > 0
+    parts = [*weights, *(["pyramid_peer", "pyramid_cross"] if "pyramid" in weights else [])]
+    for term in parts:
         history = client.get_metric_history(run.info.run_id, f"loss_{term}")
         assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30], term
+    assert run.data.params["data.sampling"] == data.get("sampling", "mixed")
     model, _ = load_exported(run_dir / "model.pt")  # strict load: no head weights in the export
     assert not hasattr(model, "objective_heads")
     if "mlm" in weights:  # the mask token's embedding row travels with the text tower

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from loss_reference import assert_ranks_make_one_big_batch, grads_of
 from pipeline.losses.filip import filip_loss, select_tokens
 from pipeline.losses.slip import simclr_loss
 
@@ -71,13 +72,6 @@ def make_tokens(n, seed=0):
     return img, txt, mask, lengths, torch.tensor([math.log(1 / 0.07)]).exp()
 
 
-def grads_of(fn, *tensors):
-    leaves = [t.clone().requires_grad_(True) for t in tensors]
-    loss = fn(*leaves)
-    loss.backward()
-    return loss.detach(), [leaf.grad for leaf in leaves]
-
-
 def test_simclr_matches_naive_loop():
     a, b = make_views(B)
     ours, ours_g = grads_of(lambda x, y: simclr_loss(x, y, TAU), a, b)
@@ -135,11 +129,4 @@ def test_two_processes_equal_one_big_batch(tmp_path):
     big = {"simclr": grads_of(lambda x, y: naive_simclr(x, y, TAU), a, b)}
     for k in (None, 3):
         big[f"filip_{k}"] = grads_of(lambda i, t, s: naive_filip(i, t, lengths, s, top_k=k), img, txt, scale)
-    for name, (big_loss, big_grads) in big.items():
-        torch.testing.assert_close(sum(r[name][0] for r in results) / WORLD, big_loss, msg=name)
-        for rank, res in enumerate(results):
-            local = slice(rank * B, (rank + 1) * B)
-            for g_rank, g_big in zip(res[name][1][:2], big_grads[:2]):
-                torch.testing.assert_close(g_rank / WORLD, g_big[local], msg=name)
-        if name != "simclr":  # the logit scale: mean of the ranks' gradients
-            torch.testing.assert_close(sum(r[name][1][2] for r in results) / WORLD, big_grads[2], msg=name)
+    assert_ranks_make_one_big_batch(results, big, B)

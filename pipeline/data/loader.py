@@ -29,12 +29,14 @@ import tarfile
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
+from pipeline.data import pyramid
 from pipeline.data.eda import eda, load_synonyms
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
 from pipeline.data.transforms import eval_transform, ssl_transform, train_transform
@@ -44,11 +46,13 @@ from pipeline.tokenizer import get_tokenizer
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
-                "missing_caption", "empty_caption")
+                "missing_caption", "empty_caption", "missing_roi")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # The skip-rate ceiling is checked once this many samples have been read, so that one
 # bad sample among the first few does not stop a run.
 MIN_SAMPLES_FOR_SKIP_RATE = 200
+# PyramidCLIP's image pyramid: a global crop (90-100% of the image), a local one (50-100%).
+PYRAMID_CROP_SCALES = ((0.9, 1.0), (0.5, 1.0))
 
 
 class BadSample(Exception):
@@ -82,8 +86,14 @@ class StreamSpec:
     # self-supervised views for objectives that need them (SLIP): ssl_0, ssl_1, ...
     ssl_views: int = 0
     ssl_augment: str = "simclr"
-    # the views' augmentation: "clip" (train RRC) or "moco" (DeCLIP's MoCo v2 views)
+    # the views' augmentation: "clip" (train RRC), "moco" (DeCLIP's MoCo v2 views) or
+    # "pyramid" (PyramidCLIP: view 0 a global crop of 90-100%, view 1 a local one of 50-100%)
     view_augment: str = "clip"
+    # PyramidCLIP: summary and tags text levels (text_summary, text_tags) and region
+    # features (rois, roi_mask: up to max_rois of roi_dim each) (pipeline/data/pyramid.py)
+    text_levels: bool = False
+    max_rois: int = 0
+    roi_dim: int = 0
     # DeCLIP: an EDA text view (text_eda), and MLM masking of `text` (mlm_labels)
     text_eda: bool = False
     eda_synonyms: str = "wordnet"
@@ -134,11 +144,14 @@ class _Reader:
         self.per_url: Counter = Counter()
         self.flagged: set[str] = set()
         if not spec.train:
-            self.transform = eval_transform(spec.image_size, spec.normalization)
+            self.view_transforms = [eval_transform(spec.image_size, spec.normalization)] * spec.views
         elif spec.view_augment == "moco":
-            self.transform = ssl_transform(spec.image_size, spec.normalization, "moco")
+            self.view_transforms = [ssl_transform(spec.image_size, spec.normalization, "moco")] * spec.views
+        elif spec.view_augment == "pyramid":
+            self.view_transforms = [train_transform(spec.image_size, spec.normalization, scale)
+                                    for scale in PYRAMID_CROP_SCALES[:spec.views]]
         else:
-            self.transform = train_transform(spec.image_size, spec.normalization, spec.rrc_scale)
+            self.view_transforms = [train_transform(spec.image_size, spec.normalization, spec.rrc_scale)] * spec.views
         self.synonyms = load_synonyms(spec.eda_synonyms) if spec.text_eda else None
         self.ssl_transform = (ssl_transform(spec.image_size, spec.normalization, spec.ssl_augment)
                               if spec.ssl_views else None)
@@ -203,7 +216,7 @@ class _Reader:
     def process(self, sample: dict) -> dict:
         image, caption = decode_sample(sample)
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
-        views = [("images" if v == 0 else f"images_{v}", self.transform) for v in range(self.spec.views)]
+        views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
         views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.ssl_views)]
         for index, (name, transform) in enumerate(views):
             # Seed each augmentation from the sample's position: a resumed stream that skipped
@@ -217,14 +230,26 @@ class _Reader:
             cpu_rng.set_state(saved)
         if self.synonyms is not None:
             out["caption_eda"] = eda(caption, random.Random(sample_seed(*self.ids, self.raw, -1)), self.synonyms)
+        if self.spec.text_levels:
+            meta = pyramid.metadata(sample)
+            out["caption_summary"], out["caption_tags"] = pyramid.summary_text(caption, meta), pyramid.tags_text(caption, meta)
+        if self.spec.max_rois:
+            rois = pyramid.read_rois(sample, self.spec.max_rois, self.spec.roi_dim)
+            if rois is None:
+                raise BadSample("missing_roi")
+            out["rois"], out["roi_mask"] = rois
         return out
 
     def batch(self, items: list[dict]) -> dict:
         captions = [it["caption"] for it in items]
-        out = {key: torch.stack([it[key] for it in items]) for key in items[0] if key.startswith(("images", "ssl_"))}
+        out = {key: torch.stack([it[key] for it in items]) for key in items[0]
+               if key.startswith(("images", "ssl_", "roi"))}
         out["text"] = get_tokenizer()(captions, self.spec.context_length)
         if self.spec.text_eda:
             out["text_eda"] = get_tokenizer()([it["caption_eda"] for it in items], self.spec.context_length)
+        if self.spec.text_levels:
+            for level in ("summary", "tags"):
+                out[f"text_{level}"] = get_tokenizer()([it[f"caption_{level}"] for it in items], self.spec.context_length)
         if self.spec.mlm_probability:
             # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
             # contrastive terms (METHODS.md 3.1); seeded by the position, like the crops.
@@ -279,7 +304,7 @@ class DataStream:
                  context_length: int, seed: int = 0, rank: int = 0, world: int = 1, train: bool = True,
                  views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", view_augment: str = "clip",
                  text_eda: bool = False, eda_synonyms: str = "wordnet", mlm_probability: float = 0.0,
-                 keep_captions: bool = False,
+                 text_levels: bool = False, max_rois: int = 0, roi_dim: int = 0, keep_captions: bool = False,
                  drop_last: bool = True, shards: ShardSet | None = None):
         self.cfg = cfg
         self.shards = shards or resolve_shards(cfg.train_shards)
@@ -289,7 +314,8 @@ class DataStream:
                                shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
                                rrc_scale=cfg.rrc_scale, views=views, ssl_views=ssl_views, ssl_augment=ssl_augment,
                                view_augment=view_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
-                               mlm_probability=mlm_probability,
+                               mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
+                               roi_dim=roi_dim,
                                keep_captions=keep_captions, drop_last=drop_last)
         self.epoch = 0
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
@@ -385,3 +411,89 @@ class DataStream:
         self.workers = {}
         self.next_worker = 0
         self.epoch += 1
+
+
+def choose_source(seed: int, step: int, sizes: list[int]) -> int:
+    """ZeroVL's debiased sampling: the source of step `step`'s whole global batch, with
+    probability proportional to its size. A pure function of (seed, step), so every rank
+    draws the same source without communicating (ZeroVL's DGA runner uses a shared
+    default_rng(2021) for the same reason)."""
+    weights = np.asarray(sizes, dtype=np.float64)
+    return int(np.random.default_rng([seed, step]).choice(len(sizes), p=weights / weights.sum()))
+
+
+def debiased_sources(cfg: DataConfig) -> list[ShardSet]:
+    """The sources of `data.sampling: debiased`, each with a manifest (it weighs them)."""
+    parts = [p.strip() for p in cfg.train_shards.split("::") if p.strip()]
+    if len(parts) < 2:
+        raise ValueError("data.sampling: debiased needs two or more sources in data.train_shards (a::b)")
+    sources = [resolve_shards(p) for p in parts]
+    for part, shards in zip(parts, sources):
+        if shards.total_samples is None:
+            raise ValueError(f"data.sampling: debiased weighs sources by size: {part} has no manifest")
+    return sources
+
+
+def make_stream(cfg: DataConfig, **kwargs) -> "DataStream | DebiasedStream":
+    """The trainer's stream for data.sampling."""
+    return DebiasedStream(cfg, **kwargs) if cfg.sampling == "debiased" else DataStream(cfg, **kwargs)
+
+
+class DebiasedStream:
+    """`data.sampling: debiased`: one DataStream per "::"-separated source of
+    data.train_shards; each step takes its batch from the source `choose_source` names, so
+    the global batch never mixes sources. A source that runs out starts its next epoch;
+    a trainer's "epoch" is the sum of the sources' epochs in batches. Same interface as
+    DataStream (iteration, position, counters)."""
+
+    def __init__(self, cfg: DataConfig, *, seed: int = 0, **stream_kwargs):
+        self.cfg, self.seed = cfg, seed
+        sources = debiased_sources(cfg)
+        self.sources = [DataStream(cfg, seed=seed, shards=shards, **stream_kwargs) for shards in sources]
+        self.sizes = [shards.total_samples for shards in sources]
+        self.step = 0
+
+    @property
+    def epoch(self) -> int:
+        return min(s.epoch for s in self.sources)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "sources": [s.state_dict() for s in self.sources]}
+
+    def load_state_dict(self, state: dict):
+        self.step = int(state["step"])
+        for source, source_state in zip(self.sources, state["sources"]):
+            source.load_state_dict(source_state)
+
+    def skipped(self) -> Counter:
+        return sum((s.skipped() for s in self.sources), Counter())
+
+    def good(self) -> int:
+        return sum(s.good() for s in self.sources)
+
+    def batches_per_epoch(self) -> int:
+        return sum(s.batches_per_epoch() for s in self.sources)
+
+    def next_epoch(self):
+        """Sources roll over on their own when they run out."""
+
+    def __iter__(self):
+        iterators = {}
+        while True:
+            index = choose_source(self.seed, self.step, self.sizes)
+            batch, fresh_and_empty = None, 0
+            while batch is None:
+                if index not in iterators:
+                    iterators[index] = iter(self.sources[index])
+                    fresh_and_empty += 1
+                batch = next(iterators[index], None)
+                if batch is None:  # this source's epoch is over: its next one
+                    if fresh_and_empty > 1:  # a whole new epoch gave nothing: it never will
+                        raise ValueError(f"data.train_shards: source {index} ({self.sources[index].shards.urls[0]} ...) "
+                                         f"gives this rank no batch of {self.sources[index].base.batch_size}: too few "
+                                         f"shards or samples for the ranks x workers (or use data.resampled: true)")
+                    self.sources[index].next_epoch()
+                    del iterators[index]
+            self.step += 1
+            batch["source"] = index
+            yield batch

@@ -98,7 +98,8 @@ class SharedCLIP(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False,
                 ssl_images: list[torch.Tensor] | None = None, extra_images: list[torch.Tensor] | None = None,
-                extra_texts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                extra_texts: list[torch.Tensor] | None = None, rois: torch.Tensor | None = None,
+                roi_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Normalized joint-space features, the (clamped) logit scale, and on request
         the per-token features of both towers (before projection) for token-level
         objectives, the pooled trunk features of extra self-supervised views (SLIP), and
@@ -122,6 +123,8 @@ class SharedCLIP(nn.Module):
         if extra_images is not None or extra_texts is not None:
             out["image_views"] = [image_embedding, *(self.encode_image(v) for v in extra_images or [])]
             out["text_views"] = [text_embedding, *(self.encode_text(t) for t in extra_texts or [])]
+        if rois is not None:  # PyramidCLIP's region level, in the joint space (B, E)
+            out["roi_embedding"] = self.visual.encode_rois(rois, roi_mask) @ self.visual.proj
         return out
 
     def _pool_image(self, tokens: torch.Tensor) -> torch.Tensor:

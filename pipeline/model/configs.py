@@ -58,6 +58,11 @@ class ModelArch:
     branch_strides: tuple[int, ...] = (2, 2, 2, 2, 2)
     fusion_layers: tuple[int, ...] = (2, 4, 6, 8, 10)
     normalization: str = "clip"
+    # PyramidCLIP's region (ROI) path: 0 = none; else each ROI is a roi_dim vector (2052 in
+    # PyramidCLIP: presumably 2048 detector features + 4 box coordinates), projected to the
+    # vision width and run through the last roi_layers vision blocks with a CLS token.
+    roi_dim: int = 0
+    roi_layers: int = 3
     # MS-CLIP's released code starts logit_scale at 1.0 but its pre-training value is
     # UNCONFIRMED (the checkpoint overwrites it); we use CLIP's ln(1/0.07) for every model.
     logit_scale_init: float = math.log(1 / 0.07)

@@ -58,11 +58,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """key_mask (B, N) bool: which tokens may be attended to (PyramidCLIP's ROI padding)."""
         B, N, D = x.shape
         H = self.heads
         q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, N, D/H)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, D/H)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -87,8 +89,8 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(width, eps=ln_eps)
         self.mlp = MLP(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, key_mask)
         return x + self.mlp(self.ln_2(x))
 
 

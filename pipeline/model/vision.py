@@ -133,6 +133,9 @@ class VisionTower(nn.Module):
             Block(width, arch.vision_heads, arch.mlp_ratio, arch.ln_eps) for _ in range(self.first_layer, arch.vision_layers))
         self.ln_post = LayerNorm(width, eps=arch.ln_eps)
         self.proj = nn.Parameter(torch.zeros(width, arch.embed_dim))
+        if arch.roi_dim:
+            self.roi_proj = nn.Linear(arch.roi_dim, width, bias=False)  # PyramidCLIP's proj_pre
+            self.roi_layers = arch.roi_layers
 
         # fusion layer -> branch stage index
         self.fusion_stage = {layer: j for j, layer in enumerate(arch.fusion_layers)} if arch.parallel_branch else {}
@@ -150,6 +153,18 @@ class VisionTower(nn.Module):
         if layer < self.first_layer:
             raise IndexError(f"vision layer {layer} is the conv stem, not a transformer block")
         return self.blocks[layer - self.first_layer]
+
+    def encode_rois(self, rois: torch.Tensor, roi_mask: torch.Tensor) -> torch.Tensor:
+        """PyramidCLIP's ROI sequence (models.py): (B, R, roi_dim) -> proj_pre, the CLS token
+        prepended, ln_pre (no positional embedding), the last roi_layers blocks attending
+        only to CLS and the real ROIs (roi_mask (B, R)), then ln_post of CLS -> (B, D)."""
+        x = self.roi_proj(rois.to(self.roi_proj.weight.dtype))  # (B, R, D)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1))  # (B, 1 + R, D)
+        keys = torch.cat([torch.ones_like(roi_mask[:, :1]), roi_mask], dim=1).bool()  # CLS always
+        for block in self.blocks[-self.roi_layers:]:
+            x = block(x, False, keys)
+        return self.ln_post(x[:, 0])
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + h*w, D) tokens after ln_post; token 0 is CLS."""

@@ -1,0 +1,209 @@
+"""PyramidCLIP's and ZeroVL's data and objective mechanics: debiased sampling (the same
+source on every rank, chosen in proportion to size), coin-flipping mixup (pixel mixing,
+shared draws that resume), the pyramid's text levels and region features from the shards,
+the ROI path through the last vision blocks, and the composed pyramid loss recomputed from
+the encoders."""
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pipeline.config import DataConfig, ObjectiveConfig
+from pipeline.data.loader import DataStream, DebiasedStream, choose_source
+from pipeline.data.pyramid import summary_text, tags_text
+from pipeline.losses.soft import softened_contrastive_loss
+from pipeline.model import build_model
+from pipeline.objectives import attach_objective, objective_arch
+from pipeline.tokenizer import tokenize
+
+
+# ---- ZeroVL: debiased sampling ----------------------------------------------------------
+
+def test_sources_are_chosen_in_proportion_to_their_sizes():
+    """20,000 steps over sizes 6000/3000/1000: each source's share is within 4 standard
+    deviations of its probability (binomial sd = sqrt(p(1-p)/n) ~ 0.0035 at p 0.5), a
+    tolerance a correct sampler fails about once in 15,000 runs."""
+    sizes, n = [6000, 3000, 1000], 20_000
+    picks = np.bincount([choose_source(7, step, sizes) for step in range(n)], minlength=3)
+    for count, size in zip(picks, sizes):
+        p = size / sum(sizes)
+        assert abs(count / n - p) < 4 * math.sqrt(p * (1 - p) / n), (picks, sizes)
+    assert [choose_source(7, s, sizes) for s in range(50)] == [choose_source(7, s, sizes) for s in range(50)]
+    assert [choose_source(7, s, sizes) for s in range(50)] != [choose_source(8, s, sizes) for s in range(50)]
+
+
+def _debiased_worker(rank: int, port: int, shards: str, out_path: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = DataConfig(train_shards=shards, workers=1, shuffle_buffer=0, sampling="debiased")
+        stream = DebiasedStream(cfg, batch_size=8, image_size=32, normalization="clip", context_length=16, seed=3,
+                                rank=dist.get_rank(), world=dist.get_world_size())
+        steps = []
+        for batch in stream:
+            steps.append((batch["source"], batch["keys"]))
+            if len(steps) == 24:
+                break
+        gathered = [None, None]
+        dist.all_gather_object(gathered, steps)  # what every rank drew, compared on rank 0
+        if rank == 0:
+            torch.save({"steps": gathered, "sizes": stream.sizes}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_take_every_step_from_the_same_source(tmp_path, demo_data):
+    from conftest import free_port
+    shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
+    out = tmp_path / "steps.pt"
+    mp.spawn(_debiased_worker, args=(free_port(), shards, str(out)), nprocs=2, join=True)
+    result = torch.load(out, weights_only=False)
+    rank0, rank1 = result["steps"]
+    sources = [s for s, _ in rank0]
+    assert sources == [s for s, _ in rank1] == [choose_source(3, step, result["sizes"]) for step in range(24)]
+    assert set(sources) == {0, 1}, sources  # seed 3 draws photos (450 of 5,478 samples) at steps 9, 14, 16
+    names = ("digits", "photos")
+    for source, keys in [*rank0, *rank1]:  # the whole global batch comes from the chosen source
+        assert all(f"/shards/{names[source]}/" in key for key in keys), (source, keys)
+
+
+# ---- ZeroVL: coin-flipping mixup ----------------------------------------------------------
+
+def test_mixup_mixes_pixels_with_the_reversed_batch_and_its_draws_resume():
+    cfg = ObjectiveConfig(weights={"mixup": 1.0})
+    objective = attach_objective(build_model("clip-tiny"), cfg)
+    images = torch.randn(6, 3, 64, 64)
+    draws = []
+    for _ in range(40):
+        batch = objective.prepare({"images": images, "text": torch.zeros(6, 32, dtype=torch.long)})
+        alpha, side = batch["mixup"]
+        draws.append((alpha, side))
+        expected = alpha * images + (1 - alpha) * images.flip(0) if side == "image" else images
+        torch.testing.assert_close(batch["images"], expected)
+    assert {side for _, side in draws} == {"image", "text"}
+    alphas = np.array([a for a, _ in draws])
+    assert ((alphas < 0.1) | (alphas > 0.9)).mean() > 0.5  # Beta(0.1, 0.1) piles up near 0 and 1
+
+    # Same seed, same sequence (every rank); a model restored from a state dict continues it.
+    fresh = attach_objective(build_model("clip-tiny"), cfg)
+    assert [fresh.terms["mixup"].draw() for _ in range(25)] == draws[:25]
+    restored = attach_objective(build_model("clip-tiny"), cfg)
+    restored.load_state_dict(fresh.state_dict())
+    assert [restored.terms["mixup"].draw() for _ in range(15)] == draws[25:]
+
+
+def test_mixup_composed_with_the_model_scores_text_mixing_on_embeddings():
+    from pipeline.losses.soft import mixup_contrastive_loss
+    torch.manual_seed(0)
+    model = build_model("msclip-s-tiny").eval()
+    objective = attach_objective(model, ObjectiveConfig(weights={"mixup": 1.0}))
+    captions = [f"a photo of the digit {i}" for i in range(6)]
+    batch = {"images": torch.randn(6, 3, 64, 64), "text": tokenize(captions, 32), "mixup": (0.3, "text")}
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    total, parts = objective(out, batch)
+    with torch.no_grad():
+        text = model.encode_text(batch["text"])
+        mixed = F.normalize(0.3 * text + 0.7 * text.flip(0), dim=-1)
+        expected = mixup_contrastive_loss(model.encode_image(batch["images"], normalize=True), mixed,
+                                          model.logit_scale.exp(), 0.3)
+    torch.testing.assert_close(total.detach(), expected)
+
+
+# ---- PyramidCLIP: text levels, regions, the ROI path ---------------------------------------
+
+def test_text_levels_read_metadata_and_fall_back_on_the_caption():
+    caption = "A red car parked on the street. The driver is away."
+    assert summary_text(caption, {"summary": "a parked car"}) == "a parked car"
+    assert summary_text(caption, {}) == "A red car parked on the street"  # the first sentence
+    assert summary_text("one two three four five six seven eight nine ten", {}) == "one two three four five six seven eight"
+    assert tags_text(caption, {"tags": "car, street,, red "}) == "car, street, red"
+    assert tags_text(caption, {"tags": ""}) == "red, car, parked, street, driver, away"  # no stop words
+
+
+def write_roi_shard(path, rois_per_sample, dim=12):
+    from PIL import Image
+    with tarfile.open(path, "w") as tar:
+        for i, count in enumerate(rois_per_sample):
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), (10 * i, 50, 90)).save(buf, format="JPEG")
+            files = {"jpg": buf.getvalue(), "txt": f"a photo of thing {i}".encode(),
+                     "json": json.dumps({"tags": f"thing, number {i}"}).encode()}
+            if count is not None:
+                arr = io.BytesIO()
+                np.save(arr, np.full((count, dim), float(i + 1), dtype=np.float32))
+                files["roi.npy"] = arr.getvalue()
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_loader_reads_regions_pads_them_and_counts_samples_without_them(tmp_path):
+    shard = tmp_path / "00000.tar"
+    write_roi_shard(shard, [3, 15, None, 1])
+    cfg = DataConfig(train_shards=str(shard), workers=0, shuffle_buffer=0, max_skip_rate=0.5, resampled=False)
+    stream = DataStream(cfg, batch_size=3, image_size=32, normalization="clip", context_length=16, views=2,
+                        view_augment="pyramid", text_levels=True, max_rois=10, roi_dim=12, drop_last=False)
+    (batch,) = list(stream)
+    assert batch["rois"].shape == (3, 10, 12) and batch["roi_mask"].sum(1).tolist() == [3, 10, 1]
+    assert batch["rois"][0, :3].eq(1).all() and batch["rois"][0, 3:].eq(0).all() and batch["rois"][2, 0].eq(4).all()
+    assert stream.skipped() == {"missing_roi": 1}  # sample 2 has no regions: counted, not fatal
+    assert torch.equal(batch["text_tags"], tokenize(["thing, number 0", "thing, number 1", "thing, number 3"], 16))
+    assert torch.equal(batch["text_summary"], tokenize([f"a photo of thing {i}" for i in (0, 1, 3)], 16))
+
+
+def test_roi_path_uses_the_last_three_blocks_and_ignores_padding():
+    torch.manual_seed(0)
+    model = build_model(objective_arch(build_model("msclip-s-tiny").arch, ObjectiveConfig(
+        weights={"pyramid": 1.0}, pyramid_rois=4, roi_dim=12))).eval()
+    rois, mask = torch.randn(2, 4, 12), torch.tensor([[True, True, False, False], [True, True, True, True]])
+    base = model.visual.encode_rois(rois, mask)
+    padded = rois.clone()
+    padded[0, 2:] = 100.0  # garbage in the padding slots
+    torch.testing.assert_close(model.visual.encode_rois(padded, mask), base)
+    with torch.no_grad():
+        model.visual.blocks[0].mlp.c_fc.weight.add_(1.0)  # an early block: not on the ROI path
+        torch.testing.assert_close(model.visual.encode_rois(rois, mask), base)
+        model.visual.blocks[-1].mlp.c_fc.weight.add_(1.0)  # the last block is
+        assert not torch.allclose(model.visual.encode_rois(rois, mask), base)
+
+
+@pytest.mark.parametrize("rois", [0, 4])
+def test_pyramid_loss_is_peer_plus_cross_from_the_encoders(rois):
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(weights={"pyramid": 1.0}, pyramid_rois=rois, roi_dim=12, pyramid_cross_weight=0.5)
+    model = build_model(objective_arch(build_model("msclip-s-tiny").arch, cfg)).eval()
+    objective = attach_objective(model, cfg)
+    kwargs = objective.data_kwargs()
+    assert (kwargs["views"], kwargs["view_augment"], kwargs["text_levels"], kwargs["max_rois"]) == (2, "pyramid", True, rois)
+    g = torch.Generator().manual_seed(1)
+    batch = {"images": torch.randn(5, 3, 64, 64, generator=g), "images_1": torch.randn(5, 3, 64, 64, generator=g),
+             "text": tokenize([f"a photo of the digit {i}" for i in range(5)], 32),
+             "text_summary": tokenize([f"digit {i}" for i in range(5)], 32),
+             "text_tags": tokenize([f"digit, {i}" for i in range(5)], 32),
+             "rois": torch.randn(5, 4, 12, generator=g), "roi_mask": torch.ones(5, 4, dtype=torch.bool)}
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    total, parts = objective(out, batch)
+    with torch.no_grad():
+        images = {"global": model.encode_image(batch["images"], normalize=True),
+                  "local": model.encode_image(batch["images_1"], normalize=True)}
+        if rois:
+            images["roi"] = F.normalize(model.visual.encode_rois(batch["rois"], batch["roi_mask"]) @ model.visual.proj, dim=-1)
+        texts = {"summary": model.encode_text(batch["text_summary"], normalize=True),
+                 "caption": model.encode_text(batch["text"], normalize=True),
+                 "tags": model.encode_text(batch["text_tags"], normalize=True)}
+        peers = {("global", "summary"), ("local", "caption"), ("roi", "tags")}
+        scale = model.logit_scale.exp()
+        losses = {(i, t): softened_contrastive_loss(images[i], texts[t], scale, 0.2) for i in images for t in texts}
+        peer = [v for k, v in losses.items() if k in peers]
+        cross = [v for k, v in losses.items() if k not in peers]
+    assert len(peer) == (3 if rois else 2) and len(cross) == (6 if rois else 4)
+    torch.testing.assert_close(parts["loss_pyramid_peer"].detach(), sum(peer) / len(peer))
+    torch.testing.assert_close(parts["loss_pyramid_cross"].detach(), sum(cross) / len(cross))
+    torch.testing.assert_close(total.detach(), sum(peer) / len(peer) + 0.5 * sum(cross) / len(cross))

@@ -207,3 +207,29 @@ def test_pyramid_loss_is_peer_plus_cross_from_the_encoders(rois):
     torch.testing.assert_close(parts["loss_pyramid_peer"].detach(), sum(peer) / len(peer))
     torch.testing.assert_close(parts["loss_pyramid_cross"].detach(), sum(cross) / len(cross))
     torch.testing.assert_close(total.detach(), sum(peer) / len(peer) + 0.5 * sum(cross) / len(cross))
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "msclip-tiny", "msclip-s-tiny"])
+def test_pyramid_and_mixup_compose_with_other_objectives_on_every_variant(name):
+    """clip + pyramid (with regions) + mixup + filip on one model: the total is the
+    weighted sum of the parts and every parameter, shared ones included, gets a gradient."""
+    torch.manual_seed(0)
+    cfg = ObjectiveConfig(weights={"clip": 1.0, "pyramid": 0.5, "mixup": 0.5, "filip": 0.2}, pyramid_rois=3,
+                          roi_dim=12, filip_dim=16, filip_top_k=4)
+    model = build_model(objective_arch(build_model(name).arch, cfg))
+    objective = attach_objective(model, cfg)
+    g = torch.Generator().manual_seed(2)
+    size = model.arch.image_size
+    batch = {"images": torch.randn(6, 3, size, size, generator=g), "images_1": torch.randn(6, 3, size, size, generator=g),
+             "text": tokenize([f"a photo of the digit {i}" for i in range(6)], 32),
+             "text_summary": tokenize([f"digit {i}" for i in range(6)], 32),
+             "text_tags": tokenize([f"digit, {i}" for i in range(6)], 32),
+             "rois": torch.randn(6, 3, 12, generator=g), "roi_mask": torch.ones(6, 3, dtype=torch.bool)}
+    batch = objective.prepare(batch)
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    total, parts = objective(out, batch)
+    torch.testing.assert_close(total, parts["loss_clip"] + 0.5 * parts["loss_pyramid"] + 0.5 * parts["loss_mixup"]
+                               + 0.2 * parts["loss_filip"])
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == [], missing

@@ -103,9 +103,11 @@ def main(argv=None):
     print(f"{'objective':<12} {'ms/step':>9} {'x clip':>7}")
     for name in OBJECTIVES:
         print(f"{name:<12} {best[name]:9.1f} {best[name] / best['clip']:7.2f}")
-    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "device": args.device,
-                      "ms_per_step": {k: round(v, 2) for k, v in best.items()},
-                      "ratio_to_clip": {k: round(v / best["clip"], 3) for k, v in best.items()}}))
+    result = {"model": args.model, "batch_size": args.batch_size, "device": args.device,
+              "ms_per_step": {k: round(v, 2) for k, v in best.items()},
+              "ratio_to_clip": {k: round(v / best["clip"], 3) for k, v in best.items()}}
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def main(argv=None):
     torch.manual_seed(cfg.train.seed)  # same init everywhere (DeepSpeed also broadcasts rank 0's)
     model = build_model(objective_arch(cfg.model.arch(), cfg.objective))  # MLM adds a mask token
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    if cfg.model.channels_last:
+        model.use_channels_last()
     flops_per_sample = train_flops_per_sample(model) if rank == 0 else 0.0
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
     objective = attach_objective(model, cfg.objective)  # heads join the model: DeepSpeed trains and saves them

@@ -34,6 +34,9 @@ class ModelConfig:
     # Architecture fields to change on top of the named size, e.g. {share: attn}.
     overrides: dict = field(default_factory=dict)
     grad_checkpointing: bool = False
+    # Convolutions (MS-CLIP-S's stem and parallel branch, the patch embedding) in NHWC
+    # layout, the images fed the same way: bench/bench_fast_paths.py measures what it buys.
+    channels_last: bool = False
 
     def __post_init__(self):
         if self.name not in MODEL_CONFIGS:
@@ -71,6 +74,10 @@ class DataConfig:
     # all shards) or "debiased" (ZeroVL: each step's whole global batch from one source,
     # chosen with probability proportional to its size, identically on every rank).
     sampling: Literal["mixed", "debiased"] = "mixed"
+    # Decode JPEGs much larger than the transforms need at a reduced DCT scale (PIL draft
+    # mode): bench/bench_loader.py measures what it buys, tests/test_loader.py that crops
+    # stay the same within tolerance.
+    jpeg_draft: bool = True
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)

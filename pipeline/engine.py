@@ -178,8 +178,9 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items() if torch.is_tensor(v)} for i in range(parts)]
 
 
-def model_inputs(batch: dict, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch["images"].to(device=device, dtype=dtype, non_blocking=True)
+def model_inputs(batch: dict, dtype: torch.dtype, device: torch.device,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    images = batch["images"].to(device=device, dtype=dtype, non_blocking=True, memory_format=memory_format)
     return images, batch["text"].to(device=device, non_blocking=True)
 
 
@@ -200,13 +201,15 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
     module = engine.module
     dtype = next(module.parameters()).dtype
     device = engine.device
+    # model.channels_last: the images in the layout the (converted) convolutions prefer
+    layout = torch.channels_last if getattr(module, "channels_last", False) else torch.contiguous_format
     composed = hasattr(loss_fn, "model_kwargs")
     if composed and accum == 1:
         batch = loss_fn.prepare(batch)  # e.g. ZeroVL's pixel mixup
     score = (lambda out: loss_fn(out, batch)) if composed else (lambda out: features_loss(loss_fn, out))
     if accum == 1:
         kwargs = loss_fn.model_kwargs(batch, dtype, device) if composed else {}
-        loss, components = score(engine(*model_inputs(batch, dtype, device), **kwargs))
+        loss, components = score(engine(*model_inputs(batch, dtype, device, layout), **kwargs))
         if any_rank(not torch.isfinite(loss).item()):
             return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
         engine.backward(loss)
@@ -218,7 +221,7 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
 
     # Exact accumulation. Pass 1: features of every micro-batch, no grad, BN stats untouched.
     with torch.no_grad(), frozen_batchnorm_stats(module):
-        outs = [module(*model_inputs(mb, dtype, device)) for mb in micro]
+        outs = [module(*model_inputs(mb, dtype, device, layout)) for mb in micro]
     image = torch.cat([o["image_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     text = torch.cat([o["text_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     scale = outs[0]["logit_scale"].float().requires_grad_(True)
@@ -231,7 +234,7 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
     # through it; DeepSpeed sums them and steps at the accumulation boundary.
     B = micro[0]["images"].shape[0]
     for i, mb in enumerate(micro):
-        out = engine(*model_inputs(mb, dtype, device))
+        out = engine(*model_inputs(mb, dtype, device, layout))
         rows = slice(i * B, (i + 1) * B)
         surrogate = (out["image_features"].float() * image.grad[rows]).sum() + \
                     (out["text_features"].float() * text.grad[rows]).sum()

@@ -223,7 +223,8 @@ def test_a_killed_rank_ends_the_run(tmp_path, demo_data):
     (("eval.every_steps=5", "eval.dataset=/nonexistent"), "error: eval.dataset: /nonexistent: no such dataset directory"),
     ("eval.every_steps=5", "error: eval.dataset: eval.every_steps is set but no dataset is named"),
     (("objective.weights.clip=1", "objective.weights.slip=1", "train.global_batch_size=64"),
-     "error: objective.weights: slip use more than the pooled features, so they cannot run exact accumulation"),
+     "error: objective.weights: clip, slip (with its views) use more than one view's pooled features, so they "
+     "cannot run exact accumulation"),
 ])
 def test_bad_config_fails_before_any_process_group(tmp_path, demo_data, override, message):
     config = run_config(tmp_path, demo_data, "bad")

@@ -100,12 +100,18 @@ class StreamSpec:
     mlm_probability: float = 0.0
     keep_captions: bool = False
     drop_last: bool = True
+    jpeg_draft: bool = True
     # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
     resume: dict[int, dict] = field(default_factory=dict)
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, str]:
-    """Raw webdataset sample -> (RGB image, caption), or BadSample(reason)."""
+def decode_sample(sample: dict, draft_size: int = 0) -> tuple[Image.Image, str]:
+    """Raw webdataset sample -> (RGB image, caption), or BadSample(reason).
+
+    draft_size > 0: JPEGs whose short side is at least twice that are decoded at a reduced
+    scale (libjpeg's DCT scaling, 1/2 .. 1/8, PIL's `draft`) that keeps the short side >=
+    draft_size: most of the decode is skipped when the shards are much larger than what
+    the transform keeps."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise BadSample("missing_image")
@@ -119,6 +125,9 @@ def decode_sample(sample: dict) -> tuple[Image.Image, str]:
         raise BadSample("empty_caption")
     try:
         image = Image.open(io.BytesIO(data))
+        if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
+            scale = min(image.size) / draft_size
+            image.draft("RGB", (math.ceil(image.size[0] / scale), math.ceil(image.size[1] / scale)))
         image = image.convert("RGB")  # forces a full decode: truncated files fail here
     except Exception:  # PIL raises many types for corrupt data
         raise BadSample("undecodable_image") from None
@@ -153,6 +162,12 @@ class _Reader:
         else:
             self.view_transforms = [train_transform(spec.image_size, spec.normalization, spec.rrc_scale)] * spec.views
         self.synonyms = load_synonyms(spec.eda_synonyms) if spec.text_eda else None
+        # The smallest short side every transform here can use at full resolution: a crop of
+        # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
+        smallest_scale = min([spec.rrc_scale[0]] + [0.08 if spec.ssl_views and spec.ssl_augment == "simclr" else 1.0]
+                             + [0.2 if spec.view_augment == "moco" or spec.ssl_views else 1.0]
+                             + [0.5 if spec.view_augment == "pyramid" else 1.0]) if spec.train else 1.0
+        self.draft_size = math.ceil(spec.image_size / math.sqrt(smallest_scale)) if spec.jpeg_draft else 0
         self.ssl_transform = (ssl_transform(spec.image_size, spec.normalization, spec.ssl_augment)
                               if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
@@ -214,7 +229,7 @@ class _Reader:
         return stream
 
     def process(self, sample: dict) -> dict:
-        image, caption = decode_sample(sample)
+        image, caption = decode_sample(sample, self.draft_size)
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
         views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
         views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.ssl_views)]
@@ -316,7 +331,7 @@ class DataStream:
                                view_augment=view_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
                                mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
                                roi_dim=roi_dim,
-                               keep_captions=keep_captions, drop_last=drop_last)
+                               keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft)
         self.epoch = 0
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin

@@ -140,6 +140,14 @@ class SharedCLIP(nn.Module):
         return {"logit_scale", "visual.class_embedding", "visual.positional_embedding",
                 "text.positional_embedding", "text.token_embedding.weight"}
 
+    def use_channels_last(self):
+        """The trainer feeds the images channels-last (pipeline.engine.model_inputs), and
+        PyTorch then runs every convolution of the stem, branch and adapters in NHWC.
+        The weights keep their layout: DeepSpeed's ZeRO re-points parameters into its flat
+        (contiguous) buffers, which would silently undo a weight conversion."""
+        self.channels_last = True
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.grad_checkpointing = enable
         self.text.grad_checkpointing = enable

@@ -64,6 +64,9 @@ class Attention(nn.Module):
         H = self.heads
         q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N)
+        if mask is not None and causal:  # SDPA takes one or the other: combine them
+            mask = mask & torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, N, D/H)
         return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
 

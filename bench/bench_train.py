@@ -1,0 +1,194 @@
+"""Train-step throughput, FLOPs and MFU: our model against open_clip's CLIP of the same
+architecture, same batch, image size, threads and precision, on synthetic tensors (the
+data pipeline is bench_loader's), in one process, alternating, best of --repeats.
+
+    python -m bench.bench_train [--model clip-b32] [--batch-size 8] [--steps 2] [--repeats 2]
+        [--precisions fp32,bf16] [--threads N] [--variants msclip-b32,msclip-s-b32] [--memory]
+
+A step is forward, the CLIP loss, backward and an AdamW step. Precisions: fp32 against
+fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`). The
+reference is `open_clip.CLIP` built with our architecture's numbers (for clip-b32 that is
+ViT-B-32-quickgelu: the same 151,277,313 parameters). `--variants` times our other models
+against our baseline (e.g. msclip-s-b32 vs clip-b32). FLOPs per sample are counted with
+torch's FlopCounterMode over forward + backward; MFU divides achieved FLOP/s by this
+machine's peak, measured here with a large matmul in fp32 and bf16. `--memory` also
+reports each model's peak RSS, from a fresh child process per model and precision (a
+process's peak is monotonic, so it cannot be compared inside one process).
+Prints a table and one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.losses import contrastive_loss
+from pipeline.model import build_model
+
+
+def open_clip_twin(arch):
+    """open_clip's CLIP with our architecture's numbers (QuickGELU, LN eps as ours)."""
+    import open_clip
+    vision = open_clip.model.CLIPVisionCfg(layers=arch.vision_layers, width=arch.vision_width,
+                                          head_width=arch.vision_width // arch.vision_heads, patch_size=arch.patch_size,
+                                          image_size=arch.image_size)
+    text = open_clip.model.CLIPTextCfg(context_length=arch.context_length, vocab_size=arch.vocab_size,
+                                      width=arch.text_width, heads=arch.text_heads, layers=arch.text_layers)
+    return open_clip.CLIP(embed_dim=arch.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
+
+
+def features(model, images, text):
+    if hasattr(model, "arch"):  # ours
+        out = model(images, text)
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    image_features, text_features, scale = model(images, text)
+    return image_features, text_features, scale
+
+
+def make_batch(arch, batch_size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, arch.image_size, arch.image_size, generator=g)
+    text = torch.randint(1, 49405, (batch_size, arch.context_length), generator=g)
+    text[:, 0], text[:, -1] = 49406, 49407
+    return images, text
+
+
+def make_step(model, images, text, precision: str):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def step():
+        with autocast():
+            image_features, text_features, scale = features(model, images, text)
+        loss = contrastive_loss(image_features.float(), text_features.float(), scale.float().reshape(1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def count_flops(model, images, text) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        image_features, text_features, _ = features(model, images[:2], text[:2])
+        (image_features.sum() + text_features.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def timed(steps: dict, n: int, repeats: int) -> dict:
+    for step in steps.values():  # warm-up (allocator, autocast caches)
+        step()
+    best = {name: float("inf") for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():  # alternate: the machine's noise hits both
+            start = time.perf_counter()
+            for _ in range(n):
+                step()
+            best[name] = min(best[name], (time.perf_counter() - start) / n)
+    return best
+
+
+def child_peak_rss(model: str, precision: str, args) -> float:
+    """Peak RSS (MiB) of a fresh process that builds one model and takes the steps."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec (the child would
+    # report this process's peak); VmHWM belongs to the new address space.
+    code = ("from bench.bench_train import one_model_steps; "
+            f"one_model_steps({model!r}, {precision!r}, {args.batch_size}, {args.steps}, {args.threads}); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def one_model_steps(model_name: str, precision: str, batch_size: int, steps: int, threads: int):
+    torch.set_num_threads(threads)
+    ours = model_name.startswith("ours:")
+    arch = build_model(model_name.split(":", 1)[1]).arch
+    torch.manual_seed(0)
+    model = build_model(arch) if ours else open_clip_twin(arch)
+    images, text = make_batch(arch, batch_size)
+    step = make_step(model, images, text, precision)
+    for _ in range(steps + 1):
+        step()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="clip-b32")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", default="", help="our other models to time against --model, comma-separated")
+    parser.add_argument("--memory", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    arch = build_model(args.model).arch
+    images, text = make_batch(arch, args.batch_size)
+    torch.manual_seed(0)
+    ours, ref = build_model(arch), open_clip_twin(arch)
+    counts = {"ours": sum(p.numel() for p in ours.parameters()), "open_clip": sum(p.numel() for p in ref.parameters())}
+    flops = {"ours": count_flops(ours, images, text), "open_clip": count_flops(ref, images, text)}
+    variants = [v for v in args.variants.split(",") if v]
+    variant_models = {v: build_model(v) for v in variants}
+    for v, model in variant_models.items():
+        flops[v] = count_flops(model, *make_batch(model.arch, 2))
+    peaks = {"fp32": peak_flops(torch.float32), "bf16": peak_flops(torch.bfloat16)}
+    results = {}
+    for precision in args.precisions.split(","):
+        steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
+        for v, model in variant_models.items():
+            steps[v] = make_step(model, *make_batch(model.arch, args.batch_size), precision)
+        seconds = timed(steps, args.steps, args.repeats)
+        for name, s in seconds.items():
+            rate = args.batch_size / s
+            results[f"{name}/{precision}"] = {"samples_per_s": round(rate, 3), "mfu": round(rate * flops[name] / peaks[precision], 4)}
+    if args.memory:
+        for precision in args.precisions.split(","):
+            for side in ("ours", "open_clip"):
+                name = f"ours:{args.model}" if side == "ours" else f"ref:{args.model}"
+                results[f"{side}/{precision}"]["peak_rss_mib"] = round(child_peak_rss(name, precision, args), 1)
+
+    print(f"{args.model} ({counts['ours']:,} params; open_clip twin {counts['open_clip']:,}), batch {args.batch_size}, "
+          f"{args.threads} threads, best of {args.repeats} x {args.steps} steps; CPU peak fp32 "
+          f"{peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"{'model/precision':<28} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak MiB':>9}")
+    for key, r in results.items():
+        name = key.split("/")[0]
+        print(f"{key:<28} {r['samples_per_s']:10.2f} {flops[name] / 1e9:13.1f} {r['mfu']:6.1%} "
+              f"{r.get('peak_rss_mib', float('nan')):9.0f}")
+    ratios = {}
+    for precision in args.precisions.split(","):
+        ratios[f"ours/open_clip {precision}"] = results[f"ours/{precision}"]["samples_per_s"] / results[f"open_clip/{precision}"]["samples_per_s"]
+        for v in variants:
+            ratios[f"{v}/ours {precision}"] = results[f"{v}/{precision}"]["samples_per_s"] / results[f"ours/{precision}"]["samples_per_s"]
+    if "bf16" in args.precisions and "fp32" in args.precisions:
+        ratios["ours bf16/open_clip fp32"] = results["ours/bf16"]["samples_per_s"] / results["open_clip/fp32"]["samples_per_s"]
+    for key, value in ratios.items():
+        print(f"ratio {key}: {value:.2f}x")
+    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "params": counts,
+                      "flops_per_sample": flops, "peak_flops": peaks, "results": results,
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
+    return results, ratios
+
+
+if __name__ == "__main__":
+    main()

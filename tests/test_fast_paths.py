@@ -1,0 +1,127 @@
+"""Every fast path gives the plain path's results within tolerance: JPEG draft decoding,
+channels-last images, SDPA attention, the fused QKV projection (against PyTorch's own
+multi-head attention), fused AdamW (torch's and DeepSpeed's), bf16 autocast. What each
+buys is measured in bench/bench_fast_paths.py and bench/bench_train.py, not here."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.data.loader import StreamSpec, _Reader, decode_sample
+from pipeline.data.shards import ShardSet
+from pipeline.data.transforms import eval_transform
+from pipeline.engine import model_inputs
+from pipeline.model import build_model
+from pipeline.model.layers import Attention
+
+
+def photo_jpeg(size=(1280, 854)) -> bytes:
+    from sklearn.datasets import load_sample_image
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_image("china.jpg")).resize(size).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_jpeg_draft_decodes_smaller_and_the_crop_stays_the_same():
+    sample = {"jpg": photo_jpeg(), "txt": b"a temple"}
+    full, _ = decode_sample(sample, 0)
+    draft, _ = decode_sample(sample, 224)
+    assert full.size == (1280, 854) and min(draft.size) >= 224 and draft.size[0] < 1280  # reduced, never below need
+    transform = eval_transform(224, "clip")
+    a, b = transform(full), transform(draft)
+    # normalized units (std ~ 1): resampling differences only
+    assert (a - b).abs().mean() < 0.03, (a - b).abs().mean()
+    small = {"jpg": photo_jpeg((300, 200)), "txt": b"x"}  # under 2x the need: decoded as is
+    assert decode_sample(small, 224)[0].tobytes() == decode_sample(small, 0)[0].tobytes()
+
+
+def test_draft_size_keeps_full_resolution_for_the_smallest_crop():
+    spec = StreamSpec(shards=ShardSet(["x.tar"], [1]), batch_size=1, image_size=224, normalization="clip",
+                      context_length=77, rrc_scale=(0.9, 1.0))
+    assert _Reader(spec, 0).draft_size == math.ceil(224 / math.sqrt(0.9))
+    slip = StreamSpec(**{**spec.__dict__, "ssl_views": 2})  # SimCLR crops down to 8% of the area
+    assert _Reader(slip, 0).draft_size == math.ceil(224 / math.sqrt(0.08))
+    off = StreamSpec(**{**spec.__dict__, "jpeg_draft": False})
+    assert _Reader(off, 0).draft_size == 0
+
+
+def test_channels_last_images_give_the_same_features():
+    torch.manual_seed(0)
+    model = build_model("msclip-s-tiny").use_channels_last().eval()
+    batch = {"images": torch.randn(3, 3, 64, 64), "text": torch.randint(1, 49405, (3, 32))}
+    batch["text"][:, -1] = 49407
+    images, text = model_inputs(batch, torch.float32, torch.device("cpu"), torch.channels_last)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        nhwc = model(images, text)["image_features"]
+        nchw = model(batch["images"], text)["image_features"]
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_qkv_sdpa_attention_equals_pytorch_multihead_attention(causal):
+    """Our attention (one fused QKV projection, SDPA) against torch.nn.MultiheadAttention
+    with the same weights (its in_proj is the same fused layout), and against the explicit
+    softmax(QK^T / sqrt(d)) V with a key mask."""
+    torch.manual_seed(0)
+    ours = Attention(32, 4)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(2, 7, 32)
+    mask = torch.triu(torch.full((7, 7), float("-inf")), 1) if causal else None
+    expected, _ = ref(x, x, x, attn_mask=mask, need_weights=False)
+    torch.testing.assert_close(ours(x, causal), expected, rtol=1e-5, atol=1e-5)
+
+    keys = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    q, k, v = ours.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    scores = scores.masked_fill(~keys[:, None, None, :], float("-inf"))
+    if causal:
+        scores = scores + mask
+    explicit = ours.out_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(ours(x, causal, keys), explicit, rtol=1e-5, atol=1e-5)
+
+
+def adamw_steps(make_optimizer, steps=3):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(50, 30)), torch.nn.Parameter(torch.randn(30))]
+    optimizer = make_optimizer(params)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+def test_fused_adamw_steps_equal_the_plain_implementation():
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+    plain = adamw_steps(lambda ps: torch.optim.AdamW(ps, foreach=False, **kwargs))
+    for fused in (adamw_steps(lambda ps: torch.optim.AdamW(ps, fused=True, **kwargs)),):
+        for a, b in zip(fused, plain):
+            torch.testing.assert_close(a, b)
+    from deepspeed.ops.adam import FusedAdam  # the CPU op ds_configs/cpu_bf16.json uses
+    deepspeed = adamw_steps(lambda ps: FusedAdam(ps, adam_w_mode=True, **kwargs))
+    for a, b in zip(deepspeed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_features_agree_with_fp32():
+    torch.manual_seed(0)
+    model = build_model("clip-tiny").eval()
+    images, text = torch.randn(4, 3, 64, 64), torch.randint(1, 49405, (4, 32))
+    text[:, -1] = 49407
+    with torch.no_grad():
+        fp32 = model(images, text)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(images, text)
+    for key in ("image_features", "text_features"):
+        cosine = F.cosine_similarity(fp32[key], bf16[key].float(), dim=-1)
+        assert cosine.min() > 0.99, (key, cosine)

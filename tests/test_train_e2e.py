@@ -239,3 +239,14 @@ def test_bad_config_fails_before_any_process_group(tmp_path, demo_data, override
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert lines == [lines[0]] and lines[0].startswith(message), result.stderr[-2000:]
     assert time.time() - start < 60  # with world size 2 and no peer, a process group would wait forever
+
+
+def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, demo_data):
+    """DeepSpeed's CPU all-reduce workspace (66 MB of /dev/shm per rank) is unlinked by the
+    trainer once every rank has mapped it: nothing outlives the run."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    config = run_config(tmp_path, demo_data, "shm", train={"steps": 2, "log_every": 1})
+    launch(config, REPO_ROOT / "ds_configs" / "cpu_fp32.json")
+    assert (tmp_path / "runs" / "shm" / "model.pt").exists()
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()

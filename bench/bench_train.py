@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -136,7 +137,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # All cores by default: torch.get_num_threads() would inherit a 1 set by an earlier
+    # bench in the same process (python -m bench runs the tokenizer single-threaded).
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--variants", default="", help="our other models to time against --model, comma-separated")
     parser.add_argument("--memory", action="store_true")
     args = parser.parse_args(argv)

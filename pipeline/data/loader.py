@@ -39,7 +39,7 @@ from pipeline.config import DataConfig
 from pipeline.data import pyramid
 from pipeline.data.eda import eda, load_synonyms
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
-from pipeline.data.transforms import eval_transform, ssl_transform, train_transform
+from pipeline.data.transforms import SSL_CROP_SCALES, eval_transform, ssl_transform, train_transform
 from pipeline.losses.declip import mlm_mask
 from pipeline.tokenizer import get_tokenizer
 
@@ -164,10 +164,13 @@ class _Reader:
         self.synonyms = load_synonyms(spec.eda_synonyms) if spec.text_eda else None
         # The smallest short side every transform here can use at full resolution: a crop of
         # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
-        smallest_scale = min([spec.rrc_scale[0]] + [0.08 if spec.ssl_views and spec.ssl_augment == "simclr" else 1.0]
-                             + [0.2 if spec.view_augment == "moco" or spec.ssl_views else 1.0]
-                             + [0.5 if spec.view_augment == "pyramid" else 1.0]) if spec.train else 1.0
-        self.draft_size = math.ceil(spec.image_size / math.sqrt(smallest_scale)) if spec.jpeg_draft else 0
+        scales = [1.0]
+        if spec.train:
+            scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES)}
+                          .get(spec.view_augment, spec.rrc_scale[0]))
+            if spec.ssl_views:
+                scales.append(SSL_CROP_SCALES[spec.ssl_augment][0])
+        self.draft_size = math.ceil(spec.image_size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
         self.ssl_transform = (ssl_transform(spec.image_size, spec.normalization, spec.ssl_augment)
                               if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)

@@ -26,12 +26,17 @@ def eval_transform(image_size: int, normalization: str):
     ])
 
 
+# RandomResizedCrop area ranges of the self-supervised recipes (the loader also sizes its
+# JPEG draft decoding from them).
+SSL_CROP_SCALES = {"simclr": (0.08, 1.0), "moco": (0.2, 1.0)}
+
+
 def ssl_transform(image_size: int, normalization: str, kind: str = "simclr"):
     """The self-supervised views: SimCLR's recipe as SLIP uses it (`datasets.py`:
     RandomResizedCrop scale (0.08, 1)) or MoCo v2's as DeCLIP uses it (scale (0.2, 1));
     both then colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian
     blur sigma in [0.1, 2] with p 0.5 and a horizontal flip (METHODS.md 3.1, 3.2)."""
-    scale = {"simclr": (0.08, 1.0), "moco": (0.2, 1.0)}[kind]
+    scale = SSL_CROP_SCALES[kind]
     mean, std = NORMALIZATION[normalization]
     blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd, ~10% of the side (SimCLR)
     return T.Compose([

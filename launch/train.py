@@ -128,6 +128,7 @@ def main(argv=None):
     data = make_stream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
                       normalization=cfg.data.normalization or model.arch.normalization,
                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
+                      uint8=cfg.data.uint8_batches,
                       **(objective.data_kwargs() if objective else {}))
     state = checkpoint.TrainState()
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")

@@ -78,6 +78,10 @@ class DataConfig:
     # mode): bench/bench_loader.py measures what it buys, tests/test_loader.py that crops
     # stay the same within tolerance.
     jpeg_draft: bool = True
+    # Workers ship uint8 pixels (a quarter of float32's bytes through worker IPC and the
+    # host-to-device copy) and the trainer normalizes them on its device, bit for bit the
+    # arithmetic of ToTensor + Normalize (tests/test_fast_paths.py; bench/bench_loader.py).
+    uint8_batches: bool = True
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)

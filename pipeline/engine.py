@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
+from pipeline.data.loader import pixels_on_device
 from pipeline.model import MAX_LOGIT_SCALE
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
     module = engine.module
     dtype = next(module.parameters()).dtype
     device = engine.device
+    batch = pixels_on_device(batch, device)  # data.uint8_batches: normalized here, not in the workers
     # model.channels_last: the images in the layout the (converted) convolutions prefer
     layout = torch.channels_last if getattr(module, "channels_last", False) else torch.contiguous_format
     composed = hasattr(loss_fn, "model_kwargs")

@@ -1,5 +1,5 @@
 """Every fast path gives the plain path's results within tolerance: JPEG draft decoding,
-channels-last images, SDPA attention, the fused QKV projection (against PyTorch's own
+uint8 batches normalized by the trainer (exactly), channels-last images, SDPA attention, the fused QKV projection (against PyTorch's own
 multi-head attention), fused AdamW (torch's and DeepSpeed's), bf16 autocast. What each
 buys is measured in bench/bench_fast_paths.py and bench/bench_train.py, not here."""
 import io
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.data.loader import StreamSpec, _Reader, decode_sample
+from pipeline.config import DataConfig
+from pipeline.data.loader import DataStream, StreamSpec, _Reader, decode_sample, pixels_on_device
 from pipeline.data.shards import ShardSet
 from pipeline.data.transforms import eval_transform
 from pipeline.engine import model_inputs
@@ -46,6 +47,33 @@ def test_draft_size_keeps_full_resolution_for_the_smallest_crop():
     assert _Reader(slip, 0).draft_size == math.ceil(224 / math.sqrt(0.08))
     off = StreamSpec(**{**spec.__dict__, "jpeg_draft": False})
     assert _Reader(off, 0).draft_size == 0
+
+
+@pytest.mark.parametrize("views", [dict(views=1), dict(views=2, view_augment="moco", ssl_views=2)],
+                         ids=["clip", "moco-views+slip-views"])
+def test_uint8_batches_normalized_on_the_device_equal_the_float_batches(demo_data, views):
+    """data.uint8_batches: the same stream position gives the same samples, and every image
+    tensor (views, SLIP views) normalized by the trainer's `pixels_on_device` equals the
+    worker-normalized float batch bit for bit; nothing else in the batch changes."""
+    cfg = DataConfig(train_shards=f"{demo_data}/shards/photos", workers=1, shuffle_buffer=20)
+
+    def first_batches(uint8):
+        s = DataStream(cfg, batch_size=8, image_size=48, normalization="imagenet", context_length=16, seed=3,
+                       uint8=uint8, **views)
+        return [b for b, _ in zip(s, range(2))]
+
+    for packed, plain in zip(first_batches(True), first_batches(False)):
+        pixel_keys = [k for k in plain if k.startswith(("images", "ssl_"))]
+        assert len(pixel_keys) == views["views"] + views.get("ssl_views", 0)
+        assert all(packed[k].dtype == torch.uint8 and packed[k].shape == plain[k].shape for k in pixel_keys)
+        on_device = pixels_on_device(packed, torch.device("cpu"))
+        assert on_device.keys() == plain.keys() and on_device["keys"] == plain["keys"]
+        for key in pixel_keys:
+            assert on_device[key].dtype == torch.float32
+            assert torch.equal(on_device[key], plain[key]), key
+        assert torch.equal(on_device["text"], plain["text"])
+    float_batch = first_batches(False)[0]
+    assert pixels_on_device(float_batch, torch.device("cpu")) is float_batch  # a float batch passes through
 
 
 def test_channels_last_images_give_the_same_features():

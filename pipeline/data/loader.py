@@ -39,7 +39,7 @@ from pipeline.config import DataConfig
 from pipeline.data import pyramid
 from pipeline.data.eda import eda, load_synonyms
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
-from pipeline.data.transforms import SSL_CROP_SCALES, eval_transform, ssl_transform, train_transform
+from pipeline.data.transforms import SSL_CROP_SCALES, eval_transform, normalize, ssl_transform, train_transform
 from pipeline.losses.declip import mlm_mask
 from pipeline.tokenizer import get_tokenizer
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
                 "missing_caption", "empty_caption", "missing_roi")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# A batch's image tensors: the augmented views (images, images_1, ...) and SLIP's ssl_0, ...
+PIXEL_KEYS = ("images", "ssl_")
 # The skip-rate ceiling is checked once this many samples have been read, so that one
 # bad sample among the first few does not stop a run.
 MIN_SAMPLES_FOR_SKIP_RATE = 200
@@ -63,6 +65,18 @@ class BadSample(Exception):
 
 class DataQualityError(RuntimeError):
     pass
+
+
+def pixels_on_device(batch: dict, device: torch.device) -> dict:
+    """The trainer's half of `data.uint8_batches`: a batch whose image tensors are uint8
+    (it names its normalization) with each copied to `device` (non-blocking: the loader
+    pins its batches when there is a GPU) and normalized there. A float batch is returned
+    as it is."""
+    name = batch.get("normalization")
+    if name is None:
+        return batch
+    return {k: normalize(v.to(device, non_blocking=True), name) if k.startswith(PIXEL_KEYS) else v
+            for k, v in batch.items() if k != "normalization"}
 
 
 @dataclass
@@ -101,6 +115,9 @@ class StreamSpec:
     keep_captions: bool = False
     drop_last: bool = True
     jpeg_draft: bool = True
+    # uint8 pixels in the batch (with its "normalization" name) instead of normalized
+    # floats: the trainer normalizes on its device (pipeline.data.transforms.normalize)
+    uint8: bool = False
     # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
     resume: dict[int, dict] = field(default_factory=dict)
 
@@ -152,15 +169,16 @@ class _Reader:
         self.skipped = Counter(state.get("skipped", {}))
         self.per_url: Counter = Counter()
         self.flagged: set[str] = set()
+        normalization = None if spec.uint8 else spec.normalization
         if not spec.train:
-            self.view_transforms = [eval_transform(spec.image_size, spec.normalization)] * spec.views
+            self.view_transforms = [eval_transform(spec.image_size, normalization)] * spec.views
         elif spec.view_augment == "moco":
-            self.view_transforms = [ssl_transform(spec.image_size, spec.normalization, "moco")] * spec.views
+            self.view_transforms = [ssl_transform(spec.image_size, normalization, "moco")] * spec.views
         elif spec.view_augment == "pyramid":
-            self.view_transforms = [train_transform(spec.image_size, spec.normalization, scale)
+            self.view_transforms = [train_transform(spec.image_size, normalization, scale)
                                     for scale in PYRAMID_CROP_SCALES[:spec.views]]
         else:
-            self.view_transforms = [train_transform(spec.image_size, spec.normalization, spec.rrc_scale)] * spec.views
+            self.view_transforms = [train_transform(spec.image_size, normalization, spec.rrc_scale)] * spec.views
         self.synonyms = load_synonyms(spec.eda_synonyms) if spec.text_eda else None
         # The smallest short side every transform here can use at full resolution: a crop of
         # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
@@ -171,7 +189,7 @@ class _Reader:
             if spec.ssl_views:
                 scales.append(SSL_CROP_SCALES[spec.ssl_augment][0])
         self.draft_size = math.ceil(spec.image_size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
-        self.ssl_transform = (ssl_transform(spec.image_size, spec.normalization, spec.ssl_augment)
+        self.ssl_transform = (ssl_transform(spec.image_size, normalization, spec.ssl_augment)
                               if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
 
@@ -261,7 +279,7 @@ class _Reader:
     def batch(self, items: list[dict]) -> dict:
         captions = [it["caption"] for it in items]
         out = {key: torch.stack([it[key] for it in items]) for key in items[0]
-               if key.startswith(("images", "ssl_", "roi"))}
+               if key.startswith((*PIXEL_KEYS, "roi"))}
         out["text"] = get_tokenizer()(captions, self.spec.context_length)
         if self.spec.text_eda:
             out["text_eda"] = get_tokenizer()([it["caption_eda"] for it in items], self.spec.context_length)
@@ -273,6 +291,8 @@ class _Reader:
             # contrastive terms (METHODS.md 3.1); seeded by the position, like the crops.
             generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -2))
             out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.spec.mlm_probability, generator=generator)
+        if self.spec.uint8:
+            out["normalization"] = self.spec.normalization  # what the trainer applies to the pixels
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
         if self.spec.keep_captions:
             out["captions"] = captions
@@ -323,7 +343,7 @@ class DataStream:
                  views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", view_augment: str = "clip",
                  text_eda: bool = False, eda_synonyms: str = "wordnet", mlm_probability: float = 0.0,
                  text_levels: bool = False, max_rois: int = 0, roi_dim: int = 0, keep_captions: bool = False,
-                 drop_last: bool = True, shards: ShardSet | None = None):
+                 drop_last: bool = True, uint8: bool = False, shards: ShardSet | None = None):
         self.cfg = cfg
         self.shards = shards or resolve_shards(cfg.train_shards)
         self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image_size,
@@ -334,7 +354,8 @@ class DataStream:
                                view_augment=view_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
                                mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
                                roi_dim=roi_dim,
-                               keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft)
+                               keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,
+                               uint8=uint8)
         self.epoch = 0
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin

@@ -1,28 +1,44 @@
 """CLIP's image transforms (open_clip `image_transform`): random-resized-crop for
-training, resize + centre-crop for evaluation, both bicubic, then normalization."""
+training, resize + centre-crop for evaluation, both bicubic, then normalization.
+
+normalization=None ends a transform at uint8 CHW pixels instead (`data.uint8_batches`):
+the loader ships a quarter of the bytes and the trainer normalizes on its device with
+`normalize`, the same arithmetic as ToTensor + Normalize."""
 from __future__ import annotations
 
+import torch
 from torchvision import transforms as T
 
 from pipeline.model.configs import NORMALIZATION
 
 
-def train_transform(image_size: int, normalization: str, rrc_scale: tuple[float, float] = (0.9, 1.0)):
+def to_tensor(normalization: str | None) -> list:
+    if normalization is None:
+        return [T.PILToTensor()]
     mean, std = NORMALIZATION[normalization]
+    return [T.ToTensor(), T.Normalize(mean, std)]
+
+
+def normalize(pixels: torch.Tensor, normalization: str) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32, bit for bit what ToTensor + Normalize give on the
+    same pixels (same operations in the same order), on whatever device `pixels` is."""
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+                 for v in NORMALIZATION[normalization])
+    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def train_transform(image_size: int, normalization: str | None, rrc_scale: tuple[float, float] = (0.9, 1.0)):
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=rrc_scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.ToTensor(),
-        T.Normalize(mean, std),
+        *to_tensor(normalization),
     ])
 
 
-def eval_transform(image_size: int, normalization: str):
-    mean, std = NORMALIZATION[normalization]
+def eval_transform(image_size: int, normalization: str | None):
     return T.Compose([
         T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
+        *to_tensor(normalization),
     ])
 
 
@@ -31,13 +47,12 @@ def eval_transform(image_size: int, normalization: str):
 SSL_CROP_SCALES = {"simclr": (0.08, 1.0), "moco": (0.2, 1.0)}
 
 
-def ssl_transform(image_size: int, normalization: str, kind: str = "simclr"):
+def ssl_transform(image_size: int, normalization: str | None, kind: str = "simclr"):
     """The self-supervised views: SimCLR's recipe as SLIP uses it (`datasets.py`:
     RandomResizedCrop scale (0.08, 1)) or MoCo v2's as DeCLIP uses it (scale (0.2, 1));
     both then colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian
     blur sigma in [0.1, 2] with p 0.5 and a horizontal flip (METHODS.md 3.1, 3.2)."""
     scale = SSL_CROP_SCALES[kind]
-    mean, std = NORMALIZATION[normalization]
     blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd, ~10% of the side (SimCLR)
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
@@ -45,6 +60,5 @@ def ssl_transform(image_size: int, normalization: str, kind: str = "simclr"):
         T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
+        *to_tensor(normalization),
     ])

@@ -7,6 +7,9 @@
   with PIL's reduced-scale DCT decoding against a full decode;
 * channels_last (model.channels_last): msclip-s-b32 forward + backward with NHWC images
   (its conv stem, parallel branch and adapters) against NCHW;
+* compile (model.compile): msclip-s-b32 forward + backward (batch 8; the contrastive
+  loss) compiled with torch.compile (inductor) against eager; the first compiled step's
+  time is reported as the compile time;
 * sdpa: our attention (F.scaled_dot_product_attention) against the explicit
   softmax(QK^T / sqrt(d)) V it replaces, ViT-B/32 vision shapes, forward + backward;
 * fused_qkv: one (D -> 3D) projection against three (D -> D) ones;
@@ -69,6 +72,29 @@ def channels_last(repeats: int, quick: bool) -> dict:
     return best_ms({"on": lambda: step(torch.channels_last), "off": lambda: step(torch.contiguous_format)}, repeats)
 
 
+def compiled(repeats: int, quick: bool) -> dict:
+    import copy
+
+    from pipeline.losses import contrastive_loss
+    from pipeline.model import build_model
+    torch.manual_seed(0)
+    eager = build_model("msclip-s-tiny" if quick else "msclip-s-b32")
+    model = copy.deepcopy(eager)
+    model.compile()
+    size, batch = eager.arch.image_size, 8
+    images = torch.randn(batch, 3, size, size)
+    text = torch.randint(1, 49405, (batch, eager.arch.context_length))
+    text[:, -1] = 49407
+
+    def step(m):
+        out = m(images, text)
+        contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+    start = time.perf_counter()
+    step(model)
+    compile_s = time.perf_counter() - start
+    return {**best_ms({"on": lambda: step(model), "off": lambda: step(eager)}, repeats), "compile_s": compile_s}
+
+
 def attention(repeats: int) -> dict:
     from pipeline.model.layers import Attention
     torch.manual_seed(0)
@@ -113,11 +139,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
     args = parser.parse_args(argv)
     results = {"jpeg_draft": jpeg_draft(args.repeats), "channels_last": channels_last(args.repeats, args.quick),
-               "sdpa": attention(args.repeats), "fused_qkv": fused_qkv(args.repeats),
+               "compile": compiled(args.repeats, args.quick), "sdpa": attention(args.repeats), "fused_qkv": fused_qkv(args.repeats),
                "fused_adamw": fused_adamw(args.repeats, args.quick)}
     print(f"{'fast path':<16} {'ms on':>9} {'ms off':>9} {'speed-up':>9}")
     for name, r in results.items():
         print(f"{name:<16} {r['on']:9.2f} {r['off']:9.2f} {r['off'] / r['on']:8.2f}x")
+        if "compile_s" in r:
+            print(f"{'  compile time':<16} {r['compile_s']:8.1f}s (the first compiled step)")
         if "deepspeed_fused" in r:
             print(f"{'  deepspeed':<16} {r['deepspeed_fused']:9.2f} {r['off']:9.2f} {r['off'] / r['deepspeed_fused']:8.2f}x")
     speedups = {name: round(r["off"] / r["on"], 3) for name, r in results.items()}

@@ -125,6 +125,8 @@ def main(argv=None):
     run_name = broadcast_str(run_name)
     run_dir = prepare_run_dir(cfg, ds_config, model, run_name, rank)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config)
+    if cfg.model.compile:
+        engine.compile()  # in place, the forward compiles on the first step (the accelerator's backend: inductor)
     data = make_stream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
                       normalization=cfg.data.normalization or model.arch.normalization,
                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,

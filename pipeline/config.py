@@ -37,6 +37,10 @@ class ModelConfig:
     # Convolutions (MS-CLIP-S's stem and parallel branch, the patch embedding) in NHWC
     # layout, the images fed the same way: bench/bench_fast_paths.py measures what it buys.
     channels_last: bool = False
+    # torch.compile (inductor) of the model's forward and backward through DeepSpeed's
+    # engine.compile; the first step pays the compilation (clip-tiny: ~50 s on 2 CPU cores,
+    # bench/bench_fast_paths.py measures compile time and speed-up).
+    compile: bool = False
 
     def __post_init__(self):
         if self.name not in MODEL_CONFIGS:

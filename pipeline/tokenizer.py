@@ -7,7 +7,14 @@ Its ids are identical to `open_clip.tokenize` (tests/test_tokenizer.py checks
 this on >10k captions); it is faster because
 
 * a whole pre-token maps to its id tuple in one dict lookup (open_clip caches the
-  BPE string and then splits and looks up every piece again), and
+  BPE string and then splits and looks up every piece again),
+* a new pre-token's merges run in the Rust BPE model of Hugging Face `tokenizers`,
+  loaded with CLIP's vocabulary and merges (as transformers' CLIPTokenizerFast does).
+  It merges the lowest-ranked pair one occurrence at a time, leftmost first; CLIP
+  merges every occurrence of that pair in one pass. Both give the same result because
+  a merge never creates a pair ranked before it (every merge's tokens are made by
+  earlier merges), so the occurrences are still the lowest-ranked pairs in turn. This
+  is what a fresh loader worker spends its time on (bench_tokenizer's cold cache), and
 * captions made only of printable ASCII without '&' skip ftfy, which provably
   leaves such text unchanged (see `_ASCII_NOTHING_TO_FIX`; a property test
   checks it against ftfy itself).
@@ -25,6 +32,7 @@ import ftfy
 import numpy as np
 import regex as re
 import torch
+from tokenizers.models import BPE
 
 DEFAULT_CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
@@ -89,7 +97,8 @@ class ClipTokenizer:
             raise ValueError(f"merges file {merges_path} gives a vocabulary of {len(vocab)}, expected {VOCAB_SIZE}")
         self.encoder = {tok: i for i, tok in enumerate(vocab)}
         self.decoder = {i: tok for tok, i in self.encoder.items()}
-        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.bpe = BPE(vocab=self.encoder, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+                       fuse_unk=False)
         self.sot_token_id = self.encoder[SOT_TOKEN]
         self.eot_token_id = self.encoder[EOT_TOKEN]
         self.vocab_size = len(vocab)
@@ -101,31 +110,11 @@ class ClipTokenizer:
         self._word_ids: dict[str, tuple[int, ...]] = {
             SOT_TOKEN: (self.sot_token_id,), EOT_TOKEN: (self.eot_token_id,)}
 
-    def _bpe(self, word: str) -> list[str]:
-        """Greedy lowest-rank merges of one byte-encoded pre-token (CLIP's algorithm)."""
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
-            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            first, second = best
-            merged, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        return symbols
-
     def _ids_of_word(self, word: str) -> tuple[int, ...]:
         ids = self._word_ids.get(word)
         if ids is None:
             encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids = tuple(self.encoder[piece] for piece in self._bpe(encoded))
+            ids = tuple(token.id for token in self.bpe.tokenize(encoded))
             if len(self._word_ids) >= _MAX_CACHE_ENTRIES:
                 self._word_ids.clear()
             self._word_ids[word] = ids

@@ -42,21 +42,30 @@ def rate(batches, n: int, batch_size: int, consume=lambda batch: batch) -> float
     return n * batch_size / (time.perf_counter() - start)
 
 
+def our_stream(shards: str, batch_size: int, workers: int, image_size: int, uint8: bool = True,
+               context_length: int = 77) -> DataStream:
+    cfg = DataConfig(train_shards=shards, workers=workers, resampled=True, shuffle_buffer=1000)
+    return DataStream(cfg, batch_size=batch_size, image_size=image_size, normalization="clip",
+                      context_length=context_length, uint8=uint8)
+
+
+def open_clip_loader(shards: str, batch_size: int, workers: int, image_size: int, context_length: int = 77):
+    """open_clip_train's training loader over the same shards: (images, texts) batches."""
+    shard_set = resolve_shards(shards)
+    ns = SimpleNamespace(train_data="::".join(shard_set.urls), val_data=None, dataset_resampled=True,
+                         train_num_samples=10 ** 7, train_data_upsampling_factors=None, seed=0, world_size=1,
+                         batch_size=batch_size, workers=workers)
+    preprocess = open_clip.image_transform(image_size, is_train=True)  # RRC(0.9, 1), bicubic, CLIP mean/std
+    return get_wds_dataset(ns, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32", context_length=context_length)).dataloader
+
+
 def ours(shards: str, args, uint8: bool = True) -> float:
-    cfg = DataConfig(train_shards=shards, workers=args.workers, resampled=True, shuffle_buffer=1000)
-    stream = DataStream(cfg, batch_size=args.batch_size, image_size=args.image_size, normalization="clip",
-                        context_length=77, uint8=uint8)
+    stream = our_stream(shards, args.batch_size, args.workers, args.image_size, uint8)
     return rate(stream, args.batches, args.batch_size, lambda batch: pixels_on_device(batch, torch.device("cpu")))
 
 
 def reference(shards: str, args) -> float:
-    shard_set = resolve_shards(shards)
-    ns = SimpleNamespace(train_data="::".join(shard_set.urls), val_data=None, dataset_resampled=True,
-                         train_num_samples=10 ** 7, train_data_upsampling_factors=None, seed=0, world_size=1,
-                         batch_size=args.batch_size, workers=args.workers)
-    preprocess = open_clip.image_transform(args.image_size, is_train=True)  # RRC(0.9, 1), bicubic, CLIP mean/std
-    data = get_wds_dataset(ns, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
-    return rate(data.dataloader, args.batches, args.batch_size)
+    return rate(open_clip_loader(shards, args.batch_size, args.workers, args.image_size), args.batches, args.batch_size)
 
 
 def main(argv=None) -> dict:

@@ -1,9 +1,12 @@
 """Train-step throughput, FLOPs and MFU: our model against open_clip's CLIP of the same
-architecture, same batch, image size, threads and precision, on synthetic tensors (the
-data pipeline is bench_loader's), in one process, alternating, best of --repeats.
+architecture, same batch, image size, threads and precision, on synthetic tensors (compute
+alone) and, with --shards, fed by each side's own loader from webdataset shards (ours: a
+DataStream with uint8 batches normalized by the consumer; open_clip: open_clip_train's
+get_wds_dataset; --loader-workers each), in one process, alternating, best of --repeats.
 
     python -m bench.bench_train [--model clip-b32] [--batch-size 8] [--steps 2] [--repeats 2]
         [--precisions fp32,bf16] [--threads N] [--variants msclip-b32,msclip-s-b32] [--memory]
+        [--shards data/demo/shards/digits] [--loader-workers 1]
 
 A step is forward, the CLIP loss, backward and an AdamW step. Precisions: fp32 against
 fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`). The
@@ -60,11 +63,30 @@ def make_batch(arch, batch_size: int, seed: int = 0):
     return images, text
 
 
-def make_step(model, images, text, precision: str):
+def shard_batches(side: str, arch, args):
+    """Endless (images, text) from --shards through `side`'s own loader."""
+    from bench.bench_loader import open_clip_loader, our_stream
+    from pipeline.data.loader import pixels_on_device
+    if side == "open_clip":
+        batches = iter(open_clip_loader(args.shards, args.batch_size, args.loader_workers, arch.image_size,
+                                        arch.context_length))
+        while True:
+            yield next(batches)
+    for batch in our_stream(args.shards, args.batch_size, args.loader_workers, arch.image_size,
+                            context_length=arch.context_length):
+        batch = pixels_on_device(batch, torch.device("cpu"))  # what train_step does with uint8 batches
+        yield batch["images"], batch["text"]
+
+
+def make_step(model, images, text, precision: str, batches=None):
+    """One training step's closure; with `batches` (an iterator) each step takes its next batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step():
+        nonlocal images, text
+        if batches is not None:
+            images, text = next(batches)
         with autocast():
             image_features, text_features, scale = features(model, images, text)
         loss = contrastive_loss(image_features.float(), text_features.float(), scale.float().reshape(1))
@@ -142,6 +164,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--variants", default="", help="our other models to time against --model, comma-separated")
     parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--shards", help="also time steps fed from these shards by each side's loader")
+    parser.add_argument("--loader-workers", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     arch = build_model(args.model).arch
@@ -160,10 +184,14 @@ def main(argv=None):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
         for v, model in variant_models.items():
             steps[v] = make_step(model, *make_batch(model.arch, args.batch_size), precision)
+        if args.shards:
+            for side, model in (("ours", ours), ("open_clip", ref)):
+                steps[f"{side}+shards"] = make_step(model, None, None, precision, shard_batches(side, arch, args))
         seconds = timed(steps, args.steps, args.repeats)
         for name, s in seconds.items():
             rate = args.batch_size / s
-            results[f"{name}/{precision}"] = {"samples_per_s": round(rate, 3), "mfu": round(rate * flops[name] / peaks[precision], 4)}
+            flop = flops[name.removesuffix("+shards")]
+            results[f"{name}/{precision}"] = {"samples_per_s": round(rate, 3), "mfu": round(rate * flop / peaks[precision], 4)}
     if args.memory:
         for precision in args.precisions.split(","):
             for side in ("ours", "open_clip"):
@@ -175,12 +203,15 @@ def main(argv=None):
           f"{peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'model/precision':<28} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak MiB':>9}")
     for key, r in results.items():
-        name = key.split("/")[0]
+        name = key.split("/")[0].removesuffix("+shards")
         print(f"{key:<28} {r['samples_per_s']:10.2f} {flops[name] / 1e9:13.1f} {r['mfu']:6.1%} "
               f"{r.get('peak_rss_mib', float('nan')):9.0f}")
     ratios = {}
     for precision in args.precisions.split(","):
         ratios[f"ours/open_clip {precision}"] = results[f"ours/{precision}"]["samples_per_s"] / results[f"open_clip/{precision}"]["samples_per_s"]
+        if args.shards:
+            ratios[f"ours/open_clip {precision}, from shards"] = (results[f"ours+shards/{precision}"]["samples_per_s"] /
+                                                                 results[f"open_clip+shards/{precision}"]["samples_per_s"])
         for v in variants:
             ratios[f"{v}/ours {precision}"] = results[f"{v}/{precision}"]["samples_per_s"] / results[f"ours/{precision}"]["samples_per_s"]
     if "bf16" in args.precisions and "fp32" in args.precisions:

@@ -2,11 +2,11 @@
 architecture, same batch, image size, threads and precision, on synthetic tensors (compute
 alone) and, with --shards, fed by each side's own loader from webdataset shards (ours: a
 DataStream with uint8 batches normalized by the consumer; open_clip: open_clip_train's
-get_wds_dataset; --loader-workers each), in one process, alternating, best of --repeats.
+get_wds_dataset; loading in the stepping process unless --loader-workers), in one process, alternating, best of --repeats.
 
     python -m bench.bench_train [--model clip-b32] [--batch-size 8] [--steps 2] [--repeats 2]
         [--precisions fp32,bf16] [--threads N] [--variants msclip-b32,msclip-s-b32] [--memory]
-        [--shards data/demo/shards/digits] [--loader-workers 1]
+        [--shards data/demo/shards/digits] [--loader-workers 0]
 
 A step is forward, the CLIP loss, backward and an AdamW step. Precisions: fp32 against
 fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`). The
@@ -165,7 +165,10 @@ def main(argv=None):
     parser.add_argument("--variants", default="", help="our other models to time against --model, comma-separated")
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--shards", help="also time steps fed from these shards by each side's loader")
-    parser.add_argument("--loader-workers", type=int, default=1)
+    # 0: each side loads in the stepping process, so a step from shards costs load + compute.
+    # A worker would fork a process that holds every model and optimizer here (B/32: ~14
+    # GB; the first such run was OOM-killed on this 24 GB machine).
+    parser.add_argument("--loader-workers", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     arch = build_model(args.model).arch

@@ -67,11 +67,10 @@ def shard_batches(side: str, arch, args):
     """Endless (images, text) from --shards through `side`'s own loader."""
     from bench.bench_loader import open_clip_loader, our_stream
     from pipeline.data.loader import pixels_on_device
-    if side == "open_clip":
-        batches = iter(open_clip_loader(args.shards, args.batch_size, args.loader_workers, arch.image_size,
-                                        arch.context_length))
-        while True:
-            yield next(batches)
+    if side == "open_clip":  # resampled: an epoch of 10^7 samples outlasts any run here
+        yield from open_clip_loader(args.shards, args.batch_size, args.loader_workers, arch.image_size,
+                                    arch.context_length)
+        return
     for batch in our_stream(args.shards, args.batch_size, args.loader_workers, arch.image_size,
                             context_length=arch.context_length):
         batch = pixels_on_device(batch, torch.device("cpu"))  # what train_step does with uint8 batches

@@ -38,7 +38,7 @@ class ModelConfig:
     # layout, the images fed the same way: bench/bench_fast_paths.py measures what it buys.
     channels_last: bool = False
     # torch.compile (inductor) of the model's forward and backward through DeepSpeed's
-    # engine.compile; the first step pays the compilation (clip-tiny: ~50 s on 2 CPU cores,
+    # engine.compile; the first step pays the compilation (tiny models: 50-80 s on 2 CPU cores,
     # bench/bench_fast_paths.py measures compile time and speed-up).
     compile: bool = False
 

@@ -1,6 +1,7 @@
 """Every fast path gives the plain path's results within tolerance: JPEG draft decoding,
-uint8 batches normalized by the trainer (exactly), torch.compile, channels-last images, SDPA attention, the fused QKV projection (against PyTorch's own
-multi-head attention), fused AdamW (torch's and DeepSpeed's), bf16 autocast. What each
+uint8 batches normalized by the trainer (exactly), torch.compile, channels-last images,
+SDPA attention, the fused QKV projection (against PyTorch's own multi-head attention),
+fused AdamW (torch's and DeepSpeed's), bf16 autocast. What each
 buys is measured in bench/bench_fast_paths.py and bench/bench_train.py, not here."""
 import copy
 import io
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data.loader import DataStream, StreamSpec, _Reader, decode_sample, pixels_on_device
+from pipeline.data.loader import PIXEL_KEYS, DataStream, StreamSpec, _Reader, decode_sample, pixels_on_device
 from pipeline.data.shards import ShardSet
 from pipeline.data.transforms import eval_transform
 from pipeline.engine import model_inputs
@@ -65,7 +66,7 @@ def test_uint8_batches_normalized_on_the_device_equal_the_float_batches(demo_dat
         return [b for b, _ in zip(s, range(2))]
 
     for packed, plain in zip(first_batches(True), first_batches(False)):
-        pixel_keys = [k for k in plain if k.startswith(("images", "ssl_"))]
+        pixel_keys = [k for k in plain if k.startswith(PIXEL_KEYS)]
         assert len(pixel_keys) == views["views"] + views.get("ssl_views", 0)
         assert all(packed[k].dtype == torch.uint8 and packed[k].shape == plain[k].shape for k in pixel_keys)
         on_device = pixels_on_device(packed, torch.device("cpu"))
@@ -163,9 +164,9 @@ def adamw_steps(make_optimizer, steps=3):
 def test_fused_adamw_steps_equal_the_plain_implementation():
     kwargs = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
     plain = adamw_steps(lambda ps: torch.optim.AdamW(ps, foreach=False, **kwargs))
-    for fused in (adamw_steps(lambda ps: torch.optim.AdamW(ps, fused=True, **kwargs)),):
-        for a, b in zip(fused, plain):
-            torch.testing.assert_close(a, b)
+    fused = adamw_steps(lambda ps: torch.optim.AdamW(ps, fused=True, **kwargs))
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b)
     from deepspeed.ops.adam import FusedAdam  # the CPU op ds_configs/cpu_bf16.json uses
     deepspeed = adamw_steps(lambda ps: FusedAdam(ps, adam_w_mode=True, **kwargs))
     for a, b in zip(deepspeed, plain):

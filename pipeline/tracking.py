@@ -40,6 +40,13 @@ def git_commit() -> str:
         return ""
 
 
+def tag_strings(tags: dict) -> dict[str, str]:
+    """MLflow tags are strings. The sqlite store coerces other types; the REST store of an
+    `mlflow server` raises a TypeError while serializing them, so an int tag (world_size)
+    once kept every run off every team's tracking server."""
+    return {k: str(v) for k, v in tags.items()}
+
+
 def _plain(value):
     if torch.is_tensor(value):
         return value.detach().float().item() if value.numel() == 1 else value.detach().float().tolist()
@@ -64,7 +71,7 @@ class MetricsLogger:
             experiment = mlflow.set_experiment(cfg.experiment)
             run = mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name,
                                    experiment_id=experiment.experiment_id, log_system_metrics=cfg.system_metrics,
-                                   tags={"git_commit": git_commit(), **(tags or {})})
+                                   tags=tag_strings({"git_commit": git_commit(), **(tags or {})}))
             self.mlflow, self.run_id = mlflow, run.info.run_id
         except Exception as e:  # any failure of the tracking server
             self._mlflow_failed(e)
@@ -74,7 +81,7 @@ class MetricsLogger:
     def _mlflow_failed(self, error: Exception):
         msg = f"MLflow at {self.uri} is unavailable ({type(error).__name__}: {str(error)[:200]}); " \
               f"training goes on, metrics stay in {self.run_dir / 'metrics.jsonl'}"
-        log.warning(msg)
+        log.warning(msg, exc_info=error)
         print(f"[tracking] {msg}", flush=True)
         self.mlflow = None
         self.event("mlflow_unavailable", error=f"{type(error).__name__}: {str(error)[:500]}")
@@ -107,7 +114,7 @@ class MetricsLogger:
 
     def set_tags(self, tags: dict):
         if self.enabled:
-            self._call("set_tags", {k: str(v) for k, v in tags.items()})
+            self._call("set_tags", tag_strings(tags))
 
     def log_metrics(self, metrics: dict, step: int):
         """Tensors are read here (a host sync), so call this on log steps only."""
@@ -116,7 +123,7 @@ class MetricsLogger:
         values = {k: _plain(v) for k, v in metrics.items() if v is not None}
         values = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self._call("log_metrics", values, step=step)
+        self._call("log_metrics", {k: float(v) for k, v in values.items()}, step=step)
 
     def close(self, status: str = "FINISHED"):
         if not self.enabled:

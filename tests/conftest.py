@@ -64,3 +64,46 @@ def trained_model(demo_data, tmp_path_factory) -> Path:
     torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "msclip-s-tiny",
                 "step": steps}, path)
     return path
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (a sqlite backend, artifacts proxied by the
+    server), as a team runs it. `stop()` and `start()` keep the same port and store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120):
+        import subprocess
+        import time
+        import urllib.request
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"mlflow server on {self.uri} did not answer in {timeout} s")
+
+    def stop(self):
+        import os
+        import signal
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    yield server
+    server.stop()

@@ -55,7 +55,7 @@ def make_step(name: str, args, batch: dict):
         else:
             prepared = objective.prepare(batch)  # ZeroVL's pixel mixup
             text = prepared["text_masked"] if "mlm" in weights else prepared["text"]
-            out = model(prepared["images"], text, **objective.model_kwargs(prepared, torch.float32, args.device))
+            out = model(prepared["images"], text, **objective.model_kwargs(prepared, torch.float32))
             loss, _ = objective(out, prepared)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -32,7 +32,7 @@ from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
 from pipeline.losses import clip_objective  # noqa: E402
-from pipeline.objectives import attach_objective, features_only, objective_arch  # noqa: E402
+from pipeline.objectives import attach_objective, features_only, logit_scale_bounds, objective_arch  # noqa: E402
 from pipeline.tracking import MetricsLogger  # noqa: E402
 
 log = logging.getLogger("train")
@@ -117,7 +117,7 @@ def main(argv=None):
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.model.channels_last:
         model.use_channels_last()
-    flops_per_sample = train_flops_per_sample(model) if rank == 0 else 0.0
+    flops_per_sample = train_flops_per_sample(model.arch)
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
     objective = attach_objective(model, cfg.objective)  # heads join the model: DeepSpeed trains and saves them
     counts["objective_heads"] = sum(p.numel() for p in objective.parameters()) if objective else 0
@@ -188,18 +188,19 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
           flops_per_sample: float, world: int, loss_fn=clip_objective, evaluator: PeriodicZeroShot | None = None):
     """The loop: step, log, save. Everything else lives in functions of its own."""
     batches_per_epoch = data.batches_per_epoch()
-    window = {"loss": 0.0, "steps": 0, "time": time.perf_counter()}
+    scales = logit_scale_bounds(engine.module, cfg.objective)
+    clamp_logit_scales(scales)  # FILIP's init ln(1/0.07) lies below its floor 3
+    window = new_window()
     while state.step < cfg.train.steps:
         for batch in data:
             set_learning_rates(engine.optimizer, lr_factor(state.step, cfg.optim, cfg.train.steps))
             out = train_step(engine, batch, loss_fn, accum)
-            clamp_logit_scale(engine.module.logit_scale, cfg.objective.logit_scale_min)
+            clamp_logit_scales(scales)
             state.step += 1
             state.epoch_step += 1
             state.samples_seen += cfg.train.global_batch_size
             state.data = data.state_dict()
-            window["loss"] = window["loss"] + out["loss"]
-            window["steps"] += 1
+            add_to_window(window, out)
             # Which samples made this step (rank 0's share): lets a resumed run be checked
             # against a straight one, sample for sample.
             logger.event("batch", step=state.step, keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
@@ -218,6 +219,24 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
             state.epoch_step = 0
     if not cfg.train.save_every or state.step % cfg.train.save_every:
         save_checkpoint(engine, run_dir, state, cfg)
+
+
+def clamp_logit_scales(bounds: list):
+    for param, low, high in bounds:
+        clamp_logit_scale(param, low, high)
+
+
+def new_window() -> dict:
+    return {"loss": 0.0, "losses": 0, "steps": 0, "time": time.perf_counter()}
+
+
+def add_to_window(window: dict, out: dict):
+    """A step into the logging window. A skipped (non-finite) step counts for throughput
+    but not for the mean loss: its NaN would make the whole window's mean NaN."""
+    window["steps"] += 1
+    if not out["skipped"]:  # a host int (train_step's agreed check): no sync here
+        window["loss"] = window["loss"] + out["loss"]
+        window["losses"] += 1
 
 
 def evaluate_now(evaluator: PeriodicZeroShot, engine, logger, step: int, window: dict):
@@ -246,7 +265,7 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
                flops_per_sample: float, world: int):
     now = time.perf_counter()
     samples_per_s = window["steps"] * cfg.train.global_batch_size / (now - window["time"])
-    metrics = {"loss": window["loss"] / window["steps"], "loss_last": out["loss"],
+    metrics = {"loss": window["loss"] / window["losses"] if window["losses"] else None, "loss_last": out["loss"],
                "logit_scale": full_fp32(engine.module.logit_scale).exp(),
                "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": state.samples_seen,
                "skipped_steps": state.skipped_steps}
@@ -262,9 +281,9 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
         metrics[f"data_skipped/{reason}"] = count
     logger.log_metrics(metrics, state.step)
     if logger.enabled:
-        print(f"[train] step {state.step}/{cfg.train.steps} loss {float(metrics['loss']):.4f} "
-              f"{samples_per_s:.1f} samples/s", flush=True)
-    window.update(loss=0.0, steps=0, time=now)
+        loss = "skipped" if metrics["loss"] is None else f"{float(metrics['loss']):.4f}"
+        print(f"[train] step {state.step}/{cfg.train.steps} loss {loss} {samples_per_s:.1f} samples/s", flush=True)
+    window.update(new_window(), time=now)
 
 
 if __name__ == "__main__":

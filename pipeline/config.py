@@ -187,6 +187,11 @@ class ObjectiveConfig:
     # FILIP: token embedding size, tokens kept per sample before the all-gather (0: all).
     filip_dim: int = 256
     filip_top_k: int = 16
+    # FILIP's own log-temperature is clamped to this range before the first step and after
+    # every step (DeCLIP's FILIP/DeFILIP runs: [3, 6], a scale of 20-403; its init
+    # ln(1/0.07) = 2.66 is lifted to 3 before step 1), with no clamp in the forward.
+    filip_logit_scale_min: float = 3.0
+    filip_logit_scale_max: float = 6.0
     # DeCLIP (METHODS.md 3.1) is {clip: 0.4, nn: 0.2, simsiam: 0.2, mlm: 0.2} with
     # image_views 2, view_augment moco, text_eda true and logit_scale_min 3.
     # Image views per sample for the contrastive terms (images, images_1): with 2, clip
@@ -230,6 +235,9 @@ class ObjectiveConfig:
         for key in ("slip_mlp_dim", "slip_out_dim", "filip_dim"):
             _check_range(f"objective.{key}", getattr(self, key), 1)
         _check_range("objective.filip_top_k", self.filip_top_k, 0)
+        if not self.filip_logit_scale_min <= self.filip_logit_scale_max:
+            raise ConfigError(f"objective.filip_logit_scale_min: {self.filip_logit_scale_min} is above "
+                              f"objective.filip_logit_scale_max {self.filip_logit_scale_max}")
         if self.image_views not in (1, 2):
             raise ConfigError(f"objective.image_views: {self.image_views} is not 1 or 2")
         if self.view_augment not in ("clip", "moco"):

@@ -126,11 +126,11 @@ def full_fp32(param: nn.Parameter) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clamp_logit_scale(param: nn.Parameter, low: float = 0.0):
-    """Keep the stored log-scale in [low, ln 100] after every step (open_clip: low 0;
-    DeCLIP: 3). Under ZeRO the fp32 master copy lives in the optimizer, so that is the
-    copy to clamp; the model also clamps at ln 100 in its forward, so the effective scale
-    never exceeds 100 in between."""
+def clamp_logit_scale(param: nn.Parameter, low: float = 0.0, high: float = MAX_LOGIT_SCALE):
+    """Keep a stored log-scale in [low, high] (objectives.logit_scale_bounds: the model's
+    [0 or DeCLIP's 3, ln 100], FILIP's [3, 6]). Under ZeRO the fp32 master copy lives in
+    the optimizer, so that is the copy to clamp; the model also clamps its own scale at
+    ln 100 in its forward, so that effective scale never exceeds 100 in between."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
     if hasattr(param, "ds_id"):
         # ZeRO-3: DeepSpeed 0.19.8's set_full_hp_param cannot write a parameter with fewer
@@ -140,9 +140,9 @@ def clamp_logit_scale(param: nn.Parameter, low: float = 0.0):
         return
     master = safe_get_full_fp32_param(param)
     if master is None:  # no DeepSpeed optimizer wraps it: the parameter is the master
-        param.clamp_(low, MAX_LOGIT_SCALE)
+        param.clamp_(low, high)
     else:
-        safe_set_full_fp32_param(param, master.clamp(low, MAX_LOGIT_SCALE))
+        safe_set_full_fp32_param(param, master.clamp(low, high))
 
 
 @contextlib.contextmanager
@@ -158,6 +158,11 @@ def frozen_batchnorm_stats(model: nn.Module):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(n)
+
+
+def nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
+    """The step's one host sync: every rank must take the same skip-or-step branch."""
+    return any_rank(not torch.isfinite(loss).item())
 
 
 def any_rank(flag: bool) -> bool:
@@ -179,10 +184,18 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items() if torch.is_tensor(v)} for i in range(parts)]
 
 
-def model_inputs(batch: dict, dtype: torch.dtype, device: torch.device,
+def batch_on_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of the batch on the model's device, in this one place: uint8 pixels
+    are normalized there (data.uint8_batches), and the objective terms never meet a host
+    tensor (FILIP builds its padding mask from `text`; under NCCL a host tensor would
+    also be all-gathered from the host). The `keys` list stays on the host."""
+    batch = pixels_on_device(batch, device)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def model_inputs(batch: dict, dtype: torch.dtype,
                  memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch["images"].to(device=device, dtype=dtype, non_blocking=True, memory_format=memory_format)
-    return images, batch["text"].to(device=device, non_blocking=True)
+    return batch["images"].to(dtype=dtype, memory_format=memory_format), batch["text"]
 
 
 def features_loss(loss_fn, out: dict) -> tuple[torch.Tensor, dict]:
@@ -190,19 +203,21 @@ def features_loss(loss_fn, out: dict) -> tuple[torch.Tensor, dict]:
     return loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
 
 
-def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
+def train_step(engine, batch: dict, loss_fn, accum: int, nonfinite=nonfinite_on_any_rank) -> dict:
     """One optimizer step over a local batch of `accum` micro-batches.
 
     loss_fn: either loss_fn(image_features, text_features, logit_scale) -> (loss, components)
     (plain CLIP), or a pipeline.objectives.ComposedObjective, which says what else the
     forward must compute (`model_kwargs`) and scores the whole output. Returns device
-    tensors (no host sync here beyond the non-finite check, which every rank must agree
-    on): loss, components, skipped (0/1).
+    tensors (no host sync here beyond `nonfinite`, the check every rank must agree on):
+    loss, components, skipped (0/1). Of the engine it uses only `module`, `device`,
+    calling it, `backward` and `step`: the fake-device tests (tests/test_fake_cuda.py)
+    run everything else with tensors that have a device but no values.
     """
     module = engine.module
     dtype = next(module.parameters()).dtype
     device = engine.device
-    batch = pixels_on_device(batch, device)  # data.uint8_batches: normalized here, not in the workers
+    batch = batch_on_device(batch, device)
     # model.channels_last: the images in the layout the (converted) convolutions prefer
     layout = torch.channels_last if getattr(module, "channels_last", False) else torch.contiguous_format
     composed = hasattr(loss_fn, "model_kwargs")
@@ -210,9 +225,9 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
         batch = loss_fn.prepare(batch)  # e.g. ZeroVL's pixel mixup
     score = (lambda out: loss_fn(out, batch)) if composed else (lambda out: features_loss(loss_fn, out))
     if accum == 1:
-        kwargs = loss_fn.model_kwargs(batch, dtype, device) if composed else {}
-        loss, components = score(engine(*model_inputs(batch, dtype, device, layout), **kwargs))
-        if any_rank(not torch.isfinite(loss).item()):
+        kwargs = loss_fn.model_kwargs(batch, dtype) if composed else {}
+        loss, components = score(engine(*model_inputs(batch, dtype, layout), **kwargs))
+        if nonfinite(loss):
             return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
         engine.backward(loss)
         engine.step()
@@ -223,20 +238,20 @@ def train_step(engine, batch: dict, loss_fn, accum: int) -> dict:
 
     # Exact accumulation. Pass 1: features of every micro-batch, no grad, BN stats untouched.
     with torch.no_grad(), frozen_batchnorm_stats(module):
-        outs = [module(*model_inputs(mb, dtype, device, layout)) for mb in micro]
+        outs = [module(*model_inputs(mb, dtype, layout)) for mb in micro]
     image = torch.cat([o["image_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     text = torch.cat([o["text_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     scale = outs[0]["logit_scale"].float().requires_grad_(True)
     with torch.enable_grad():
         loss, components = score({"image_features": image, "text_features": text, "logit_scale": scale})
-        if any_rank(not torch.isfinite(loss).item()):
+        if nonfinite(loss):
             return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
         loss.backward()
     # Pass 2: re-run each micro-batch with grad and push the cached feature gradients
     # through it; DeepSpeed sums them and steps at the accumulation boundary.
     B = micro[0]["images"].shape[0]
     for i, mb in enumerate(micro):
-        out = engine(*model_inputs(mb, dtype, device, layout))
+        out = engine(*model_inputs(mb, dtype, layout))
         rows = slice(i * B, (i + 1) * B)
         surrogate = (out["image_features"].float() * image.grad[rows]).sum() + \
                     (out["text_features"].float() * text.grad[rows]).sum()

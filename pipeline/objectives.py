@@ -29,6 +29,7 @@ from pipeline.losses.declip import IGNORE_INDEX, MASK_ID, FeatureQueue, SimSiamH
 from pipeline.losses.filip import filip_loss
 from pipeline.losses.slip import simclr_loss
 from pipeline.losses.soft import mixup_contrastive_loss, softened_contrastive_loss
+from pipeline.model import MAX_LOGIT_SCALE
 from pipeline.model.text import TextTower
 
 HEADS_PREFIX = "objective_heads."
@@ -80,7 +81,7 @@ class MlmTerm(nn.Module):
         self.head = nn.Linear(arch.text_width, arch.vocab_size)
 
     def forward(self, out: dict, batch: dict) -> torch.Tensor:
-        labels = batch["mlm_labels"].to(out["text_tokens"].device, non_blocking=True)
+        labels = batch["mlm_labels"]
         # The head only where a label is: the same loss as DeCLIP's head over every
         # position, without a (B, L, vocab) logit tensor (~15% of real tokens are selected).
         selected = labels != IGNORE_INDEX
@@ -144,9 +145,13 @@ class SlipTerm(nn.Module):
 
 
 class FilipTerm(nn.Module):
-    """FILIP (METHODS.md 3.3): tower tokens -> Linear to a small space -> L2 norm;
-    token-wise max-then-mean similarity both ways, padding excluded, top-k tokens kept
-    before the all-gather, its own logit scale (init ln(1/0.07), clamped at ln 100)."""
+    """FILIP (METHODS.md 3.3): tower tokens (the image's patch tokens before ln_post, as
+    DeCLIP's `return_dense`) -> Linear to a small space -> L2 norm; token-wise
+    max-then-mean similarity both ways, padding excluded, top-k tokens kept before the
+    all-gather, its own logit scale: init ln(1/0.07), no clamp in the forward; the
+    trainer clamps it to [filip_logit_scale_min, filip_logit_scale_max] before the first
+    step and after every step, as DeCLIP's FILIP runs clamp `logit_scale_dense` to [3, 6]
+    (objectives.logit_scale_bounds)."""
     features_only, needs_tokens, ssl_views = False, True, 0
 
     def __init__(self, cfg: ObjectiveConfig, arch):
@@ -157,12 +162,12 @@ class FilipTerm(nn.Module):
         self.top_k = cfg.filip_top_k or None
 
     def forward(self, out: dict, batch: dict) -> torch.Tensor:
-        text = batch["text"]
+        text = batch["text"]  # on the model's device (engine.batch_on_device): the mask is built there
         image_tokens = F.normalize(self.image_proj(out["image_tokens"][:, 1:]).float(), dim=-1)  # patches
         text_tokens = F.normalize(self.text_proj(out["text_tokens"]).float(), dim=-1)
         positions = torch.arange(text.shape[1], device=text.device)
         text_mask = positions[None] <= TextTower.eot_positions(text)[:, None]  # SOT..EOT, no padding
-        scale = self.logit_scale.float().clamp(max=math.log(100)).exp()
+        scale = self.logit_scale.float().exp()
         return filip_loss(image_tokens, text_tokens, text_mask, scale, top_k=self.top_k)
 
 
@@ -253,6 +258,17 @@ def active_weights(cfg: ObjectiveConfig) -> dict[str, float]:
     return {name: float(w) for name, w in cfg.weights.items() if w > 0}
 
 
+def logit_scale_bounds(model: nn.Module, cfg: ObjectiveConfig) -> list[tuple[nn.Parameter, float, float]]:
+    """Every learned log-temperature with the range the trainer clamps it to, before the
+    first step and after each: the model's [logit_scale_min, ln 100] (CLIP, DeCLIP's floor
+    3) and FILIP's own [filip_logit_scale_min, filip_logit_scale_max]."""
+    bounds = [(model.logit_scale, cfg.logit_scale_min, MAX_LOGIT_SCALE)]
+    if "filip" in active_weights(cfg):
+        filip = model.objective_heads.terms["filip"]
+        bounds.append((filip.logit_scale, cfg.filip_logit_scale_min, cfg.filip_logit_scale_max))
+    return bounds
+
+
 def features_only(cfg: ObjectiveConfig) -> bool:
     """True when the loss is a function of one view's pooled features (exact
     accumulation can run it)."""
@@ -305,20 +321,21 @@ class ComposedObjective(nn.Module):
                 batch = term.prepare(batch)
         return batch
 
-    def model_kwargs(self, batch: dict, dtype: torch.dtype, device) -> dict:
-        """What the model's forward must compute for these terms, beyond image and text."""
+    def model_kwargs(self, batch: dict, dtype: torch.dtype) -> dict:
+        """What the model's forward must compute for these terms, beyond image and text
+        (from a batch already on the model's device: engine.batch_on_device)."""
         def images(key):
-            return batch[key].to(device=device, dtype=dtype, non_blocking=True)
+            return batch[key].to(dtype=dtype)
 
         kwargs = {"return_tokens": self.needs_tokens}
         if self.ssl_views:
             kwargs["ssl_images"] = [images(f"ssl_{i}") for i in range(self.ssl_views)]
         if self.multi_view:
             kwargs["extra_images"] = [images(key) for key in self.image_keys[1:]]
-            kwargs["extra_texts"] = [batch[key].to(device, non_blocking=True) for key in self.text_keys[1:]]
+            kwargs["extra_texts"] = [batch[key] for key in self.text_keys[1:]]
         if self.rois:
             kwargs["rois"] = images("rois")
-            kwargs["roi_mask"] = batch["roi_mask"].to(device, non_blocking=True)
+            kwargs["roi_mask"] = batch["roi_mask"]
         return kwargs
 
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -113,7 +113,7 @@ def test_channels_last_images_give_the_same_features():
     model = build_model("msclip-s-tiny").use_channels_last().eval()
     batch = {"images": torch.randn(3, 3, 64, 64), "text": torch.randint(1, 49405, (3, 32))}
     batch["text"][:, -1] = 49407
-    images, text = model_inputs(batch, torch.float32, torch.device("cpu"), torch.channels_last)
+    images, text = model_inputs(batch, torch.float32, torch.channels_last)
     assert images.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         nhwc = model(images, text)["image_features"]

@@ -45,7 +45,7 @@ def test_composed_loss_is_the_weighted_sum_and_every_parameter_learns(name):
     assert (objective.features_only, objective.needs_tokens, objective.ssl_views) == (False, True, 2)
     batch = batch_for(model)
     model.eval()  # BN in eval: the independent recomputation below sees the same statistics
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     total, parts = objective(out, batch)
 
     # Each term recomputed from the model's own encoders, independently of the objective module.
@@ -56,7 +56,8 @@ def test_composed_loss_is_the_weighted_sum_and_every_parameter_learns(name):
         slip_head = objective.terms["slip"].head
         slip = simclr_loss(slip_head(model.image_trunk(batch["ssl_0"])), slip_head(model.image_trunk(batch["ssl_1"])))
         f = objective.terms["filip"]
-        img_t = F.normalize(f.image_proj(model.visual(batch["images"])[:, 1:]), dim=-1)
+        # FILIP's image tokens come before ln_post (DeCLIP's visual_transformer return_dense)
+        img_t = F.normalize(f.image_proj(model.visual.hidden_tokens(batch["images"])[:, 1:]), dim=-1)
         txt_t = F.normalize(f.text_proj(model.text(batch["text"])), dim=-1)
         eot = batch["text"].argmax(-1)
         mask = torch.arange(batch["text"].shape[1])[None] <= eot[:, None]
@@ -67,7 +68,7 @@ def test_composed_loss_is_the_weighted_sum_and_every_parameter_learns(name):
     torch.testing.assert_close(total.detach(), 0.5 * clip + 1.0 * slip + 0.25 * filip)
 
     model.train()
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     objective(out, batch)[0].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == [], missing
@@ -126,7 +127,7 @@ def test_defilip_is_the_weighted_sum_of_its_terms_and_every_parameter_learns(nam
     model.eval()
     queue = objective.terms["nn"].queue
     before = queue.features.clone()
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     total, parts = objective(out, batch)
 
     with torch.no_grad():
@@ -148,7 +149,7 @@ def test_defilip_is_the_weighted_sum_of_its_terms_and_every_parameter_learns(nam
     assert queue.pointer.item() == 2 * B
 
     model.train()
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     objective(out, batch)[0].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == [], missing

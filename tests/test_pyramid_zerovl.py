@@ -105,7 +105,7 @@ def test_mixup_composed_with_the_model_scores_text_mixing_on_embeddings():
     objective = attach_objective(model, ObjectiveConfig(weights={"mixup": 1.0}))
     captions = [f"a photo of the digit {i}" for i in range(6)]
     batch = {"images": torch.randn(6, 3, 64, 64), "text": tokenize(captions, 32), "mixup": (0.3, "text")}
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     total, parts = objective(out, batch)
     with torch.no_grad():
         text = model.encode_text(batch["text"])
@@ -188,7 +188,7 @@ def test_pyramid_loss_is_peer_plus_cross_from_the_encoders(rois):
              "text_summary": tokenize([f"digit {i}" for i in range(5)], 32),
              "text_tags": tokenize([f"digit, {i}" for i in range(5)], 32),
              "rois": torch.randn(5, 4, 12, generator=g), "roi_mask": torch.ones(5, 4, dtype=torch.bool)}
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     total, parts = objective(out, batch)
     with torch.no_grad():
         images = {"global": model.encode_image(batch["images"], normalize=True),
@@ -226,7 +226,7 @@ def test_pyramid_and_mixup_compose_with_other_objectives_on_every_variant(name):
              "text_tags": tokenize([f"digit, {i}" for i in range(6)], 32),
              "rois": torch.randn(6, 3, 12, generator=g), "roi_mask": torch.ones(6, 3, dtype=torch.bool)}
     batch = objective.prepare(batch)
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32, "cpu"))
+    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
     total, parts = objective(out, batch)
     torch.testing.assert_close(total, parts["loss_clip"] + 0.5 * parts["loss_pyramid"] + 0.5 * parts["loss_mixup"]
                                + 0.2 * parts["loss_filip"])

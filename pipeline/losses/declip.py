@@ -53,7 +53,9 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class SimSiamHead(nn.Module):
     """DeCLIP's sizes on a 512-d image embedding: projector Linear 512->1024, BN, ReLU,
-    Linear 1024->1024, BN, ReLU, Linear 1024->1024, BN; predictor Linear 1024->512, BN,
+    Linear 1024->1024, BN, ReLU, Linear 1024->1024, BN (affine: DeCLIP's
+    `projection_MLP.bn3 = BN(hidden_dim)`; SimSiam's paper drops the affine there, DeCLIP
+    does not); predictor Linear 1024->512, BN,
     ReLU, Linear 512->1024 (dims scale with the arguments)."""
 
     def __init__(self, in_dim: int, proj_dim: int = 1024, pred_dim: int = 512):
@@ -61,7 +63,7 @@ class SimSiamHead(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(in_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
             nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
-            nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim, affine=False))
+            nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
         self.predictor = nn.Sequential(
             nn.Linear(proj_dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
             nn.Linear(pred_dim, proj_dim))

@@ -102,12 +102,13 @@ class SharedCLIP(nn.Module):
                 roi_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Normalized joint-space features, the (clamped) logit scale, and on request
         the per-token features of both towers (before projection) for token-level
-        objectives, the pooled trunk features of extra self-supervised views (SLIP), and
+        objectives (image tokens before ln_post, as FILIP takes them: DeCLIP's
+        visual_transformer `return_dense`; text tokens after ln_final, which MLM's head reads), the pooled trunk features of extra self-supervised views (SLIP), and
         the joint-space embeddings (before normalization) of every image and text view,
         the first being `image`/`text` (DeCLIP's multi-view terms and SimSiam)."""
-        image_tokens = self.visual(image)  # (B, N, Dv)
+        image_hidden = self.visual.hidden_tokens(image)  # (B, N, Dv), before ln_post
         text_tokens = self.text(text)  # (B, L, Dt)
-        image_embedding = self._pool_image(image_tokens)  # (B, E)
+        image_embedding = self._pool_image(self.visual.ln_post(image_hidden))  # (B, E)
         text_embedding = self._pool_text(text_tokens, text)  # (B, E)
         out = {
             "image_features": F.normalize(image_embedding, dim=-1),  # (B, E)
@@ -117,7 +118,7 @@ class SharedCLIP(nn.Module):
             "logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
         }
         if return_tokens:
-            out["image_tokens"], out["text_tokens"] = image_tokens, text_tokens
+            out["image_tokens"], out["text_tokens"] = image_hidden, text_tokens
         if ssl_images:
             out["ssl_trunk"] = [self.image_trunk(view) for view in ssl_images]  # each (B, Dv)
         if extra_images is not None or extra_texts is not None:

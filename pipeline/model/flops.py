@@ -1,23 +1,29 @@
 """Model FLOPs per sample, counted (not estimated) with torch's FlopCounterMode over one
-forward and backward of the real model: the numerator of MFU."""
+forward and backward of the real architecture: the numerator of MFU."""
 from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .clip import SharedCLIP
+from .clip import build_model
+from .configs import ModelArch
 
 
-def train_flops_per_sample(model: SharedCLIP, batch: int = 2) -> float:
-    """FLOPs of forward + backward per image-text pair (matmuls, convolutions, attention)."""
-    arch = model.arch
-    device = next(model.parameters()).device
-    images = torch.randn(batch, 3, arch.image_size, arch.image_size, device=device)
-    text = torch.randint(1, 49405, (batch, arch.context_length), device=device)
-    text[:, -1] = 49407  # EOT
+def train_flops_per_sample(arch: ModelArch, batch: int = 2) -> float:
+    """FLOPs of forward + backward per image-text pair (matmuls, convolutions, attention).
+
+    Counted on a copy built on the meta device, never on the model being trained: a
+    train-mode forward of that model moved its BatchNorm statistics on the counting rank
+    alone, and DeepSpeed broadcasts parameters, not buffers, so ranks started apart. Meta
+    tensors cost no memory, draw no random numbers, and send SDPA down its math path, so
+    attention's matmuls are counted (on CPU the fused SDPA kernel has no FLOP formula and
+    counted nothing). No grad checkpointing: MFU counts no recomputation."""
+    with torch.device("meta"):
+        model = build_model(arch)
+        images = torch.empty(batch, 3, arch.image_size, arch.image_size)
+        text = torch.empty(batch, arch.context_length, dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter:
         out = model(images, text)
         (out["image_features"].sum() + out["text_features"].sum()).backward()
-    model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch

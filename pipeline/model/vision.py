@@ -82,12 +82,14 @@ class BranchBottleneck(nn.Module):
 
 class ParallelBranch(nn.Module):
     """Efficient Parallel Branch: stage 0 is conv3x3+BN+ReLU on the raw image, later
-    stages one bottleneck each; channels width/16 x (1, 2, 4, ...)."""
+    stages one bottleneck each; channels width/16 x (1, 2, 4, ...). Stage 0's BN keeps
+    PyTorch's default eps 1e-5 (the reference's `build_conv_bn_relu`); the bottlenecks'
+    are 1e-6 (its `ConvResBlock`)."""
 
     def __init__(self, width: int, strides: tuple[int, ...]):
         super().__init__()
         self.channels = [width // 16 * 2 ** i for i in range(len(strides))]
-        stages = [nn.Sequential(conv_bn(3, self.channels[0], 3, strides[0], bn_eps=1e-6), nn.ReLU(inplace=True))]
+        stages = [nn.Sequential(conv_bn(3, self.channels[0], 3, strides[0]), nn.ReLU(inplace=True))]
         stages += [BranchBottleneck(a, b, s) for a, b, s in zip(self.channels, self.channels[1:], strides[1:])]
         self.stages = nn.ModuleList(stages)
 
@@ -168,6 +170,10 @@ class VisionTower(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + h*w, D) tokens after ln_post; token 0 is CLS."""
+        return self.ln_post(self.hidden_tokens(image))
+
+    def hidden_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + h*w, D): the last block's output, before ln_post."""
         x = self.stem(image)  # (B, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
@@ -180,4 +186,4 @@ class VisionTower(nn.Module):
                 branch = self.branch.stages[stage](branch)  # (B, C_j, s_j, s_j)
                 x = self.adapters[stage](x, branch)
             x = checkpointed(block, x, False, enabled=self.grad_checkpointing)
-        return self.ln_post(x)
+        return x

@@ -6,7 +6,7 @@ get_wds_dataset; loading in the stepping process unless --loader-workers), in on
 
     python -m bench.bench_train [--model clip-b32] [--batch-size 8] [--steps 2] [--repeats 2]
         [--precisions fp32,bf16] [--threads N] [--variants msclip-b32,msclip-s-b32] [--memory]
-        [--shards data/demo/shards/digits] [--loader-workers 0]
+        [--shards data/demo/shards/digits] [--loader-workers 0] [--device cuda]
 
 A step is forward, the CLIP loss, backward and an AdamW step. Precisions: fp32 against
 fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`). The
@@ -17,6 +17,8 @@ torch's FlopCounterMode over forward + backward; MFU divides achieved FLOP/s by 
 machine's peak, measured here with a large matmul in fp32 and bf16. `--memory` also
 reports each model's peak RSS, from a fresh child process per model and precision (a
 process's peak is monotonic, so it cannot be compared inside one process).
+With --device cuda the models, batches and autocast run on the GPU (bench/gpu.sh), the
+clock waits for the device, and the peak is the device's measured bf16/fp32 matmul rate.
 Prints a table and one JSON line.
 """
 from __future__ import annotations
@@ -63,24 +65,31 @@ def make_batch(arch, batch_size: int, seed: int = 0):
     return images, text
 
 
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def shard_batches(side: str, arch, args):
     """Endless (images, text) from --shards through `side`'s own loader."""
     from bench.bench_loader import open_clip_loader, our_stream
     from pipeline.data.loader import pixels_on_device
     if side == "open_clip":  # resampled: an epoch of 10^7 samples outlasts any run here
-        yield from open_clip_loader(args.shards, args.batch_size, args.loader_workers, arch.image_size,
-                                    arch.context_length)
+        for images, text in open_clip_loader(args.shards, args.batch_size, args.loader_workers, arch.image_size,
+                                             arch.context_length):
+            yield images.to(args.device, non_blocking=True), text.to(args.device, non_blocking=True)
         return
     for batch in our_stream(args.shards, args.batch_size, args.loader_workers, arch.image_size,
                             context_length=arch.context_length):
-        batch = pixels_on_device(batch, torch.device("cpu"))  # what train_step does with uint8 batches
-        yield batch["images"], batch["text"]
+        batch = pixels_on_device(batch, torch.device(args.device))  # what train_step does with uint8 batches
+        yield batch["images"], batch["text"].to(args.device, non_blocking=True)
 
 
 def make_step(model, images, text, precision: str, batches=None):
     """One training step's closure; with `batches` (an iterator) each step takes its next batch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    device_type = next(model.parameters()).device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def step():
         nonlocal images, text
@@ -104,26 +113,31 @@ def count_flops(model, images, text) -> float:
     return counter.get_total_flops() / 2
 
 
-def peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    n = 8192 if device.startswith("cuda") else n  # a GPU needs a bigger matmul to reach its peak
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best
 
 
-def timed(steps: dict, n: int, repeats: int) -> dict:
+def timed(steps: dict, n: int, repeats: int, device: str = "cpu") -> dict:
     for step in steps.values():  # warm-up (allocator, autocast caches)
         step()
     best = {name: float("inf") for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():  # alternate: the machine's noise hits both
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(n):
                 step()
+            synchronize(device)
             best[name] = min(best[name], (time.perf_counter() - start) / n)
     return best
 
@@ -168,28 +182,29 @@ def main(argv=None):
     # A worker would fork a process that holds every model and optimizer here (B/32: ~14
     # GB; the first such run was OOM-killed on this 24 GB machine).
     parser.add_argument("--loader-workers", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     arch = build_model(args.model).arch
-    images, text = make_batch(arch, args.batch_size)
+    images, text = (t.to(args.device) for t in make_batch(arch, args.batch_size))
     torch.manual_seed(0)
-    ours, ref = build_model(arch), open_clip_twin(arch)
+    ours, ref = build_model(arch).to(args.device), open_clip_twin(arch).to(args.device)
     counts = {"ours": sum(p.numel() for p in ours.parameters()), "open_clip": sum(p.numel() for p in ref.parameters())}
     flops = {"ours": count_flops(ours, images, text), "open_clip": count_flops(ref, images, text)}
     variants = [v for v in args.variants.split(",") if v]
-    variant_models = {v: build_model(v) for v in variants}
+    variant_models = {v: build_model(v).to(args.device) for v in variants}
     for v, model in variant_models.items():
-        flops[v] = count_flops(model, *make_batch(model.arch, 2))
-    peaks = {"fp32": peak_flops(torch.float32), "bf16": peak_flops(torch.bfloat16)}
+        flops[v] = count_flops(model, *(t.to(args.device) for t in make_batch(model.arch, 2)))
+    peaks = {p: peak_flops(dtype, device=args.device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     results = {}
     for precision in args.precisions.split(","):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
         for v, model in variant_models.items():
-            steps[v] = make_step(model, *make_batch(model.arch, args.batch_size), precision)
+            steps[v] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)), precision)
         if args.shards:
             for side, model in (("ours", ours), ("open_clip", ref)):
                 steps[f"{side}+shards"] = make_step(model, None, None, precision, shard_batches(side, arch, args))
-        seconds = timed(steps, args.steps, args.repeats)
+        seconds = timed(steps, args.steps, args.repeats, args.device)
         for name, s in seconds.items():
             rate = args.batch_size / s
             flop = flops[name.removesuffix("+shards")]
@@ -201,7 +216,7 @@ def main(argv=None):
                 results[f"{side}/{precision}"]["peak_rss_mib"] = round(child_peak_rss(name, precision, args), 1)
 
     print(f"{args.model} ({counts['ours']:,} params; open_clip twin {counts['open_clip']:,}), batch {args.batch_size}, "
-          f"{args.threads} threads, best of {args.repeats} x {args.steps} steps; CPU peak fp32 "
+          f"{args.threads} threads, best of {args.repeats} x {args.steps} steps; {args.device} peak fp32 "
           f"{peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'model/precision':<28} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak MiB':>9}")
     for key, r in results.items():
@@ -220,7 +235,8 @@ def main(argv=None):
         ratios["ours bf16/open_clip fp32"] = results["ours/bf16"]["samples_per_s"] / results["open_clip/fp32"]["samples_per_s"]
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.2f}x")
-    print(json.dumps({"model": args.model, "batch_size": args.batch_size, "threads": args.threads, "params": counts,
+    print(json.dumps({"model": args.model, "device": args.device, "batch_size": args.batch_size, "threads": args.threads,
+                      "params": counts,
                       "flops_per_sample": flops, "peak_flops": peaks, "results": results,
                       "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
     return results, ratios

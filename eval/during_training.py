@@ -9,6 +9,19 @@ from pipeline.config import ConfigError, EvalConfig
 from pipeline.objectives import without_objective_heads
 
 
+def eval_copy(module) -> "torch.nn.Module":
+    """An fp32, eval-mode copy of the encoders, on the module's device. Built on the meta
+    device and loaded by assignment of the cloned weights (the model has no buffer outside
+    its state dict): no initialization to compute, no draw from the training RNG, no copy
+    between devices."""
+    from pipeline.model import build_model
+    state = without_objective_heads({k: v.detach().float().clone() for k, v in module.state_dict().items()})
+    with torch.device("meta"):
+        model = build_model(module.arch)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
 class PeriodicZeroShot:
     """Reads the dataset at construction, so a bad path fails before training starts."""
 
@@ -27,23 +40,18 @@ class PeriodicZeroShot:
         (ZeRO-3 gathers the partitioned parameters collectively)."""
         import deepspeed
         import torch.distributed as dist
-        from pipeline.model import build_model
-        module, rank, snapshot = engine.module, dist.get_rank(), None
+        module, rank, model = engine.module, dist.get_rank(), None
         # A no-op for ZeRO-0/1/2, whose module holds full parameters. The copy is needed
         # because ZeRO-3's hooks re-partition parameters used outside a module's forward
         # (encode_text's projection), and it keeps the training module's mode untouched.
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
             if rank == 0:
-                snapshot = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+                model = eval_copy(module)
         metrics = {}
         if rank == 0:
-            # Building the copy (its init) and the eval DataLoader (its seed) draw from the
-            # global generator: keep the training RNG stream, and so exact resume,
-            # independent of evaluation.
+            # The eval DataLoader's seed draws from the global generator: keep the training
+            # RNG stream, and so exact resume, independent of evaluation.
             with torch.random.fork_rng(devices=[]):
-                model = build_model(module.arch)
-                model.load_state_dict(without_objective_heads(snapshot))
-                model.to(engine.device).eval()
                 result = zeroshot.evaluate(model, self.data, self.cfg.batch_size, self.cfg.workers, str(engine.device))
             metrics = {f"eval/zeroshot/{self.data.name}/{k}": v for k, v in result.items() if isinstance(v, float)}
         dist.barrier()

@@ -10,6 +10,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end tests (real launchers, real servers); they still run in CI")
+    config.addinivalue_line("markers", "gpu: real-CUDA tests (bench/gpu.sh); skipped where no GPU is present")
 
 
 def free_port() -> int:

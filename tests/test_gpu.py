@@ -1,0 +1,97 @@
+"""Real-CUDA tests (`pytest -m gpu`, run by bench/gpu.sh on a lent GPU machine): they
+are collected everywhere and skip cleanly where no GPU is present (CI, the developers'
+machines). The fake-device tier (test_fake_cuda.py) covers placement on CPU; these cover
+what only a GPU computes: the bf16 engine, FusedAdam's CUDA kernel, flash attention, and
+every objective stepping through DeepSpeed on CUDA."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import free_port
+from test_fake_cuda import RECIPES, SMALL, loader_batch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu.sh)")]
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """One process, NCCL: what the deepspeed launcher gives a single-GPU run."""
+    import deepspeed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="nccl")
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_bf16_autocast_loss_agrees_with_fp32():
+    from pipeline.losses import contrastive_loss
+    from pipeline.model import build_model
+    torch.manual_seed(0)
+    model = build_model("msclip-s-tiny").cuda()
+    images = torch.randn(16, 3, 64, 64, device="cuda")
+    text = torch.randint(1, 49405, (16, 32), device="cuda")
+    text[:, -1] = 49407
+    losses = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = model(images, text)
+        losses[name] = contrastive_loss(out["image_features"].float(), out["text_features"].float(),
+                                        out["logit_scale"].float())
+    assert abs(losses["bf16"].item() - losses["fp32"].item()) < 2e-2 * losses["fp32"].item()
+
+
+def test_fused_adam_step_equals_torch_adamw():
+    from deepspeed.ops.adam import FusedAdam
+    torch.manual_seed(0)
+    params = [torch.randn(257, 129, device="cuda", requires_grad=True) for _ in range(2)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    fused = FusedAdam(params, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, adam_w_mode=True)
+    plain = torch.optim.AdamW(twins, lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for group, opt in ((params, fused), (twins, plain)):
+            for p, g in zip(group, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attention_equals_math_attention(causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 8, 77, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_ = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    torch.testing.assert_close(flash.float(), math_, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_objective_steps_through_deepspeed_on_cuda(recipe, process_group, demo_data):
+    """ZeRO-2, bf16 engine, FusedAdam: one step, a finite loss, the parameters moved."""
+    import deepspeed
+    from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
+    from pipeline.engine import fill_ds_config, param_groups, train_step
+    from pipeline.losses import clip_objective
+    from pipeline.model import build_model
+    from pipeline.objectives import attach_objective, objective_arch
+    cfg = ObjectiveConfig(**RECIPES[recipe], **SMALL)
+    torch.manual_seed(0)
+    model = build_model(objective_arch(build_model("msclip-s-tiny").arch, cfg))
+    objective = attach_objective(model, cfg)
+    optim = OptimConfig(lr=1e-3)
+    ds = fill_ds_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
+                        TrainConfig(global_batch_size=4, micro_batch_size=4), optim, 1)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim), config=ds)
+    before = engine.module.visual.proj.detach().float().clone()
+    batch = loader_batch(str(demo_data / "shards" / "photos"), recipe, "msclip-s-tiny", 1)
+    out = train_step(engine, batch, objective or clip_objective, 1)
+    assert out["skipped"] == 0 and torch.isfinite(out["loss"]).item()
+    assert out["loss"].device.type == "cuda"
+    assert not torch.equal(engine.module.visual.proj.detach().float(), before)

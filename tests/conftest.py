@@ -34,10 +34,9 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def trained_model(demo_data, tmp_path_factory) -> Path:
-    """msclip-s-tiny trained for 400 steps on the demo shards (single process, plain loop:
-    the launcher's own runs are tested elsewhere), exported as the trainer exports it."""
+def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
+    """msclip-s-tiny trained on the demo shards (single process, plain loop: the
+    launcher's own runs are tested elsewhere), exported as the trainer exports it."""
     import torch
     from pipeline.config import DataConfig, to_dict
     from pipeline.data.loader import DataStream
@@ -46,7 +45,7 @@ def trained_model(demo_data, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     model = build_model("msclip-s-tiny")
-    lr, warmup, steps = 5e-4, 50, 400
+    lr, warmup = 5e-4, 50
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
     stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True), batch_size=64,
@@ -61,10 +60,15 @@ def trained_model(demo_data, tmp_path_factory) -> Path:
         opt.step()
         if step + 1 == steps:
             break
-    path = tmp_path_factory.mktemp("trained") / "model.pt"
     torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "msclip-s-tiny",
                 "step": steps}, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_model(demo_data, tmp_path_factory) -> Path:
+    """msclip-s-tiny trained for 400 steps on the demo shards (train_demo_model)."""
+    return train_demo_model(demo_data, tmp_path_factory.mktemp("trained") / "model.pt")
 
 
 class MlflowServer:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -129,6 +130,70 @@ def test_missing_retrieval_image_names_it(tmp_path):
         {"images": [{"filename": "gone.jpg", "split": "test", "sentences": [{"raw": "x"}]}]}))
     with pytest.raises(EvalDataError, match="gone.jpg: image listed in dataset_flickr30k.json is missing"):
         read_retrieval(tmp_path)
+
+
+# ---- the linear probe on fixed features -----------------------------------------------------
+
+PROBE_FEATURES = REPO_ROOT / "tests" / "data" / "probe_features.npz"
+
+
+@pytest.fixture(scope="module")
+def probe_features():
+    """Fixed features of held-out digits from a trained msclip-s-tiny (written by
+    tests/data/make_probe_features.py): (x_train, y_train, x_test, y_test), plus the
+    zero-shot classifier's features. No trained model or machine changes them."""
+    with np.load(PROBE_FEATURES) as f:
+        arrays = {k: f[k].astype(np.float32 if f[k].dtype == np.float16 else np.int64) for k in f.files}
+    return arrays
+
+
+def probe_split(arrays):
+    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
+
+
+def test_linear_probe_on_fixed_features_is_reproducible_and_beats_zeroshot(probe_features):
+    a = linear_probe.probe(*probe_split(probe_features), seed=0)
+    b = linear_probe.probe(*probe_split(probe_features), seed=0)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
+    assert a["lp_searched"] >= 10  # the grid plus the halving refinement
+    assert a["lp_unconverged_fits"] == 0 and a["lp_final_iterations"] < linear_probe.MAX_ITER
+    zeroshot_pred = (probe_features["zeroshot_test"] @ probe_features["zeroshot_weights"]).argmax(1)
+    zeroshot_acc1 = (zeroshot_pred == probe_features["y_test"]).mean()
+    assert zeroshot_acc1 > 0.5  # a trained model: the comparison below means something
+    assert a["lp_acc1"] > zeroshot_acc1, (a, zeroshot_acc1)
+
+
+def test_linear_probe_does_not_depend_on_the_scale_of_each_feature(probe_features):
+    """A trained model's feature dimensions can differ in scale by orders of magnitude;
+    that changed what the unstandardized L-BFGS fit reached in 1000 iterations, and so
+    the lambda the search chose (issue 23). Logistic regression on standardized
+    features does not see a per-dimension scale or offset at all."""
+    x_train, y_train, x_test, y_test = probe_split(probe_features)
+    rng = np.random.default_rng(0)
+    scale = 10.0 ** rng.uniform(-3, 3, x_train.shape[1])
+    offset = rng.normal(0, 10, x_train.shape[1])
+    plain = linear_probe.probe(x_train, y_train, x_test, y_test)
+    skewed = linear_probe.probe(x_train * scale + offset, y_train, x_test * scale + offset, y_test)
+    assert skewed["lp_lambda"] == pytest.approx(plain["lp_lambda"])
+    assert skewed["lp_acc1"] == pytest.approx(plain["lp_acc1"], abs=1 / len(y_test))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_probe_reaches_clip_benchmarks_probe_on_the_same_features(probe_features, seed):
+    from bench.bench_linear_probe import side_by_side
+    result = side_by_side(*probe_split(probe_features), seed=seed)
+    ours, ref = result["ours"], result["clip_benchmark"]
+    assert ours["lp_acc1"] >= ref["lp_acc1"] - 0.005, (ours, ref)
+
+
+def test_linear_probe_refuses_to_report_an_unconverged_fit(monkeypatch, probe_features):
+    # With one iteration allowed no fit can show that it converged (sklearn reports
+    # n_iter_ = max_iter): the probe says so instead of scoring them.
+    monkeypatch.setattr(linear_probe, "MAX_ITER", 1)
+    with pytest.raises(linear_probe.ProbeError, match=r"no fit on the lambda grid .* converged in 1 L-BFGS"):
+        linear_probe.probe(*probe_split(probe_features), seed=0)
 
 
 # ---- a trained model ------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
 from pipeline.losses import clip_objective  # noqa: E402
-from pipeline.objectives import attach_objective, features_only, logit_scale_bounds, objective_arch  # noqa: E402
+from pipeline.objectives import (attach_objective, caption_kwargs, features_only, logit_scale_bounds,  # noqa: E402
+                                 objective_arch)
 from pipeline.tracking import MetricsLogger  # noqa: E402
 
 log = logging.getLogger("train")
@@ -131,7 +132,7 @@ def main(argv=None):
                       normalization=cfg.data.normalization or model.arch.normalization,
                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
                       uint8=cfg.data.uint8_batches,
-                      **(objective.data_kwargs() if objective else {}))
+                      **(objective.data_kwargs() if objective else caption_kwargs(cfg.objective)))
     state = checkpoint.TrainState()
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     if resume:

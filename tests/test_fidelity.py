@@ -83,3 +83,35 @@ def test_a_skipped_step_does_not_poison_the_logged_loss():
         add_to_window(window, {"loss": torch.tensor(loss), "skipped": skipped})
     assert window["steps"] == 3 and window["losses"] == 2
     assert (window["loss"] / window["losses"]).item() == 3.0
+
+
+def test_filip_alone_can_train_on_mlm_masked_captions_as_declips_filip_config(demo_data):
+    """DeCLIP's yfcc15m_vit_filip config: `text_mask_type: MLM` with `masking_language:
+    0.0`, so FILIP sees MLM-masked captions and no MLM loss is computed. Ours offers it as
+    objective.mask_captions (off by default: FILIP's paper trains on clean captions)."""
+    from pipeline.config import DataConfig
+    from pipeline.data.loader import DataStream
+    from pipeline.losses.declip import MASK_ID
+    from pipeline.objectives import ComposedObjective, objective_arch
+    arch = build_model("clip-tiny").arch
+    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
+    for masked in (False, True):
+        objective_cfg = ObjectiveConfig(weights={"filip": 1.0}, mask_captions=masked)
+        trained_arch = objective_arch(arch, objective_cfg)
+        objective = ComposedObjective(objective_cfg, trained_arch)
+        assert set(objective.terms) == {"filip"}
+        assert (trained_arch.vocab_size > MASK_ID) == masked  # the mask token gets an embedding row
+        batch = next(iter(DataStream(cfg, batch_size=16, image_size=32, normalization="clip", context_length=16,
+                                     **objective.data_kwargs())))
+        assert bool((batch["text"] == MASK_ID).any()) == masked
+
+
+def test_declip_and_defilip_recipes_clip_no_gradient_norm():
+    """DeCLIP's yfcc15m_vit_declip and _defilip configs: the `grad_clip` block is
+    `logit_scale_param_value` (it clamps the logit scale, which objective.logit_scale_min
+    and the FILIP bounds do); no gradient-norm clipping anywhere in those runs."""
+    from pathlib import Path
+    from pipeline.config import load_config
+    recipes = Path(__file__).resolve().parents[1] / "launch" / "recipes"
+    for name in ("declip-msclip-s-b32-yfcc.yaml", "defilip-msclip-s-b32-yfcc.yaml"):
+        assert load_config(str(recipes / name)).optim.grad_clip == 0.0, name

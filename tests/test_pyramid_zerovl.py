@@ -261,3 +261,77 @@ def test_debiased_stream_resumes_exactly(demo_data):
         if len(after) == 9:
             break
     assert after == straight[9:]
+
+
+# ---- ZeroVL's caption and image augmentation -------------------------------------------------
+
+def process_caption_on_ids(ids: list[int], draws: list[float], random_ids: list[int]) -> list[int]:
+    """zerovl/datasets/clip/utils.py::process_caption's loop, token by token, on ids (with
+    the draws given): prob < 0.2 selects; prob / 0.2 < 0.5 masks, < 0.6 takes a random
+    token, else the token is appended and then deleted."""
+    from pipeline.losses.declip import MASK_ID
+    output, deleted = [], []
+    for token, prob, random_id in zip(ids, draws, random_ids):
+        if prob < 0.20:
+            prob /= 0.20
+            if prob < 0.5:
+                output.append(MASK_ID)
+            elif prob < 0.6:
+                output.append(random_id)
+            else:
+                output.append(token)
+                deleted.append(len(output) - 1)
+        else:
+            output.append(token)
+    return [t for i, t in enumerate(output) if i not in deleted]
+
+
+def test_zerovl_caption_augmentation_follows_the_reference_loop_token_by_token():
+    from pipeline.data.caption_augment import zerovl_augment
+    from pipeline.losses.declip import MASK_ID, SOT_ID
+    from pipeline.model.text import EOT_ID
+    captions = [" ".join(f"word{(i * 7 + j) % 50}" for j in range(3 + i % 9)) for i in range(400)]
+    text = tokenize(captions, 24)
+    out = zerovl_augment(text, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    draws, random_ids = torch.rand(text.shape, generator=g), torch.randint(0, SOT_ID, text.shape, generator=g)
+    counts = {"masked": 0, "random": 0, "deleted": 0, "tokens": 0}
+    for row in range(len(captions)):
+        eot = text[row].tolist().index(EOT_ID)
+        inner = process_caption_on_ids(text[row, 1:eot].tolist(), draws[row, 1:eot].tolist(),
+                                       random_ids[row, 1:eot].tolist())
+        expected = [SOT_ID, *inner, EOT_ID]
+        assert out[row].tolist() == expected + [0] * (text.shape[1] - len(expected)), row
+        selected = draws[row, 1:eot] < 0.2
+        action = draws[row, 1:eot] / 0.2
+        counts["masked"] += int((selected & (action < 0.5)).sum())
+        counts["random"] += int((selected & (action >= 0.5) & (action < 0.6)).sum())
+        counts["deleted"] += eot + 1 - len(expected)
+        counts["tokens"] += eot - 1
+    # the rule's rates: 10% masked, 2% random, 8% deleted of the caption's tokens
+    n = counts["tokens"]
+    assert abs(counts["masked"] / n - 0.10) < 0.02 and abs(counts["random"] / n - 0.02) < 0.01
+    assert abs(counts["deleted"] / n - 0.08) < 0.02
+    assert int((out == MASK_ID).sum()) == counts["masked"]
+
+
+def test_zerovl_recipe_options_reach_the_loader(demo_data):
+    """objective.view_augment / caption_augment = zerovl: the loader crops 60-100% and
+    applies ImageNet AutoAugment, and augments the captions (the mask token joins the
+    vocabulary), for a composed objective and for plain CLIP alike."""
+    from torchvision import transforms as T
+    from pipeline.losses.declip import MASK_ID
+    from pipeline.data.loader import _Reader
+    from pipeline.objectives import caption_kwargs
+    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
+    for weights in ({"mixup": 1.0}, {"clip": 1.0}):
+        objective_cfg = ObjectiveConfig(weights=weights, view_augment="zerovl", caption_augment="zerovl")
+        model = build_model(objective_arch(build_model("clip-tiny").arch, objective_cfg))
+        assert model.arch.vocab_size == MASK_ID + 1
+        objective = attach_objective(model, objective_cfg)
+        kwargs = objective.data_kwargs() if objective else caption_kwargs(objective_cfg)  # as launch/train.py
+        stream = DataStream(cfg, batch_size=32, image_size=32, normalization="clip", context_length=16, **kwargs)
+        crop, autoaugment = _Reader(stream.base, worker=0).view_transforms[0].transforms[:2]
+        assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.6, 1.0)
+        assert isinstance(autoaugment, T.AutoAugment) and autoaugment.policy == T.AutoAugmentPolicy.IMAGENET
+        assert (next(iter(stream))["text"] == MASK_ID).any()

@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 from pipeline.config import load_config
 from pipeline.engine import fill_ds_config, read_ds_config
 from pipeline.model import build_model
-from pipeline.objectives import attach_objective, features_only, objective_arch
+from pipeline.objectives import attach_objective, features_only, objective_arch, uses_mask_token
 
 RECIPES = sorted((REPO_ROOT / "launch" / "recipes").glob("*.yaml"))
 
@@ -29,7 +29,8 @@ def stated(recipe: Path) -> tuple[int, Path]:
 def test_there_are_demo_and_real_run_recipes():
     names = {r.stem for r in RECIPES}
     assert {"demo-clip-tiny", "demo-msclip-s-tiny", "msclip-s-b32-yfcc", "msclip-s-b32-laion",
-            "msclip-s-b16-yfcc", "clip-b32-yfcc", "declip-msclip-s-b32-yfcc", "defilip-msclip-s-b32-yfcc"} <= names
+            "msclip-s-b16-yfcc", "clip-b32-yfcc", "declip-msclip-s-b32-yfcc", "defilip-msclip-s-b32-yfcc",
+            "zerovl-msclip-s-b16-cc"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
@@ -40,7 +41,7 @@ def test_recipe_loads_resolves_its_batch_and_builds_its_model(recipe):
     assert ds["train_batch_size"] == cfg.train.global_batch_size == \
         ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     model = build_model(objective_arch(cfg.model.arch(), cfg.objective))
-    assert model.arch == cfg.model.arch() or "mlm" in cfg.objective.weights  # MLM adds the mask token
+    assert model.arch == cfg.model.arch() or uses_mask_token(cfg.objective)  # MLM, ZeroVL's captions
     attach_objective(model, cfg.objective)  # the objective's heads build on this model
     if not features_only(cfg.objective):  # the trainer refuses these with accumulation
         assert ds["gradient_accumulation_steps"] == 1

@@ -37,9 +37,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data import pyramid
+from pipeline.data.caption_augment import zerovl_augment
 from pipeline.data.eda import eda, load_synonyms
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
-from pipeline.data.transforms import SSL_CROP_SCALES, eval_transform, normalize, ssl_transform, train_transform
+from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, normalize, ssl_transform,
+                                      train_transform, zerovl_transform)
 from pipeline.losses.declip import mlm_mask
 from pipeline.tokenizer import get_tokenizer
 
@@ -100,9 +102,12 @@ class StreamSpec:
     # self-supervised views for objectives that need them (SLIP): ssl_0, ssl_1, ...
     ssl_views: int = 0
     ssl_augment: str = "simclr"
-    # the views' augmentation: "clip" (train RRC), "moco" (DeCLIP's MoCo v2 views) or
+    # the views' augmentation: "clip" (train RRC), "moco" (DeCLIP's MoCo v2 views),
     # "pyramid" (PyramidCLIP: view 0 a global crop of 90-100%, view 1 a local one of 50-100%)
+    # or "zerovl" (a crop of 60-100% + AutoAugment)
     view_augment: str = "clip"
+    # ZeroVL's caption augmentation of `text` ("zerovl": pipeline/data/caption_augment.py)
+    caption_augment: str = "none"
     # PyramidCLIP: summary and tags text levels (text_summary, text_tags) and region
     # features (rois, roi_mask: up to max_rois of roi_dim each) (pipeline/data/pyramid.py)
     text_levels: bool = False
@@ -174,6 +179,8 @@ class _Reader:
             self.view_transforms = [eval_transform(spec.image_size, normalization)] * spec.views
         elif spec.view_augment == "moco":
             self.view_transforms = [ssl_transform(spec.image_size, normalization, "moco")] * spec.views
+        elif spec.view_augment == "zerovl":
+            self.view_transforms = [zerovl_transform(spec.image_size, normalization)] * spec.views
         elif spec.view_augment == "pyramid":
             self.view_transforms = [train_transform(spec.image_size, normalization, scale)
                                     for scale in PYRAMID_CROP_SCALES[:spec.views]]
@@ -184,8 +191,8 @@ class _Reader:
         # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
         scales = [1.0]
         if spec.train:
-            scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES)}
-                          .get(spec.view_augment, spec.rrc_scale[0]))
+            scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES),
+                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(spec.view_augment, spec.rrc_scale[0]))
             if spec.ssl_views:
                 scales.append(SSL_CROP_SCALES[spec.ssl_augment][0])
         self.draft_size = math.ceil(spec.image_size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
@@ -286,6 +293,9 @@ class _Reader:
         if self.spec.text_levels:
             for level in ("summary", "tags"):
                 out[f"text_{level}"] = get_tokenizer()([it[f"caption_{level}"] for it in items], self.spec.context_length)
+        if self.spec.caption_augment == "zerovl":
+            generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -3))
+            out["text"] = zerovl_augment(out["text"], generator)
         if self.spec.mlm_probability:
             # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
             # contrastive terms (METHODS.md 3.1); seeded by the position, like the crops.
@@ -341,7 +351,7 @@ class DataStream:
     def __init__(self, cfg: DataConfig, *, batch_size: int, image_size: int, normalization: str,
                  context_length: int, seed: int = 0, rank: int = 0, world: int = 1, train: bool = True,
                  views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", view_augment: str = "clip",
-                 text_eda: bool = False, eda_synonyms: str = "wordnet", mlm_probability: float = 0.0,
+                 caption_augment: str = "none", text_eda: bool = False, eda_synonyms: str = "wordnet", mlm_probability: float = 0.0,
                  text_levels: bool = False, max_rois: int = 0, roi_dim: int = 0, keep_captions: bool = False,
                  drop_last: bool = True, uint8: bool = False, shards: ShardSet | None = None):
         self.cfg = cfg
@@ -351,7 +361,7 @@ class DataStream:
                                world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
                                shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
                                rrc_scale=cfg.rrc_scale, views=views, ssl_views=ssl_views, ssl_augment=ssl_augment,
-                               view_augment=view_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
+                               view_augment=view_augment, caption_augment=caption_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
                                mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
                                roi_dim=roi_dim,
                                keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,

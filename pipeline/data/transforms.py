@@ -42,6 +42,21 @@ def eval_transform(image_size: int, normalization: str | None):
     ])
 
 
+# ZeroVL's training views (zerovl/ZeroVL configs/clip/zerovl.yaml: random_resize_crop scale
+# (0.6, 1.0), then autoaug = the ImageNet AutoAugment policy, grey fill 128). torchvision's
+# AutoAugment(IMAGENET) is that policy; the crop is bicubic like our other train crops
+# (ZeroVL's torchvision default is bilinear).
+ZEROVL_CROP_SCALE = (0.6, 1.0)
+
+
+def zerovl_transform(image_size: int, normalization: str | None):
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=ZEROVL_CROP_SCALE, interpolation=T.InterpolationMode.BICUBIC),
+        T.AutoAugment(T.AutoAugmentPolicy.IMAGENET, fill=[128, 128, 128]),
+        *to_tensor(normalization),
+    ])
+
+
 # RandomResizedCrop area ranges of the self-supervised recipes (the loader also sizes its
 # JPEG draft decoding from them).
 SSL_CROP_SCALES = {"simclr": (0.08, 1.0), "moco": (0.2, 1.0)}

@@ -43,10 +43,14 @@ def mlm_mask(text: torch.Tensor, mask_id: int = MASK_ID, prob: float = 0.15,
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the selected positions; logits (..., V), labels (...)."""
-    if not (labels != IGNORE_INDEX).any():  # nothing selected (tiny batches): no signal, no NaN
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over the selected positions; logits (..., V), labels (...).
+    Nothing selected (tiny batches) gives 0 with a zero gradient, not NaN. Written as a sum
+    over a clamped count rather than a branch on `.any()`: no host sync per step, and no
+    data-dependent branch (the fake-device tier runs it)."""
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 # ---- SimSiam ---------------------------------------------------------------------------

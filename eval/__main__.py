@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tracking-uri", help="default: the sqlite store next to the run folders")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--output", help="results JSON (default: next to the checkpoint)")
+    parser.add_argument("--similarity", choices=("auto", "pooled", "token"), default="auto",
+                        help="zero-shot/retrieval similarity: pooled embeddings, or FILIP's token-wise one "
+                             "(auto: what the run trained, from the export)")
     args = parser.parse_args(argv)
     if not (args.zeroshot or args.linear_probe or args.retrieval):
         parser.error("name at least one task: --zeroshot, --linear-probe or --retrieval")
@@ -118,6 +121,11 @@ def main(argv=None) -> int:
             args.run_id = payload.get("mlflow_run_id") or None
             if not args.run_id:
                 raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
+        if args.similarity != "auto":
+            if args.similarity == "token" and model.token_heads is None:
+                raise FileNotFoundError(f"--similarity token: {args.checkpoint} has no FILIP heads "
+                                        f"(exports keep them when the run trained FILIP)")
+            model.similarity = args.similarity
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
         results, artifacts = run_tasks(model, args, device)
@@ -130,7 +138,8 @@ def main(argv=None) -> int:
         return 2
     results_path = Path(args.output or Path(args.checkpoint).resolve().with_name("eval_results.json"))
     for r in results:
-        r.update(model=payload.get("model_name", ""), checkpoint=str(args.checkpoint), step=payload.get("step"))
+        r.update(model=payload.get("model_name", ""), checkpoint=str(args.checkpoint), step=payload.get("step"),
+                 similarity=model.similarity)
     results_path.write_text(json.dumps(results, indent=2))
     for r in results:
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if isinstance(v, float)}

@@ -6,19 +6,23 @@ import torch
 from eval import zeroshot
 from eval.data import EvalDataError, read_classification
 from pipeline.config import ConfigError, EvalConfig
-from pipeline.objectives import without_objective_heads
+from pipeline.objectives import exported_heads, token_heads, trained_similarity, without_objective_heads
 
 
 def eval_copy(module) -> "torch.nn.Module":
-    """An fp32, eval-mode copy of the encoders, on the module's device. Built on the meta
-    device and loaded by assignment of the cloned weights (the model has no buffer outside
-    its state dict): no initialization to compute, no draw from the training RNG, no copy
-    between devices."""
+    """An fp32, eval-mode copy of the encoders (and FILIP's heads, when trained), on the
+    module's device. Built on the meta device and loaded by assignment of the cloned
+    weights (the model has no buffer outside its state dict): no initialization to
+    compute, no draw from the training RNG, no copy between devices."""
     from pipeline.model import build_model
-    state = without_objective_heads({k: v.detach().float().clone() for k, v in module.state_dict().items()})
+    full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
     with torch.device("meta"):
         model = build_model(module.arch)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(without_objective_heads(full), assign=True)
+    # a FILIP-only run is measured token-wise, as its export will be
+    objective = getattr(module, "objective_heads", None)
+    model.token_heads = token_heads(module.arch, exported_heads(full))
+    model.similarity = trained_similarity(objective.cfg) if objective is not None else "pooled"
     return model.eval()
 
 

@@ -48,3 +48,51 @@ def zeroshot_weights(model, classnames: list[str], templates: list[str], device:
         emb = text_features(model, [t.format(c=name) for t in templates], device)  # (templates, E)
         weights.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(weights, dim=1)
+
+
+# ---- token-wise (FILIP) features: models whose export says similarity "token" ----------
+
+def token_similarity_model(model) -> bool:
+    """Whether evaluation measures this model token-wise (an export of a FILIP-only run)."""
+    return getattr(model, "similarity", "pooled") == "token"
+
+
+@torch.no_grad()
+def image_tokens(model, images: torch.Tensor) -> torch.Tensor:
+    """(B, n, D) L2-normalized FILIP patch embeddings (patch tokens before ln_post, as trained)."""
+    heads = model.token_heads
+    return F.normalize(heads.image_proj(model.visual.hidden_tokens(images)[:, 1:]).float(), dim=-1)
+
+
+@torch.no_grad()
+def text_tokens(model, texts: list[str], device: str = "cpu", batch_size: int = 256):
+    """(T, L, D) L2-normalized FILIP token embeddings of every position, and (T, L) True on
+    SOT..EOT (the tokens FILIP trains on)."""
+    from pipeline.model.text import TextTower
+    feats, masks = [], []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(texts[i:i + batch_size], model.arch.context_length).to(device)
+        feats.append(F.normalize(model.token_heads.text_proj(model.text(tokens)).float(), dim=-1).cpu())
+        positions = torch.arange(tokens.shape[1], device=device)
+        masks.append((positions[None] <= TextTower.eot_positions(tokens)[:, None]).cpu())
+    return torch.cat(feats), torch.cat(masks)
+
+
+@torch.no_grad()
+def zeroshot_token_classifier(model, classnames: list[str], templates: list[str], device: str = "cpu") -> torch.Tensor:
+    """(C, L, D): DeCLIP's FILIP zero-shot classifier (prototype/solver/filip_solver.py
+    `evaluate`): per class, the prompts' normalized token embeddings averaged position by
+    position over the templates (every position, padding included, as the reference), then
+    divided by the Frobenius norm of the result."""
+    classes = []
+    for name in classnames:
+        tokens, _ = text_tokens(model, [t.format(c=name) for t in templates], device)  # (P, L, D)
+        mean = tokens.mean(dim=0)
+        classes.append(mean / mean.norm())
+    return torch.stack(classes)
+
+
+def image_to_class_scores(images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(B, n, D) x (C, L, D) -> (B, C): mean over the image's tokens of the max over the
+    class's tokens (the reference's `get_logits`)."""
+    return torch.einsum("bnd,cld->bcnl", images, classes).max(dim=-1).values.mean(dim=-1)

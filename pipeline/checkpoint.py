@@ -201,9 +201,15 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> 
     with safe_torch_load():
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     train_state = json.loads((ckpt_dir / tag / "train_state_rank0.json").read_text())
-    from pipeline.objectives import without_objective_heads
-    state_dict = without_objective_heads(state_dict)  # evaluation needs the encoders only
+    from pipeline.config import ObjectiveConfig, from_dict
+    from pipeline.objectives import exported_heads, trained_similarity, without_objective_heads
+    objective = from_dict(ObjectiveConfig, meta.get("config", {}).get("objective", {}), "objective.")
+    heads = exported_heads(state_dict)  # FILIP's token heads: token-wise evaluation needs them
+    state_dict = without_objective_heads(state_dict)  # otherwise the encoders only
     payload = {"state_dict": {k: v.float().contiguous() for k, v in state_dict.items()}, **meta,
+               "heads": {k: v.float().contiguous() for k, v in heads.items()},
+               # which similarity evaluation measures: what the run trained (FILIP alone: "token")
+               "similarity": trained_similarity(objective),
                "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag),
                # lets `python -m eval --training-run` log into the run that trained it
                "mlflow_run_id": train_state.get("mlflow_run_id", "")}
@@ -219,9 +225,14 @@ def load_exported(path: str | Path):
     """The model of an exported file, built and loaded; weights-only, so a file crafted to
     run code when unpickled is rejected instead of executed."""
     from pipeline.model import build_model
+    from pipeline.objectives import token_heads
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(payload["arch"])
     model.load_state_dict(payload["state_dict"])
+    # FILIP's heads ride along when the run trained them; eval picks the similarity by
+    # `similarity` (older exports and other objectives: "pooled")
+    model.token_heads = token_heads(model.arch, payload.get("heads", {}))
+    model.similarity = payload.get("similarity", "pooled")
     return model.eval(), payload
 
 

@@ -292,8 +292,8 @@ def caption_kwargs(cfg: ObjectiveConfig) -> dict:
 
 def objective_arch(arch, cfg: ObjectiveConfig):
     """The architecture the objective trains: masked captions (MLM, ZeroVL's caption
-    augmentation) add DeCLIP's mask token to the vocabulary (id 49408 = CLIP's vocabulary size, so one more row); PyramidCLIP's ROI
-    level adds the region projection."""
+    augmentation) add DeCLIP's mask token to the vocabulary (id 49408 = CLIP's vocabulary
+    size, so one more row); PyramidCLIP's ROI level adds the region projection."""
     weights = active_weights(cfg)
     if uses_mask_token(cfg) and arch.vocab_size <= MASK_ID:
         arch = dataclasses.replace(arch, vocab_size=MASK_ID + 1)
@@ -378,6 +378,37 @@ def attach_objective(model: nn.Module, cfg: ObjectiveConfig) -> ComposedObjectiv
     objective = ComposedObjective(cfg, model.arch)
     model.objective_heads = objective
     return objective
+
+
+# Terms that train the pooled projections and the CLIP logit scale, the path pooled
+# evaluation measures.
+POOLED_TERMS = frozenset({"clip", "nn", "pyramid", "mixup"})
+FILIP_HEADS = HEADS_PREFIX + "terms.filip."
+
+
+def trained_similarity(cfg: ObjectiveConfig) -> str:
+    """Which similarity the objective trained, so evaluation measures that one: "token"
+    (FILIP's token-wise late interaction) when FILIP is the only contrastive term and
+    nothing trains the pooled path, else "pooled"."""
+    weights = active_weights(cfg)
+    return "token" if "filip" in weights and not POOLED_TERMS & weights.keys() else "pooled"
+
+
+def exported_heads(state_dict: dict) -> dict:
+    """The objective heads an export keeps: FILIP's token projections and scale (as
+    `filip.<name>`), which token-wise evaluation needs; empty without FILIP."""
+    return {"filip." + k[len(FILIP_HEADS):]: v for k, v in state_dict.items() if k.startswith(FILIP_HEADS)}
+
+
+def token_heads(arch, heads: dict) -> "FilipTerm | None":
+    """FILIP's heads rebuilt from an export's `filip.` weights (None when it has none)."""
+    own = {k[len("filip."):]: v for k, v in heads.items() if k.startswith("filip.")}
+    if not own:
+        return None
+    with torch.device("meta"):  # the weights are assigned: the heads live where they do
+        term = FilipTerm(ObjectiveConfig(weights={"filip": 1.0}, filip_dim=own["image_proj.weight"].shape[0]), arch)
+    term.load_state_dict(own, assign=True)
+    return term.eval()
 
 
 def without_objective_heads(state_dict: dict) -> dict:

@@ -3,6 +3,7 @@ reference's behaviour (file and line of the reference it follows) and fails on t
 behaviour we had before."""
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -115,3 +116,93 @@ def test_declip_and_defilip_recipes_clip_no_gradient_norm():
     recipes = Path(__file__).resolve().parents[1] / "launch" / "recipes"
     for name in ("declip-msclip-s-b32-yfcc.yaml", "defilip-msclip-s-b32-yfcc.yaml"):
         assert load_config(str(recipes / name)).optim.grad_clip == 0.0, name
+
+
+def filip_only_export(tmp_path):
+    """A FILIP-only model exported the way pipeline.checkpoint.export writes one (its
+    payload keys, the heads picked by exported_heads), then loaded by load_exported."""
+    from pipeline.checkpoint import load_exported
+    from pipeline.config import to_dict
+    from pipeline.objectives import (attach_objective, exported_heads, objective_arch, trained_similarity,
+                                     without_objective_heads)
+    cfg = ObjectiveConfig(weights={"filip": 1.0}, filip_dim=16)
+    torch.manual_seed(0)
+    model = build_model(objective_arch(build_model("clip-tiny").arch, cfg))
+    attach_objective(model, cfg)
+    with torch.no_grad():
+        model.objective_heads.terms["filip"].logit_scale.fill_(4.0)
+    state = model.state_dict()
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": without_objective_heads(state), "heads": exported_heads(state),
+                "similarity": trained_similarity(cfg), "arch": to_dict(model.arch), "model_name": "clip-tiny"}, path)
+    return model, load_exported(path)[0]
+
+
+def test_filip_only_runs_export_their_heads_and_are_evaluated_token_wise(tmp_path, demo_data):
+    """DeCLIP's FILIP evaluates with its dense encoders and the token-wise similarity
+    (filip_solver.py `evaluate`, `get_logits`). Before: the export dropped FILIP's heads
+    and zero-shot used the pooled path, which a FILIP-only run never trains."""
+    from eval import zeroshot
+    from eval.data import read_classification
+    from pipeline.objectives import trained_similarity
+    trained, model = filip_only_export(tmp_path)
+    assert model.similarity == "token"
+    for name, value in trained.objective_heads.terms["filip"].state_dict().items():
+        assert torch.equal(model.token_heads.state_dict()[name], value), name
+    assert trained_similarity(ObjectiveConfig(weights={"clip": 1.0, "filip": 0.5})) == "pooled"
+    data = read_classification(demo_data / "eval" / "digits", "test")
+    data.images, data.labels = data.images[:40], data.labels[:40]
+    before = zeroshot.evaluate(model, data, workers=0)
+    with torch.no_grad():
+        model.visual.proj.mul_(-1)  # the pooled projection: not what a token-wise eval reads
+    assert zeroshot.evaluate(model, data, workers=0)["predictions"] == before["predictions"]
+    with torch.no_grad():
+        model.token_heads.image_proj.weight.normal_()  # FILIP's head: it is
+    assert zeroshot.evaluate(model, data, workers=0)["predictions"] != before["predictions"]
+
+
+def test_token_wise_zeroshot_and_retrieval_follow_a_naive_loop(tmp_path):
+    """Zero-shot: per class the prompts' normalized tokens averaged position by position,
+    divided by the Frobenius norm; score = mean over image tokens of the max over class
+    tokens. Retrieval: FILIP's two directions over SOT..EOT caption tokens."""
+    from PIL import Image
+    from eval.data import RetrievalSet, image_loader
+    from eval.features import (image_to_class_scores, image_tokens, model_transform, text_tokens,
+                               zeroshot_token_classifier)
+    from eval.retrieval import recalls, token_evaluate
+    _, model = filip_only_export(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    size = model.arch.image_size
+    images = torch.rand(3, 3, size, size, generator=g)
+    img = image_tokens(model, images)
+    templates, classes = ["a photo of {c}.", "{c}"], ["zero", "one", "two"]
+    cls = zeroshot_token_classifier(model, classes, templates)
+    for c, name in enumerate(classes):
+        tokens, _ = text_tokens(model, [t.format(c=name) for t in templates])
+        expected = sum(tokens[p] for p in range(len(templates))) / len(templates)
+        torch.testing.assert_close(cls[c], expected / expected.norm())
+    scores = image_to_class_scores(img, cls)
+    for b in range(3):
+        for c in range(3):
+            naive = sum(max(float(img[b, i] @ cls[c, l]) for l in range(cls.shape[1])) for i in range(img.shape[1]))
+            assert scores[b, c].item() == pytest.approx(naive / img.shape[1], abs=1e-5)
+    # retrieval on 3 images x 2 captions, written to disk as the readers read them
+    files = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((images[i].permute(1, 2, 0) * 255).byte().numpy()).save(path)
+        files.append(str(path))
+    captions = [["a red square", "red"], ["a photo of two dogs on a beach", "dogs"], ["three", "the number three"]]
+    ours = token_evaluate(model, RetrievalSet("toy", files, captions), workers=0, chunk=2)
+    img = torch.cat([image_tokens(model, x) for x in image_loader(files, model_transform(model), 8, 0)])
+    flat = [c for caps in captions for c in caps]
+    txt, mask = text_tokens(model, flat)
+    i2t, t2i = torch.zeros(3, 6), torch.zeros(3, 6)
+    for i in range(3):
+        for j in range(6):
+            sim = img[i] @ txt[j][mask[j]].T  # (image tokens, caption tokens)
+            i2t[i, j] = sim.max(dim=1).values.mean()
+            t2i[i, j] = sim.max(dim=0).values.mean()
+    expected = recalls(i2t, torch.tensor([0, 0, 1, 1, 2, 2]), text_to_image=t2i)
+    assert ours == pytest.approx(expected)
+    assert not torch.allclose(i2t, t2i)  # the two directions differ: both are needed

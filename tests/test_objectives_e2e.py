@@ -67,8 +67,11 @@ def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective, d
         history = client.get_metric_history(run.info.run_id, f"loss_{term}")
         assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30], term
     assert run.data.params["data.sampling"] == data.get("sampling", "mixed")
-    model, _ = load_exported(run_dir / "model.pt")  # strict load: no head weights in the export
+    model, payload = load_exported(run_dir / "model.pt")  # strict load: no training heads in the export
     assert not hasattr(model, "objective_heads")
+    # FILIP's token heads travel with the export; FILIP alone is evaluated token-wise
+    assert (model.token_heads is not None) == ("filip" in weights)
+    assert payload["similarity"] == ("token" if set(weights) == {"filip"} else "pooled")
     if "mlm" in weights:  # the mask token's embedding row travels with the text tower
         assert model.arch.vocab_size == model.text.token_embedding.weight.shape[0] == 49409
     if "logit_scale_min" in objective:  # DeCLIP's lower clamp (init ln(1/0.07) < 3 is raised at once)

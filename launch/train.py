@@ -109,6 +109,8 @@ def main(argv=None):
     from pipeline.model import build_model
     from pipeline.model.flops import train_flops_per_sample
 
+    stop = StopRequest()  # SIGTERM/SIGINT from here on: stop at a step boundary with a checkpoint
+    stop_with_launcher(stop)
     deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     release_shm_workspace()
@@ -136,7 +138,11 @@ def main(argv=None):
     state = checkpoint.TrainState()
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     if resume:
-        state = checkpoint.load(engine, *resume)
+        try:
+            state = checkpoint.load(engine, *resume)
+        except checkpoint.UntrustedCheckpointError as e:
+            print(f"error: train.resume: {e}", file=sys.stderr, flush=True)
+            return 2
         data.load_state_dict(state.data)
         checkpoint.restore_rng(state.rng)
     logger = MetricsLogger(run_dir, cfg.tracking, cfg.train.output_dir, run_name, enabled=rank == 0,
@@ -154,14 +160,71 @@ def main(argv=None):
     status = "FAILED"
     try:
         train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, objective or clip_objective,
-              evaluator)
+              evaluator, stop)
         status = "FINISHED"
+    except FloatingPointError as e:  # a non-finite stop: the checkpoint is saved, the cause is one line
+        sys.stderr.write(f"error: {e}\n")  # one write: print's two would interleave with the other ranks'
+        sys.stderr.flush()
+        return 1
+    except Preempted as e:  # checkpoint saved: a requeued job resumes with train.resume=latest
+        status = "KILLED"
+        logger.set_tags({"preempted": f"{e.signal} at step {e.step}"})
+        print(f"[train] {e.signal}: stopped at step {e.step}, checkpoint saved; resume with train.resume=latest",
+              flush=True)
+        return 0
     finally:
         logger.close(status)
     if rank == 0:
         exported = checkpoint.export(run_dir / "checkpoints", run_dir / "model.pt")
         print(f"[train] done: {state.step} steps; weights for eval: {exported}", flush=True)
     return 0
+
+
+LAUNCHERS = ("deepspeed", "torch.distributed.run", "torchrun")
+
+
+def stop_with_launcher(stop: "StopRequest", poll_seconds: float = 1.0, grace_seconds: float = 30.0):
+    """Stop this rank soon after its launcher's death. A scheduler or an operator that
+    SIGKILLs the `deepspeed` process leaves its ranks running without a parent (they
+    trained on, checkpointed and exported for 25 s in issue 22); no signal reaches them.
+    A daemon thread watches every launcher process above this rank (the deepspeed runner
+    and its per-node launch.py, or torchrun; not SLURM's srun, which signals its steps
+    itself). When one is gone the rank stops as on SIGTERM (a checkpoint at the next step
+    boundary), and exits outright after `grace_seconds` if that never comes (a peer stuck
+    or gone), as DeepSpeed's own launcher kills 30 s after its SIGTERM."""
+    import threading
+
+    import psutil
+    watched, proc = [], psutil.Process().parent()
+    while proc is not None and proc.pid > 1:
+        try:
+            if not any(name in " ".join(proc.cmdline()) for name in LAUNCHERS):
+                break
+        except psutil.Error:
+            break
+        watched.append(proc)
+        proc = proc.parent()
+
+    def alive(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def watch():
+        while all(alive(p) for p in watched):
+            time.sleep(poll_seconds)
+        gone = next(p for p in watched if not alive(p))
+        print(f"error: the launcher (pid {gone.pid}) is gone; this rank (pid {os.getpid()}) stops at the next "
+              f"step", file=sys.stderr, flush=True)
+        stop.request("the launcher's death")
+        time.sleep(grace_seconds)
+        print(f"error: no step boundary within {grace_seconds:.0f} s of the launcher's death; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    if watched:
+        threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 def release_shm_workspace():
@@ -185,8 +248,41 @@ def broadcast_str(value: str) -> str:
     return holder[0]
 
 
+class Preempted(Exception):
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"{signal_name} at step {step}")
+        self.signal, self.step = signal_name, step
+
+
+class StopRequest:
+    """SIGTERM (SLURM's preemption, most schedulers' grace period) and SIGINT ask the run
+    to stop at the next step boundary with a checkpoint, instead of dying mid-step and
+    losing everything since the last save. Ranks agree through a one-element all-reduce
+    per step (the launcher may signal them one at a time), so all save the same step."""
+
+    def __init__(self):
+        import signal
+        self.received = ""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.on_signal)
+
+    def on_signal(self, signum, frame):
+        import signal
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str):
+        self.received = self.received or reason
+
+    def agreed(self, device) -> bool:
+        import torch.distributed as dist
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path, accum: int,
-          flops_per_sample: float, world: int, loss_fn=clip_objective, evaluator: PeriodicZeroShot | None = None):
+          flops_per_sample: float, world: int, loss_fn=clip_objective, evaluator: PeriodicZeroShot | None = None,
+          stop: StopRequest | None = None):
     """The loop: step, log, save. Everything else lives in functions of its own."""
     batches_per_epoch = data.batches_per_epoch()
     scales = logit_scale_bounds(engine.module, cfg.objective)
@@ -206,13 +302,15 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
             # against a straight one, sample for sample.
             logger.event("batch", step=state.step, keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
             if out["skipped"]:
-                handle_nonfinite(engine, state, batch, cfg, run_dir, logger)
+                handle_nonfinite(engine, state, batch, cfg, run_dir, logger, window)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
             if evaluator and evaluator.due(state.step):
                 evaluate_now(evaluator, engine, logger, state.step, window)
             if cfg.train.save_every and state.step % cfg.train.save_every == 0:
                 save_checkpoint(engine, run_dir, state, cfg)
+            if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
+                preempt(engine, run_dir, state, cfg, logger, stop)
             if state.step >= cfg.train.steps or state.epoch_step >= batches_per_epoch:
                 break
         if state.step < cfg.train.steps:  # the epoch is over (or its data ran out first)
@@ -222,20 +320,29 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         save_checkpoint(engine, run_dir, state, cfg)
 
 
+def preempt(engine, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest):
+    if not (cfg.train.save_every and state.step % cfg.train.save_every == 0):  # not saved just now
+        save_checkpoint(engine, run_dir, state, cfg)
+    signal_name = stop.received or "a peer rank's signal"
+    logger.event("preempted", step=state.step, signal=signal_name)
+    raise Preempted(signal_name, state.step)
+
+
 def clamp_logit_scales(bounds: list):
     for param, low, high in bounds:
         clamp_logit_scale(param, low, high)
 
 
 def new_window() -> dict:
-    return {"loss": 0.0, "losses": 0, "steps": 0, "time": time.perf_counter()}
+    return {"loss": 0.0, "losses": 0, "steps": 0, "skipped": 0, "time": time.perf_counter()}
 
 
 def add_to_window(window: dict, out: dict):
     """A step into the logging window. A skipped (non-finite) step counts for throughput
     but not for the mean loss: its NaN would make the whole window's mean NaN."""
     window["steps"] += 1
-    if not out["skipped"]:  # a host int (train_step's agreed check): no sync here
+    window["skipped"] += out["skipped"]  # a host int (train_step's agreed check): no sync here
+    if not out["skipped"]:
         window["loss"] = window["loss"] + out["loss"]
         window["losses"] += 1
 
@@ -251,15 +358,30 @@ def save_checkpoint(engine, run_dir: Path, state, cfg: RunConfig):
     checkpoint.save(engine, run_dir / "checkpoints", state, cfg.train.keep_last)
 
 
-def handle_nonfinite(engine, state, batch, cfg: RunConfig, run_dir: Path, logger):
+def handle_nonfinite(engine, state, batch, cfg: RunConfig, run_dir: Path, logger, window: dict):
+    """Every rank sees the same skips (train_step's check is agreed), so every rank stops
+    at the same step."""
     state.skipped_steps += 1
     keys = batch.get("keys", [])[:4]
     msg = f"non-finite loss at step {state.step} (batch starting {keys})"
     logger.event("nonfinite_loss", step=state.step, keys=keys, policy=cfg.train.nan_policy)
-    if cfg.train.nan_policy == "stop":
+    over = over_skip_budget(cfg.train, state.skipped_steps, window["skipped"])
+    if cfg.train.nan_policy == "stop" or over:
         save_checkpoint(engine, run_dir, state, cfg)
-        raise FloatingPointError(f"{msg}; stopped (train.nan_policy=stop), checkpoint saved")
+        why = over or "train.nan_policy=stop"
+        raise FloatingPointError(f"{msg}; stopped ({why}), checkpoint saved at step {state.step}")
     print(f"[train] {msg}: update skipped (train.nan_policy=skip)", flush=True)
+
+
+def over_skip_budget(train_cfg, skipped_in_run: int, skipped_in_window: int) -> str:
+    """Why the skipped steps are past train.max_skipped_steps, or "" while they are not."""
+    limit = train_cfg.max_skipped_steps
+    if limit >= 1 and skipped_in_run > limit:
+        return f"{skipped_in_run} steps skipped, over train.max_skipped_steps={limit:g}"
+    if limit < 1 and skipped_in_window > limit * train_cfg.log_every:
+        return (f"{skipped_in_window} of a {train_cfg.log_every}-step window skipped, over "
+                f"train.max_skipped_steps={limit:g} of it")
+    return ""
 
 
 def log_window(logger, engine, data: DataStream, state, out: dict, window: dict, cfg: RunConfig,

@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -84,6 +85,10 @@ def _deepspeed_safe_globals() -> list:
             if hasattr(importlib.import_module(mod), name)]
 
 
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    pass
+
+
 @contextlib.contextmanager
 def safe_torch_load():
     """Within the block every torch.load is weights-only: DeepSpeed's loaders (engine
@@ -91,9 +96,16 @@ def safe_torch_load():
     checkpoint directory is not to be trusted with arbitrary code."""
     original = torch.load
 
-    def weights_only_load(*args, **kwargs):
+    def weights_only_load(f, *args, **kwargs):
         kwargs["weights_only"] = True
-        return original(*args, **kwargs)
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False: the one setting that would
+            # run the payload. Ours says what the file is and that nothing ran.
+            raise UntrustedCheckpointError(
+                f"{f}: refused: it holds pickled objects other than weights (loading it would run code); "
+                f"nothing from it was executed") from None
 
     # add_safe_globals, not the safe_globals context: that one is thread-local, and
     # DeepSpeed reads checkpoint shards from a thread pool.

@@ -136,6 +136,11 @@ class TrainConfig:
     # "" starts fresh, "latest" picks the newest complete checkpoint, else a checkpoint path.
     resume: str = ""
     nan_policy: Literal["skip", "stop"] = "skip"
+    # With nan_policy=skip, how many skipped (non-finite) steps a run may take before it
+    # saves and stops: >= 1 a count over the whole run; below 1 a fraction of the steps
+    # of one logging window (log_every); 0 stops at the first. A run that skips most of
+    # its updates (a diverged lr) trains nothing while it looks alive.
+    max_skipped_steps: float = 0.5
     # A collective that waits longer than this ends the run (a dead rank must not hang it).
     timeout_minutes: float = 30.0
 
@@ -145,6 +150,7 @@ class TrainConfig:
         _check_range("train.save_every", self.save_every, 0)
         _check_range("train.keep_last", self.keep_last, 1)
         _check_range("train.timeout_minutes", self.timeout_minutes, 0, exclusive=True)
+        _check_range("train.max_skipped_steps", self.max_skipped_steps, 0)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size {self.micro_batch_size}")
@@ -238,7 +244,7 @@ class ObjectiveConfig:
         for name, weight in self.weights.items():
             if name not in OBJECTIVE_NAMES:
                 raise ConfigError(f"objective.weights.{name}: unknown objective; known: {', '.join(OBJECTIVE_NAMES)}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
                 raise ConfigError(f"objective.weights.{name}: {weight!r} is not a non-negative number")
         _check_range("objective.simclr_temperature", self.simclr_temperature, 0, exclusive=True)
         for key in ("slip_mlp_dim", "slip_out_dim", "filip_dim"):
@@ -387,14 +393,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
+                number = float(value)  # YAML 1.1 reads "1e-4" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf / .nan parse as floats; no setting means them
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

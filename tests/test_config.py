@@ -52,6 +52,12 @@ def test_layering_defaults_then_yaml_then_overrides(tmp_path):
     ("objective.weights.slip=-1", "objective.weights.slip: -1 is not a non-negative number"),
     ("objective.filip_top_k=-2", "objective.filip_top_k: -2 must be >= 0"),
     ("eval.every_steps=10", "eval.dataset: eval.every_steps is set but no dataset is named"),
+    # .inf / .nan parse as floats: a setting that means neither is a config error (issue 22)
+    ("optim.lr=.inf", "optim.lr: inf is not a finite number"),
+    ("optim.grad_clip=.nan", "optim.grad_clip: nan is not a finite number"),
+    ("train.timeout_minutes=.inf", "train.timeout_minutes: inf is not a finite number"),
+    ("objective.weights.clip=.inf", "objective.weights.clip: inf is not a non-negative number"),
+    ("train.max_skipped_steps=-1", "train.max_skipped_steps: -1.0 must be >= 0"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:

@@ -211,8 +211,12 @@ def test_loading_never_unpickles_code(tmp_path, monkeypatch):
     torch.save({"state_dict": {}, "arch": {}, "payload": _RunsCode()}, evil)
     with pytest.raises(pickle.UnpicklingError):
         load_exported(evil)
-    with safe_torch_load(), pytest.raises(pickle.UnpicklingError):
+    with safe_torch_load(), pytest.raises(pickle.UnpicklingError) as refused:
         torch.load(evil, weights_only=False)  # what DeepSpeed's loaders ask for
     assert not marker.exists()
+    # the refusal says why, and never suggests the setting that would run the payload
+    message = str(refused.value)
+    assert f"{evil}: refused: it holds pickled objects other than weights" in message
+    assert "weights_only" not in message and "\n" not in message
     torch.load  # restored after the block
     assert torch.load.__name__ == "load"

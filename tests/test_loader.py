@@ -179,6 +179,36 @@ def test_skip_rate_ceiling_stops_with_a_clear_message(tmp_path):
             pass
 
 
+def test_messages_say_what_happened_to_a_duplicated_member_and_a_vanished_shard(tmp_path, caplog):
+    """Issue 22 case 8: a duplicated tar member was logged as an unreadable shard,
+    "skipping the rest of it", though webdataset keeps the first copy and reads on; a shard
+    deleted after the start was "unreadable (2)"."""
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i in range(6):
+            add(tar, f"s{i}.jpg", jpeg_bytes(i))
+            add(tar, f"s{i}.txt", b"caption")
+            if i == 2:
+                add(tar, "s2.txt", b"a second caption for s2")
+    write_tar(tmp_path / "00001.tar", [{"__key__": f"t{i}", "jpg": jpeg_bytes(i), "txt": "x"} for i in range(4)])
+    Manifest([ShardInfo("00000.tar", 6), ShardInfo("00001.tar", 4)]).write(str(tmp_path))
+    s = stream(str(tmp_path), workers=0, shuffle=0, max_skip_rate=1.0)
+    (tmp_path / "00001.tar").unlink()  # gone after the start-up check
+    with caplog.at_level("WARNING", logger="pipeline.data.loader"):
+        keys = [k.split("#")[1] for batch in s for k in batch["keys"]]
+    assert keys == [f"s{i}" for i in range(6)]  # every sample of the shard with the duplicate
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("s2.txt appears twice in its sample; the first copy is used, the shard reads on" in m
+               for m in messages), messages
+    assert any(f"shard {tmp_path / '00001.tar'}: listed in the manifest but missing on disk" in m
+               for m in messages), messages
+    assert not any("skipping the rest" in m for m in messages), messages
+    assert s.skipped() == Counter(unreadable_shard=1)
+
+
 def test_missing_shards_fail_before_anything_starts(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train_shards: shard .*00006.tar does not exist"):
         resolve_shards(f"{tmp_path}/{{00006..00007}}.tar")

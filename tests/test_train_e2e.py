@@ -1,8 +1,10 @@
 """Training end to end through the real `deepspeed` launcher with 2 CPU processes (gloo),
 on shards the real img2dataset built, tracked in a real MLflow store read back through
 the MLflow client."""
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +63,13 @@ def launch(config: Path, ds: Path, *overrides: str, timeout: int = 600, launcher
 
 def jsonl(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def jsonl_so_far(run_dir: Path) -> list[dict]:
+    """The records of a run still being written (a last partial line is left out)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line) for line in lines]
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -164,6 +173,44 @@ def test_killed_run_resumes_exactly(tmp_path, demo_data):
     assert any(r.get("event") == "run_start" for r in jsonl(killed))
 
 
+def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp_path, demo_data):
+    """Issue 22 case 7: SIGTERM (SLURM preemption: every process of the job step gets it)
+    ended the run in 3 s and lost everything since the last checkpoint. Now the ranks
+    agree to stop at the next step boundary, save, mark the run preempted, exit 0; a
+    resume=latest run then matches a straight one step for step."""
+    from mlflow.tracking import MlflowClient
+    ds = ds_config(tmp_path)
+    common = {"steps": 30, "log_every": 1, "save_every": 0}
+    launch(run_config(tmp_path, demo_data, "straight", train=common), ds)
+    config = run_config(tmp_path, demo_data, "preempted", train=common)
+    run_dir = tmp_path / "runs" / "preempted"
+    proc = subprocess.Popen(launcher_cmd(config, ds), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(r.get("step", 0) >= 2 for r in jsonl_so_far(run_dir)):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    (saved,) = [line for line in output.splitlines() if "checkpoint saved; resume with train.resume=latest" in line][:1]
+    step = int(saved.split("stopped at step ")[1].split(",")[0])
+    assert 2 <= step < 30, output[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE.json").is_file()
+    assert any(r.get("event") == "preempted" and r["step"] == step for r in jsonl(run_dir))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(next(r["mlflow_run_id"] for r in jsonl(run_dir) if r.get("event") == "run_start"))
+    assert run.info.status == "KILLED" and run.data.tags["preempted"] == f"SIGTERM at step {step}"
+    assert not (run_dir / "model.pt").exists()
+
+    launch(config, ds, "train.resume=latest")
+    a, b = step_losses(tmp_path / "runs" / "straight"), step_losses(run_dir)
+    assert a == b, (a, b)  # exactly, in fp32
+    assert batch_digests(tmp_path / "runs" / "straight") == batch_digests(run_dir)
+
+
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, demo_data):
     dead = f"http://127.0.0.1:{free_port()}"
     config = run_config(tmp_path, demo_data, "offline", train={"steps": 4}, tracking={"tracking_uri": dead})
@@ -214,6 +261,50 @@ def test_a_killed_rank_ends_the_run(tmp_path, demo_data):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc != 0
+
+
+def test_a_diverged_run_stops_after_its_skip_budget_with_one_line(tmp_path, demo_data):
+    """optim.lr=1e30: every update after the first is non-finite and skipped. Before, the
+    run skipped 19 of 20 steps, exited 0 and exported garbage; now it saves and stops once
+    more than train.max_skipped_steps (0.5 of a 4-step window: 2) are skipped."""
+    config = run_config(tmp_path, demo_data, "diverged", optim={"lr": 1e30, "warmup_steps": 0},
+                        train={"steps": 20, "log_every": 4})
+    result = subprocess.run(launcher_cmd(config, ds_config(tmp_path)), cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    errors = re.findall(r"error: non-finite loss.*?checkpoint saved at step \d+", result.stderr)
+    assert len(errors) == 2, result.stderr[-3000:]  # one line per rank, each naming its own batch
+    assert all("non-finite loss at step" in line and "over train.max_skipped_steps=0.5" in line for line in errors)
+    (step,) = {int(line.split("checkpoint saved at step ")[1]) for line in errors}  # both ranks stop together
+    assert step <= 5  # update 1 diverges, steps 2.. are skipped: the third skip in a window stops it
+    run_dir = tmp_path / "runs" / "diverged"
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE.json").is_file()
+    assert not (run_dir / "model.pt").exists()  # nothing exported from a run that diverged
+
+
+def test_ranks_exit_when_the_launcher_is_killed(tmp_path, demo_data):
+    """Issue 22 case 6: SIGKILL to the `deepspeed` process alone (a scheduler's kill)
+    left both ranks training, checkpointing and exporting without a parent."""
+    import psutil
+    config = run_config(tmp_path, demo_data, "orphans", train={"steps": 400})
+    proc = subprocess.Popen(launcher_cmd(config, ds_config(tmp_path)), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        metrics = tmp_path / "runs" / "orphans" / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and '"step"' in metrics.read_text()):
+            time.sleep(0.5)
+        def is_rank(p):  # not its loader workers, which carry the same command line
+            return "--local_rank" in " ".join(p.cmdline()) and "--local_rank" not in " ".join(p.parent().cmdline())
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if is_rank(p)]
+        assert len(ranks) == 2, ranks
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only, not its process group
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"ranks still running 10 s after the launcher died: {alive}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -205,13 +205,23 @@ class _Reader:
             self.skipped[reason] += 1
 
     def on_tar_error(self, exn: Exception) -> bool:
-        url = next((a for a in reversed(exn.args) if isinstance(a, str)), "")
+        message = str(exn.args[0]) if exn.args else type(exn).__name__
+        if isinstance(exn, ValueError) and "duplicate file name in tar file" in message:
+            # webdataset keeps the sample's first copy of the member and reads on: nothing is lost
+            log.warning("tar member %s appears twice in its sample; the first copy is used, the shard reads on",
+                        message.split(":")[0])
+            return True
+        url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else ""  # webdataset appends the url
         truncated = isinstance(exn, (tarfile.ReadError, EOFError)) and self.per_url[url] > 0
         if url not in self.flagged:
             self.flagged.add(url)
             self.count("truncated_shard" if truncated else "unreadable_shard")
-            log.warning("shard %s: %s (%s); skipping the rest of it", url, "truncated" if truncated else "unreadable",
-                        str(exn.args[0]) if exn.args else type(exn).__name__)
+            if isinstance(exn, FileNotFoundError):
+                log.warning("shard %s: listed in the manifest but missing on disk; skipping it", url)
+            else:
+                log.warning("shard %s: %s (%s); skipping the rest of it", url,
+                            "truncated" if truncated else "unreadable",
+                            exn.strerror if isinstance(exn, OSError) and exn.strerror else message)
         return True  # keep going with the next shard
 
     def urls(self):
@@ -344,6 +354,17 @@ class ShardStream(IterableDataset):
         return iter(_Reader(self.spec, info.id if info else 0))
 
 
+def leave_stop_signals_to_the_trainer(worker_id: int):
+    """SLURM's preemption SIGTERM (and Ctrl-C's SIGINT) reach every process of the job,
+    loader workers included; a worker killed by it made the trainer raise "DataLoader
+    worker is killed by signal" in the middle of the step it was to finish and save. The
+    trainer decides when to stop (launch/train.py StopRequest); workers end with it (the
+    DataLoader's shutdown, or its watchdog on the parent's death)."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class DataStream:
     """The trainer's view of the data: epochs of batches, skip counters, and a position
     (`state_dict`) that a resumed run continues from exactly."""
@@ -430,7 +451,8 @@ class DataStream:
         spec = StreamSpec(**{**self.base.__dict__, "epoch": self.epoch, "resume": dict(self.workers)})
         num_workers = self.cfg.workers
         loader = iter(DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
-                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None))
+                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
+                                 worker_init_fn=leave_stop_signals_to_the_trainer if num_workers else None))
         queues = {w: deque() for w in range(max(1, num_workers))}
         active = [w for w in queues if not self.workers.get(w, {}).get("end")]
         while active:

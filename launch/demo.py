@@ -2,7 +2,8 @@
 with the real img2dataset, train the CLIP baseline and MS-CLIP-S (tiny) with the real
 deepspeed launcher on 2 processes, evaluate both, compare them in MLflow.
 
-    bash launch/demo.sh [--steps 400] [--workdir .] [--variants clip-tiny msclip-s-tiny]
+    bash launch/demo.sh [--steps 400] [--workdir .] [--variants clip-tiny msclip-s-tiny] \
+        [--set optim.lr=1e-3 ...]
 
 Every stage is the command a user would type; each is printed before it runs.
 """
@@ -41,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=".", help="where data/demo and runs/ go")
     parser.add_argument("--variants", nargs="+", default=["clip-tiny", "msclip-s-tiny"])
     parser.add_argument("--procs", type=int, default=2, help="training processes (deepspeed --num_gpus)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every variant's training (e.g. the README's learning-rate sweep)")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
     data, runs = work / "data" / "demo", work / "runs"
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         extra = [] if (REPO_ROOT / recipe).is_file() else [f"model.name={variant}"]
         recipe = recipe if not extra else "launch/recipes/demo-clip-tiny.yaml"
         run([str(Path(python).with_name("deepspeed")), "--num_gpus", str(args.procs), "--master_port", str(free_port()),
-             "launch/train.py", "--deepspeed_config", "ds_configs/cpu_fp32.json", "--config", recipe, *extra,
+             "launch/train.py", "--deepspeed_config", "ds_configs/cpu_fp32.json", "--config", recipe, *extra, *args.set,
              f"train.steps={args.steps}", f"train.run_name={name}", f"train.output_dir={runs}",
              f"data.train_shards={data}/shards/digits::{data}/shards/photos", f"eval.dataset={digits}",
              f"eval.every_steps={max(args.steps // 4, 1)}"], f"train {variant}")

@@ -51,7 +51,54 @@ def read_ds_config(path: str | Path) -> dict:
     for key in ("lr", "weight_decay", "betas", "eps"):
         if key in ds.get("optimizer", {}).get("params", {}):
             raise ConfigError(f"{path}: optimizer.params.{key} belongs in the run config (optim.{key})")
+    check_ds_keys(ds, path)
     return ds
+
+
+def check_ds_keys(ds: dict, path: Path):
+    """DeepSpeed ignores a key it does not know: a misspelled "zero_optimisation" trains
+    without ZeRO, "stage" inside a misspelled section with the default. Before any
+    process starts: zero_optimization against DeepSpeed's own model of it (pydantic,
+    unknown fields forbidden, stage in 0-3), and a top-level key that is not DeepSpeed's
+    but nearly matches one of its keys is named with the key it probably meant."""
+    import difflib
+
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    for key in ds:
+        if key not in DS_TOP_LEVEL_KEYS:
+            near = difflib.get_close_matches(key, DS_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+            if near:
+                raise ConfigError(f"{path}: unknown DeepSpeed key '{key}'; did you mean '{near[0]}'?")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage: {zero['stage']!r} is not a ZeRO stage (0, 1, 2 or 3)")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        fields = DeepSpeedZeroConfig.model_fields
+        known = sorted({*fields, *(f.alias for f in fields.values() if f.alias)})  # the JSON spells some by alias
+        hint = difflib.get_close_matches(where, known, n=1, cutoff=0.6) if error["type"] == "extra_forbidden" else []
+        raise ConfigError(f"{path}: zero_optimization.{where}: {error['msg']}"
+                          + (f"; did you mean '{hint[0]}'?" if hint else "")) from None
+
+
+# DeepSpeed's top-level configuration sections and scalars (deepspeed/runtime/config.py
+# reads them; docs: deepspeed.ai/docs/config-json), for the near-miss check above.
+DS_TOP_LEVEL_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "communication_data_type", "seq_parallel_communication_data_type", "sparse_gradients", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "activation_checkpointing", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "aio", "elasticity", "autotuning", "compression_training", "data_efficiency", "curriculum_learning",
+    "checkpoint", "data_types", "compile", "memory_breakdown", "disable_allgather", "dataloader_drop_last",
+    "gradient_allreduce_op", "load_universal_checkpoint", "use_node_local_storage", "pipeline", "nebula",
+    "weight_quantization", "hybrid_engine", "eigenvalue", "progressive_layer_drop", "sparse_attention",
+    "timers", "graph_harvesting", "use_data_before_expert_parallel_", "disable_python_gc", "zero_quantized_weights",
+)
 
 
 def accumulation_steps(train: TrainConfig, world_size: int) -> int:

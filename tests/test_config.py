@@ -72,6 +72,14 @@ def test_unknown_key_in_yaml_names_the_full_key(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_in_yaml_is_an_error(tmp_path):
+    """PyYAML keeps the second of two equal keys silently (issue 22 case 5)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1.0e-3\n  weight_decay: 0.1\n  lr: 5.0e-4\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: duplicate key 'lr' \(line 4\)$"):
+        load_config(path)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")

@@ -43,6 +43,23 @@ def test_deepspeed_json_may_not_hold_run_config_keys(tmp_path):
         read_ds_config(path)
 
 
+@pytest.mark.parametrize("ds,message", [
+    ({"zero_optimisation": {"stage": 3}}, "unknown DeepSpeed key 'zero_optimisation'; did you mean 'zero_optimization'?"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage: 7 is not a ZeRO stage (0, 1, 2 or 3)"),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 5}},
+     "zero_optimization.stage3_prefetch_bucket_sise: Extra inputs are not permitted; "
+     "did you mean 'stage3_prefetch_bucket_size'?"),
+])
+def test_deepspeed_keys_it_would_ignore_are_errors(tmp_path, ds, message):
+    """Issue 22 case 5: DeepSpeed ignores keys it does not know, so a misspelled section
+    ran ZeRO-2 (or none) instead of the intended stage 3, without a word."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError) as err:
+        read_ds_config(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
 def test_every_shipped_deepspeed_config_loads_and_fills(repo_root):
     files = sorted((repo_root / "ds_configs").glob("*.json"))
     assert {f.name for f in files} >= {"zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json",

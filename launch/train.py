@@ -34,6 +34,7 @@ from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_conf
 from pipeline.losses import clip_objective  # noqa: E402
 from pipeline.objectives import (attach_objective, caption_kwargs, features_only, logit_scale_bounds,  # noqa: E402
                                  objective_arch)
+from pipeline.lifecycle import Preempted, StopRequest, stop_with_launcher  # noqa: E402
 from pipeline.tracking import MetricsLogger  # noqa: E402
 
 log = logging.getLogger("train")
@@ -168,8 +169,8 @@ def main(argv=None):
         return 1
     except Preempted as e:  # checkpoint saved: a requeued job resumes with train.resume=latest
         status = "KILLED"
-        logger.set_tags({"preempted": f"{e.signal} at step {e.step}"})
-        print(f"[train] {e.signal}: stopped at step {e.step}, checkpoint saved; resume with train.resume=latest",
+        logger.set_tags({"preempted": str(e)})
+        print(f"[train] {e.reason}: stopped at step {e.step}, checkpoint saved; resume with train.resume=latest",
               flush=True)
         return 0
     finally:
@@ -178,53 +179,6 @@ def main(argv=None):
         exported = checkpoint.export(run_dir / "checkpoints", run_dir / "model.pt")
         print(f"[train] done: {state.step} steps; weights for eval: {exported}", flush=True)
     return 0
-
-
-LAUNCHERS = ("deepspeed", "torch.distributed.run", "torchrun")
-
-
-def stop_with_launcher(stop: "StopRequest", poll_seconds: float = 1.0, grace_seconds: float = 30.0):
-    """Stop this rank soon after its launcher's death. A scheduler or an operator that
-    SIGKILLs the `deepspeed` process leaves its ranks running without a parent (they
-    trained on, checkpointed and exported for 25 s in issue 22); no signal reaches them.
-    A daemon thread watches every launcher process above this rank (the deepspeed runner
-    and its per-node launch.py, or torchrun; not SLURM's srun, which signals its steps
-    itself). When one is gone the rank stops as on SIGTERM (a checkpoint at the next step
-    boundary), and exits outright after `grace_seconds` if that never comes (a peer stuck
-    or gone), as DeepSpeed's own launcher kills 30 s after its SIGTERM."""
-    import threading
-
-    import psutil
-    watched, proc = [], psutil.Process().parent()
-    while proc is not None and proc.pid > 1:
-        try:
-            if not any(name in " ".join(proc.cmdline()) for name in LAUNCHERS):
-                break
-        except psutil.Error:
-            break
-        watched.append(proc)
-        proc = proc.parent()
-
-    def alive(p) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    def watch():
-        while all(alive(p) for p in watched):
-            time.sleep(poll_seconds)
-        gone = next(p for p in watched if not alive(p))
-        print(f"error: the launcher (pid {gone.pid}) is gone; this rank (pid {os.getpid()}) stops at the next "
-              f"step", file=sys.stderr, flush=True)
-        stop.request("the launcher's death")
-        time.sleep(grace_seconds)
-        print(f"error: no step boundary within {grace_seconds:.0f} s of the launcher's death; exiting",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
-    if watched:
-        threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 def release_shm_workspace():
@@ -246,38 +200,6 @@ def broadcast_str(value: str) -> str:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-class Preempted(Exception):
-    def __init__(self, signal_name: str, step: int):
-        super().__init__(f"{signal_name} at step {step}")
-        self.signal, self.step = signal_name, step
-
-
-class StopRequest:
-    """SIGTERM (SLURM's preemption, most schedulers' grace period) and SIGINT ask the run
-    to stop at the next step boundary with a checkpoint, instead of dying mid-step and
-    losing everything since the last save. Ranks agree through a one-element all-reduce
-    per step (the launcher may signal them one at a time), so all save the same step."""
-
-    def __init__(self):
-        import signal
-        self.received = ""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.on_signal)
-
-    def on_signal(self, signum, frame):
-        import signal
-        self.request(signal.Signals(signum).name)
-
-    def request(self, reason: str):
-        self.received = self.received or reason
-
-    def agreed(self, device) -> bool:
-        import torch.distributed as dist
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path, accum: int,
@@ -323,9 +245,9 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
 def preempt(engine, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest):
     if not (cfg.train.save_every and state.step % cfg.train.save_every == 0):  # not saved just now
         save_checkpoint(engine, run_dir, state, cfg)
-    signal_name = stop.received or "a peer rank's signal"
-    logger.event("preempted", step=state.step, signal=signal_name)
-    raise Preempted(signal_name, state.step)
+    reason = stop.received or "a peer rank's stop request"
+    logger.event("preempted", step=state.step, reason=reason)
+    raise Preempted(reason, state.step)
 
 
 def clamp_logit_scales(bounds: list):

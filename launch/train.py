@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from eval.during_training import PeriodicZeroShot  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, flatten, load_config, save_config, to_dict  # noqa: E402
-from pipeline.data.loader import DataStream, debiased_sources, make_stream  # noqa: E402
+from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate, debiased_sources,  # noqa: E402
+                                  make_stream, summed_over_ranks)
 from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
@@ -136,6 +137,7 @@ def main(argv=None):
                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
                       uint8=cfg.data.uint8_batches,
                       **(objective.data_kwargs() if objective else caption_kwargs(cfg.objective)))
+    data.local_skip_check = False  # data.max_skip_rate is checked on the sums of all ranks (log_window)
     state = checkpoint.TrainState()
     resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     if resume:
@@ -163,7 +165,7 @@ def main(argv=None):
         train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, objective or clip_objective,
               evaluator, stop)
         status = "FINISHED"
-    except FloatingPointError as e:  # a non-finite stop: the checkpoint is saved, the cause is one line
+    except (FloatingPointError, DataQualityError) as e:  # a non-finite stop (checkpoint saved) or bad data: one line
         sys.stderr.write(f"error: {e}\n")  # one write: print's two would interleave with the other ranks'
         sys.stderr.flush()
         return 1
@@ -322,9 +324,11 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
         metrics[f"lr/{group['name']}"] = group["lr"]
     if cfg.tracking.peak_tflops and flops_per_sample:
         metrics["mfu"] = flops_per_sample * samples_per_s / (cfg.tracking.peak_tflops * 1e12 * world)
-    for reason, count in data.skipped().items():
+    good, skipped = summed_over_ranks(data.good(), data.skipped(), engine.device)  # every rank is here
+    for reason, count in skipped.items():
         metrics[f"data_skipped/{reason}"] = count
     logger.log_metrics(metrics, state.step)
+    check_skip_rate(good, skipped, cfg.data.max_skip_rate)  # on every rank, on the same sums
     if logger.enabled:
         loss = "skipped" if metrics["loss"] is None else f"{float(metrics['loss']):.4f}"
         print(f"[train] step {state.step}/{cfg.train.steps} loss {loss} {samples_per_s:.1f} samples/s", flush=True)

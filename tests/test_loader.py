@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data.loader import DataQualityError, DataStream
+from pipeline.data.loader import DataQualityError, DataStream, check_skip_rate
 from pipeline.data.manifest import Manifest, ShardInfo
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
 
@@ -165,8 +165,10 @@ def test_every_good_sample_arrives_and_every_bad_one_is_counted(dirty_shards, wo
     assert good_keys <= set(seen)
     assert set(seen) - good_keys == {f"{directory / '00002.tar'}#cut{i:03d}" for i in range(15)}  # the cut tar's
     skipped = s.skipped()
+    # a shard that breaks off counts the samples its manifest lists beyond those read:
+    # 00002.tar lost 15 of 30, 00003.tar and 00004.tar (unreadable) 10 each
     assert skipped == Counter(undecodable_image=2, empty_image=1, missing_caption=1, empty_caption=2,
-                              missing_image=1, truncated_shard=1, unreadable_shard=2), skipped
+                              missing_image=1, truncated_shard=15, unreadable_shard=20), skipped
 
 
 def test_skip_rate_ceiling_stops_with_a_clear_message(tmp_path):
@@ -206,7 +208,46 @@ def test_messages_say_what_happened_to_a_duplicated_member_and_a_vanished_shard(
     assert any(f"shard {tmp_path / '00001.tar'}: listed in the manifest but missing on disk" in m
                for m in messages), messages
     assert not any("skipping the rest" in m for m in messages), messages
-    assert s.skipped() == Counter(unreadable_shard=1)
+    assert s.skipped() == Counter(unreadable_shard=4)  # the vanished shard's 4 samples
+
+
+def test_half_the_samples_in_lost_shards_trip_the_skip_rate(tmp_path):
+    """Issue 22 case 2: with half the manifest's samples in an unreadable shard the run
+    reported a 1.96% skip rate (one bad "sample" per shard) and trained on."""
+    write_tar(tmp_path / "00000.tar", [{"__key__": f"g{i:03d}", "jpg": jpeg_bytes(i), "txt": "x"} for i in range(200)])
+    (tmp_path / "00001.tar").write_bytes(b"not a tar at all" * 64)
+    Manifest([ShardInfo("00000.tar", 200), ShardInfo("00001.tar", 200)]).write(str(tmp_path))
+    with pytest.raises(DataQualityError, match=r"skipped 200 of 400 samples \(50.0%\).*unreadable_shard=200"):
+        for _ in stream(str(tmp_path), workers=0, shuffle=0, max_skip_rate=0.1):
+            pass
+
+
+def _summing_worker(rank: int, port: int, out: str):
+    import torch.distributed as dist
+    from pipeline.data.loader import summed_over_ranks
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # bad samples on rank 1 only: rank 0 alone would see a clean stream
+        local = Counter() if rank == 0 else Counter(undecodable_image=30, unreadable_shard=50)
+        good, skipped = summed_over_ranks(100 + rank, local, "cpu")
+        with pytest.raises(DataQualityError) as err:
+            check_skip_rate(good, skipped, 0.1)
+        torch.save({"good": good, "skipped": dict(skipped), "error": str(err.value)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_counters_are_summed_over_ranks_before_the_check(tmp_path):
+    """Issue 22 case 3: `data_skipped/*` and the skip-rate check saw rank 0's counters
+    only. Every rank now gets the sums, and every rank stops on them."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+    out = tmp_path / "sums"
+    mp.spawn(_summing_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    assert results[0] == results[1]
+    assert results[0]["good"] == 201 and results[0]["skipped"] == {"undecodable_image": 30, "unreadable_shard": 50}
+    assert "skipped 80 of 281 samples" in results[0]["error"]
 
 
 def test_missing_shards_fail_before_anything_starts(tmp_path):

@@ -173,6 +173,7 @@ class _Reader:
         self.good = int(state.get("good", 0))
         self.skipped = Counter(state.get("skipped", {}))
         self.per_url: Counter = Counter()
+        self.expected = dict(zip(spec.shards.urls, spec.shards.samples))  # the manifest's count per shard
         self.flagged: set[str] = set()
         normalization = None if spec.uint8 else spec.normalization
         if not spec.train:
@@ -200,9 +201,17 @@ class _Reader:
                               if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
 
-    def count(self, reason: str):
+    def count(self, reason: str, samples: int = 1):
         if self.raw >= self.skip:  # the skipped prefix was counted before the checkpoint
-            self.skipped[reason] += 1
+            self.skipped[reason] += samples
+
+    def lost_samples(self, url: str) -> int:
+        """The samples a shard that broke off loses: what its manifest lists beyond those
+        already read (at least 1: a shard without a count still counts). An unreadable
+        shard counted as one bad sample let a run with half its data gone pass
+        data.max_skip_rate at 2% (issue 22)."""
+        expected = self.expected.get(url, 0)
+        return max(1, expected - self.per_url[url])
 
     def on_tar_error(self, exn: Exception) -> bool:
         message = str(exn.args[0]) if exn.args else type(exn).__name__
@@ -215,7 +224,7 @@ class _Reader:
         truncated = isinstance(exn, (tarfile.ReadError, EOFError)) and self.per_url[url] > 0
         if url not in self.flagged:
             self.flagged.add(url)
-            self.count("truncated_shard" if truncated else "unreadable_shard")
+            self.count("truncated_shard" if truncated else "unreadable_shard", self.lost_samples(url))
             if isinstance(exn, FileNotFoundError):
                 log.warning("shard %s: listed in the manifest but missing on disk; skipping it", url)
             else:
@@ -238,13 +247,13 @@ class _Reader:
 
     def checked(self, samples):
         """Count samples per shard; a shard that ends short of its manifest count was truncated."""
-        expected = dict(zip(self.spec.shards.urls, self.spec.shards.samples))
+        expected = self.expected
         current = None
 
         def close(url):
             if url is not None and url not in self.flagged and expected.get(url) and self.per_url[url] < expected[url]:
                 self.flagged.add(url)
-                self.count("truncated_shard")
+                self.count("truncated_shard", self.lost_samples(url))
                 log.warning("shard %s ended after %d of %d samples (truncated)", url, self.per_url[url], expected[url])
 
         for sample in samples:
@@ -388,6 +397,10 @@ class DataStream:
                                keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,
                                uint8=uint8)
         self.epoch = 0
+        # A stream used alone checks data.max_skip_rate on its own counters after every
+        # batch; the trainer turns this off and checks the counters of all ranks on log
+        # steps (launch/train.py), so that every rank stops together, on the whole picture.
+        self.local_skip_check = True
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin
         self.done = {"good": 0, "skipped": Counter()}  # finished epochs
@@ -415,13 +428,8 @@ class DataStream:
         return self.done["good"] + sum(s["good"] for s in self.workers.values())
 
     def check_skip_rate(self):
-        bad = sum(self.skipped().values())
-        seen = bad + self.good()
-        if seen >= MIN_SAMPLES_FOR_SKIP_RATE and bad / seen > self.cfg.max_skip_rate:
-            reasons = ", ".join(f"{k}={v}" for k, v in self.skipped().most_common())
-            raise DataQualityError(f"skipped {bad} of {seen} samples ({bad / seen:.1%}), above data.max_skip_rate="
-                                   f"{self.cfg.max_skip_rate}: {reasons}. Check the shards with "
-                                   f"`python -m data_prep.verify`.")
+        if self.local_skip_check:
+            check_skip_rate(self.good(), self.skipped(), self.cfg.max_skip_rate)
 
     # ---- iteration -----------------------------------------------------------------
     def batches_per_epoch(self) -> int:
@@ -484,6 +492,28 @@ class DataStream:
         self.epoch += 1
 
 
+def check_skip_rate(good: int, skipped: Counter, max_skip_rate: float):
+    bad = sum(skipped.values())
+    seen = bad + good
+    if seen >= MIN_SAMPLES_FOR_SKIP_RATE and bad / seen > max_skip_rate:
+        reasons = ", ".join(f"{k}={v}" for k, v in skipped.most_common())
+        raise DataQualityError(f"skipped {bad} of {seen} samples ({bad / seen:.1%}), above data.max_skip_rate="
+                               f"{max_skip_rate}: {reasons}. Check the shards with `python -m data_prep.verify`.")
+
+
+def summed_over_ranks(good: int, skipped: Counter, device) -> tuple[int, Counter]:
+    """(good, skipped by reason) summed over every rank: one all-reduce, so call it on
+    every rank at the same point (the trainer's log steps). Each rank alone saw ~1/N of
+    the bad samples (issue 22)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return good, skipped
+    counts = torch.tensor([good, *(skipped.get(r, 0) for r in SKIP_REASONS)], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    total, *by_reason = (int(c) for c in counts.tolist())
+    return total, Counter({r: n for r, n in zip(SKIP_REASONS, by_reason) if n})
+
+
 def choose_source(seed: int, step: int, sizes: list[int]) -> int:
     """ZeroVL's debiased sampling: the source of step `step`'s whole global batch, with
     probability proportional to its size. A pure function of (seed, step), so every rank
@@ -538,6 +568,15 @@ class DebiasedStream:
 
     def skipped(self) -> Counter:
         return sum((s.skipped() for s in self.sources), Counter())
+
+    @property
+    def local_skip_check(self) -> bool:
+        return self.sources[0].local_skip_check
+
+    @local_skip_check.setter
+    def local_skip_check(self, value: bool):
+        for source in self.sources:
+            source.local_skip_check = value
 
     def good(self) -> int:
         return sum(s.good() for s in self.sources)

@@ -23,20 +23,27 @@ class Preempted(Exception):
 class StopRequest:
     """SIGTERM (SLURM's preemption, most schedulers' grace period) and SIGINT ask the run
     to stop at the next step boundary with a checkpoint, instead of dying mid-step and
-    losing everything since the last save. A second signal of the same kind ends the
-    process at once (a run stuck before its first step can still be interrupted). Ranks
-    agree through a one-element all-reduce per step (a launcher may signal them one at a
-    time), so all of them save the same step."""
+    losing everything since the last save. Ranks agree through a one-element all-reduce
+    per step (a launcher may signal them one at a time), so all of them save the same step.
+
+    Repeated SIGTERMs are one request: SLURM signals every process of the job step and the
+    deepspeed launcher (launch.py) then forwards its own SIGTERM to each rank, so every
+    rank sees two within a second (ending at the second one lost the checkpoint in CI);
+    the sender's escalation is SIGKILL after its grace period. A second SIGINT ends the
+    process at once: that is an operator pressing Ctrl-C again (a run stuck before its
+    first step can still be interrupted)."""
 
     def __init__(self):
-        self.received = ""
+        self.received = ""  # the first reason to stop, for the log and the MLflow run
+        self.signals: set[int] = set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
 
     def on_signal(self, signum, frame):
-        if self.received:
+        if signum == signal.SIGINT and signum in self.signals:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+        self.signals.add(signum)
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str):

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from eval.during_training import PeriodicZeroShot  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 from pipeline.config import ConfigError, RunConfig, flatten, load_config, save_config, to_dict  # noqa: E402
-from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate, debiased_sources,  # noqa: E402
-                                  make_stream, summed_over_ranks)
+from pipeline.data.loader import (DataQualityError, DataStream, batches_per_epoch, check_skip_rate,  # noqa: E402
+                                  debiased_sources, make_stream, shard_losses_over_ranks, summed_over_ranks)
 from pipeline.data.shards import resolve_shards  # noqa: E402
 from pipeline.engine import (accumulation_steps, clamp_logit_scale, fill_ds_config, full_fp32, lr_factor,  # noqa: E402
                              param_groups, read_ds_config, set_learning_rates, train_step)
@@ -63,17 +63,51 @@ def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(args.deepspeed_config), cfg.train, cfg.optim, world)
-    resolve_shards(cfg.data.train_shards)
-    if cfg.data.sampling == "debiased":
-        debiased_sources(cfg.data)
+    check_epoch_fills_a_batch(cfg, world)
+    check_output_dir(Path(cfg.train.output_dir))
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
+    if cfg.train.resume:  # a path that is no checkpoint, or one from another world size
+        found = checkpoint.resolve_resume(cfg.train.resume,
+                                          Path(cfg.train.output_dir) / cfg.train.run_name / "checkpoints")
+        if found:
+            checkpoint.check_world_size(*found, world)
     if not features_only(cfg.objective) and accumulation_steps(cfg.train, world) > 1:
         raise ConfigError(f"objective.weights: {', '.join(cfg.objective.weights)} (with its views) use more than one "
                           f"view's pooled features, so they cannot run exact accumulation: set "
                           f"train.global_batch_size = micro_batch_size x world size")
     evaluator = PeriodicZeroShot(cfg.eval, cfg.train.steps) if cfg.eval.every_steps else None
     return cfg, ds_config, world, evaluator
+
+
+def check_output_dir(output_dir: Path):
+    """A test write: an unwritable train.output_dir was a traceback on every rank after
+    the process group started (issue 22)."""
+    import tempfile
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: {output_dir} is not writable ({e.strerror or e})") from None
+
+
+def check_epoch_fills_a_batch(cfg: RunConfig, world: int):
+    """Without resampling a rank's workers read only their share of the shards: a batch
+    larger than that share is never filled (it passed validation and hung: issue 22)."""
+    sources = (debiased_sources(cfg.data) if cfg.data.sampling == "debiased"
+               else [resolve_shards(cfg.data.train_shards)])
+    if cfg.data.resampled:
+        return
+    batch = cfg.train.micro_batch_size * accumulation_steps(cfg.train, world)
+    for shards in sources:
+        if batches_per_epoch(shards, cfg.data, batch, world, cfg.train.seed) == 0:
+            raise ConfigError(
+                f"train.micro_batch_size: a batch of {batch} per rank cannot be filled from one rank's share of "
+                f"{shards.urls[0]} ... ({len(shards.urls)} shards, {shards.total_samples} samples) with data.resampled"
+                f"=false, {world} rank(s) x {max(1, cfg.data.workers)} worker(s) and data.max_skip_rate="
+                f"{cfg.data.max_skip_rate:g} held back: use fewer ranks, workers or a smaller batch, or "
+                f"data.resampled: true")
 
 
 def prepare_run_dir(cfg: RunConfig, ds_config: dict, model, run_name: str, rank: int) -> Path:
@@ -208,7 +242,7 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
           flops_per_sample: float, world: int, loss_fn=clip_objective, evaluator: PeriodicZeroShot | None = None,
           stop: StopRequest | None = None):
     """The loop: step, log, save. Everything else lives in functions of its own."""
-    batches_per_epoch = data.batches_per_epoch()
+    epoch_batches = data.batches_per_epoch()
     scales = logit_scale_bounds(engine.module, cfg.objective)
     clamp_logit_scales(scales)  # FILIP's init ln(1/0.07) lies below its floor 3
     window = new_window()
@@ -235,7 +269,7 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
                 save_checkpoint(engine, run_dir, state, cfg)
             if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
                 preempt(engine, run_dir, state, cfg, logger, stop)
-            if state.step >= cfg.train.steps or state.epoch_step >= batches_per_epoch:
+            if state.step >= cfg.train.steps or state.epoch_step >= epoch_batches:
                 break
         if state.step < cfg.train.steps:  # the epoch is over (or its data ran out first)
             data.next_epoch()
@@ -328,7 +362,8 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
     for reason, count in skipped.items():
         metrics[f"data_skipped/{reason}"] = count
     logger.log_metrics(metrics, state.step)
-    check_skip_rate(good, skipped, cfg.data.max_skip_rate)  # on every rank, on the same sums
+    check_skip_rate(good, skipped, cfg.data.max_skip_rate,  # on every rank, on the same sums
+                    lambda: shard_losses_over_ranks(data.shard_losses()))
     if logger.enabled:
         loss = "skipped" if metrics["loss"] is None else f"{float(metrics['loss']):.4f}"
         print(f"[train] step {state.step}/{cfg.train.steps} loss {loss} {samples_per_s:.1f} samples/s", flush=True)

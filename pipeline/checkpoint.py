@@ -184,12 +184,17 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> tuple[Path, str] | None
     raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
 
 
+def check_world_size(ckpt_dir: Path, tag: str, world: int):
+    """Before launch (launch/train.py) and again at load: the data position is per rank."""
+    written = json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"]
+    if written != world:
+        raise ValueError(f"train.resume: {Path(ckpt_dir) / tag} was written by {written} ranks, this run has "
+                         f"{world}; the data position of each rank cannot be carried over")
+
+
 def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
     rank, world = _rank_world()
-    info = json.loads((ckpt_dir / tag / COMPLETE).read_text())
-    if info["world_size"] != world:
-        raise RuntimeError(f"{ckpt_dir / tag}: written by {info['world_size']} ranks, this run has {world}; "
-                           f"the data position of each rank cannot be carried over")
+    check_world_size(ckpt_dir, tag, world)
     with safe_torch_load():
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
     if path is None:

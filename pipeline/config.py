@@ -86,9 +86,14 @@ class DataConfig:
     # host-to-device copy) and the trainer normalizes them on its device, bit for bit the
     # arithmetic of ToTensor + Normalize (tests/test_fast_paths.py; bench/bench_loader.py).
     uint8_batches: bool = True
+    # A reader that gets no good sample for this long stops the run with one line naming
+    # the shards it tried and the skips by reason (every shard unreadable made a resampled
+    # run wait forever: issue 22). Remote shards on a slow link need more.
+    stall_seconds: float = 600.0
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)
+        _check_range("data.stall_seconds", self.stall_seconds, 0, exclusive=True)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
         if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ConfigError(f"data.rrc_scale: {self.rrc_scale} must satisfy 0 < lo <= hi <= 1")

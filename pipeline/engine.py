@@ -70,6 +70,7 @@ def check_ds_keys(ds: dict, path: Path):
             near = difflib.get_close_matches(key, DS_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
             if near:
                 raise ConfigError(f"{path}: unknown DeepSpeed key '{key}'; did you mean '{near[0]}'?")
+    check_optimizer_type(ds, path)
     zero = ds.get("zero_optimization", {})
     if zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage: {zero['stage']!r} is not a ZeRO stage (0, 1, 2 or 3)")
@@ -83,6 +84,20 @@ def check_ds_keys(ds: dict, path: Path):
         hint = difflib.get_close_matches(where, known, n=1, cutoff=0.6) if error["type"] == "extra_forbidden" else []
         raise ConfigError(f"{path}: zero_optimization.{where}: {error['msg']}"
                           + (f"; did you mean '{hint[0]}'?" if hint else "")) from None
+
+
+def check_optimizer_type(ds: dict, path: Path):
+    """DeepSpeed accepts its own optimizers (any case) and torch.optim's classes by name
+    (engine._is_supported_optimizer); anything else was a traceback on every rank after
+    the process group started (issue 22)."""
+    name = ds.get("optimizer", {}).get("type")
+    if name is None:
+        return
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    if not isinstance(name, str) or (name.lower() not in DEEPSPEED_OPTIMIZERS
+                                     and not isinstance(getattr(torch.optim, name, None), type)):
+        raise ConfigError(f"{path}: optimizer.type: {name!r} is neither a DeepSpeed optimizer "
+                          f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class")
 
 
 # DeepSpeed's top-level configuration sections and scalars (deepspeed/runtime/config.py

@@ -49,6 +49,7 @@ def test_deepspeed_json_may_not_hold_run_config_keys(tmp_path):
     ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_sise": 5}},
      "zero_optimization.stage3_prefetch_bucket_sise: Extra inputs are not permitted; "
      "did you mean 'stage3_prefetch_bucket_size'?"),
+    ({"optimizer": {"type": "AdamWW"}}, "optimizer.type: 'AdamWW' is neither a DeepSpeed optimizer"),
 ])
 def test_deepspeed_keys_it_would_ignore_are_errors(tmp_path, ds, message):
     """Issue 22 case 5: DeepSpeed ignores keys it does not know, so a misspelled section
@@ -57,7 +58,14 @@ def test_deepspeed_keys_it_would_ignore_are_errors(tmp_path, ds, message):
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError) as err:
         read_ds_config(path)
-    assert str(err.value) == f"{path}: {message}"
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "adam", "Lamb", "SGD", "RMSprop"])
+def test_optimizers_deepspeed_or_torch_knows_pass(tmp_path, name):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": name}}))
+    read_ds_config(path)
 
 
 def test_every_shipped_deepspeed_config_loads_and_fills(repo_root):

@@ -18,9 +18,9 @@ from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
 
 
 def stream(shards: str, *, rank=0, world=1, workers=2, resampled=False, shuffle=50, batch=16, seed=0,
-           drop_last=False, max_skip_rate=0.5, keep_captions=False) -> DataStream:
+           drop_last=False, max_skip_rate=0.5, keep_captions=False, stall_seconds=600.0) -> DataStream:
     cfg = DataConfig(train_shards=shards, workers=workers, resampled=resampled, shuffle_buffer=shuffle,
-                     max_skip_rate=max_skip_rate)
+                     max_skip_rate=max_skip_rate, stall_seconds=stall_seconds)
     return DataStream(cfg, batch_size=batch, image_size=32, normalization="clip", context_length=16, seed=seed,
                       rank=rank, world=world, drop_last=drop_last, keep_captions=keep_captions)
 
@@ -217,21 +217,83 @@ def test_half_the_samples_in_lost_shards_trip_the_skip_rate(tmp_path):
     write_tar(tmp_path / "00000.tar", [{"__key__": f"g{i:03d}", "jpg": jpeg_bytes(i), "txt": "x"} for i in range(200)])
     (tmp_path / "00001.tar").write_bytes(b"not a tar at all" * 64)
     Manifest([ShardInfo("00000.tar", 200), ShardInfo("00001.tar", 200)]).write(str(tmp_path))
-    with pytest.raises(DataQualityError, match=r"skipped 200 of 400 samples \(50.0%\).*unreadable_shard=200"):
+    with pytest.raises(DataQualityError, match=r"skipped 200 of 400 samples \(50.0%\).*unreadable_shard=200; "
+                                               r"shards that cost the most: .*00001.tar \(200\)\."):
         for _ in stream(str(tmp_path), workers=0, shuffle=0, max_skip_rate=0.1):
             pass
 
 
+def useless_shards(directory: Path, kind: str) -> Path:
+    """Two shards with a manifest from which no good sample can come."""
+    for i in range(2):
+        if kind == "unreadable":
+            (directory / f"{i:05d}.tar").write_bytes(b"not a tar at all" * 64)
+        else:
+            write_tar(directory / f"{i:05d}.tar", [{"__key__": f"s{j}", "jpg": b"garbage", "txt": "x"} for j in range(20)])
+    Manifest([ShardInfo(f"{i:05d}.tar", 20) for i in range(2)]).write(str(directory))
+    return directory
+
+
+def first_error_within(batches, seconds: float):
+    """The exception iterating `batches` raises, or AssertionError if it is still going
+    after `seconds` (the old behaviour: forever)."""
+    import threading
+    caught = []
+
+    def drain():
+        try:
+            for _ in batches:
+                pass
+        except Exception as e:  # noqa: BLE001 (handed to the test)
+            caught.append(e)
+        else:
+            caught.append(None)
+    worker = threading.Thread(target=drain, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert caught, f"still no batch and no error after {seconds} s"
+    return caught[0]
+
+
+@pytest.mark.parametrize("kind,workers", [("unreadable", 0), ("unreadable", 2), ("undecodable", 0)])
+def test_a_stream_that_yields_nothing_stops_within_the_stall_limit(tmp_path, kind, workers):
+    """Issue 22 case 1: with every shard unreadable a resampled run made 0 steps in 300 s
+    and never said why."""
+    useless_shards(tmp_path, kind)
+    error = first_error_within(stream(str(tmp_path), workers=workers, resampled=True, max_skip_rate=1.0,
+                                      stall_seconds=1.5), 60)
+    assert isinstance(error, DataQualityError), error
+    message = str(error)
+    assert "\n" not in message and "no good sample in" in message and "data.stall_seconds=1.5" in message
+    reason = "unreadable_shard=" if kind == "unreadable" else "undecodable_image="
+    assert reason in message and f"{tmp_path}/0000" in message and "(rank 0, worker 0" in message, message
+
+
+def test_an_epoch_without_a_batch_is_an_error_but_a_finished_one_is_not(tmp_path, demo_data):
+    """Issue 22 case 1: with data.resampled=false and nothing readable, the trainer ran
+    empty epoch after empty epoch (18,114 log lines). An epoch that was already finished
+    when the stream was resumed is empty too, and fine."""
+    useless_shards(tmp_path, "unreadable")
+    error = first_error_within(stream(str(tmp_path), workers=2, max_skip_rate=1.0), 60)
+    assert isinstance(error, DataQualityError), error
+    assert "epoch 0 gave rank 0 no batch of 16" in str(error) and "unreadable_shard=40" in str(error), error
+    assert f"{tmp_path}/0000" in str(error)
+    good = stream(str(demo_data / "shards" / "digits"), workers=2)
+    assert sum(1 for _ in good) > 0
+    assert list(good) == []  # the epoch is over: nothing more, and no error
+
+
 def _summing_worker(rank: int, port: int, out: str):
     import torch.distributed as dist
-    from pipeline.data.loader import summed_over_ranks
+    from pipeline.data.loader import shard_losses_over_ranks, summed_over_ranks
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         # bad samples on rank 1 only: rank 0 alone would see a clean stream
         local = Counter() if rank == 0 else Counter(undecodable_image=30, unreadable_shard=50)
+        lost = Counter() if rank == 0 else Counter({"b.tar": 50, "a.tar": 30})
         good, skipped = summed_over_ranks(100 + rank, local, "cpu")
-        with pytest.raises(DataQualityError) as err:
-            check_skip_rate(good, skipped, 0.1)
+        with pytest.raises(DataQualityError) as err:  # every rank names the shards, rank 0 too
+            check_skip_rate(good, skipped, 0.1, lambda: shard_losses_over_ranks(lost))
         torch.save({"good": good, "skipped": dict(skipped), "error": str(err.value)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -248,6 +310,7 @@ def test_skip_counters_are_summed_over_ranks_before_the_check(tmp_path):
     assert results[0] == results[1]
     assert results[0]["good"] == 201 and results[0]["skipped"] == {"undecodable_image": 30, "unreadable_shard": 50}
     assert "skipped 80 of 281 samples" in results[0]["error"]
+    assert "shards that cost the most: b.tar (50), a.tar (30)." in results[0]["error"]
 
 
 def test_missing_shards_fail_before_anything_starts(tmp_path):
@@ -328,3 +391,23 @@ def test_declip_batches_carry_moco_views_an_eda_text_and_masked_tokens(demo_data
     expected = [eda(c, random.Random(sample_seed(0, 0, 0, 0, i + 1, -1)), synonyms) for i, c in enumerate(batch["captions"])]
     assert torch.equal(batch["text_eda"], tokenize(expected, 32))
     assert not torch.equal(batch["text_eda"], original)
+
+
+def test_an_epoch_still_open_at_exit_does_not_hang_the_interpreter(demo_data):
+    """Workers ignore SIGTERM (SLURM's is the trainer's to handle), and SIGTERM-then-join
+    is how Python ends daemonic children at exit: an iterator held to the end (here a
+    global; in a run, a traceback) hung the process forever."""
+    import subprocess
+    import sys
+    from conftest import REPO_ROOT
+    child = f"""
+from pipeline.config import DataConfig
+from pipeline.data.loader import DataStream
+stream = DataStream(DataConfig(train_shards={str(demo_data / 'shards' / 'digits')!r}, workers=2, resampled=True),
+                    batch_size=8, image_size=32, normalization="clip", context_length=16)
+batches = iter(stream)
+next(batches)
+print("exiting with the epoch open", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", child], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]

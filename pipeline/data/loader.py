@@ -21,11 +21,15 @@ Properties the trainer relies on:
 """
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import math
+import multiprocessing.util  # noqa: F401 (its exit function is registered before ours)
 import random
 import tarfile
+import time
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -67,6 +71,10 @@ class BadSample(Exception):
 
 class DataQualityError(RuntimeError):
     pass
+
+
+class Stalled(Exception):
+    """A reader got no good sample within data.stall_seconds (raised inside its stream)."""
 
 
 def pixels_on_device(batch: dict, device: torch.device) -> dict:
@@ -123,6 +131,8 @@ class StreamSpec:
     # uint8 pixels in the batch (with its "normalization" name) instead of normalized
     # floats: the trainer normalizes on its device (pipeline.data.transforms.normalize)
     uint8: bool = False
+    # a reader with no good sample for this long ends its stream as stalled (0: never)
+    stall_seconds: float = 0.0
     # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
     resume: dict[int, dict] = field(default_factory=dict)
 
@@ -175,6 +185,8 @@ class _Reader:
         self.per_url: Counter = Counter()
         self.expected = dict(zip(spec.shards.urls, spec.shards.samples))  # the manifest's count per shard
         self.flagged: set[str] = set()
+        self.lost_by_shard: Counter = Counter()  # which shards cost the most, for the messages
+        self.last_good = time.monotonic()
         normalization = None if spec.uint8 else spec.normalization
         if not spec.train:
             self.view_transforms = [eval_transform(spec.image_size, normalization)] * spec.views
@@ -201,9 +213,22 @@ class _Reader:
                               if spec.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
 
-    def count(self, reason: str, samples: int = 1):
+    def count(self, reason: str, url: str, samples: int = 1):
         if self.raw >= self.skip:  # the skipped prefix was counted before the checkpoint
             self.skipped[reason] += samples
+            self.lost_by_shard[url] += samples
+        self.check_stall()
+
+    def check_stall(self):
+        """Called on every failure (a shard or a sample) and before every shard: a stream
+        in which everything fails never blocks, it spins through the shards."""
+        waited = time.monotonic() - self.last_good
+        if self.spec.stall_seconds and waited > self.spec.stall_seconds:
+            reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.most_common()) or "none"
+            raise Stalled(f"no good sample in {waited:.0f} s, over data.stall_seconds={self.spec.stall_seconds:g} "
+                          f"(rank {self.spec.rank}, worker {self.worker}); skipped: {reasons}; shards that cost "
+                          f"the most: {costliest(self.lost_by_shard)}. Check the shards with "
+                          f"`python -m data_prep.verify`.")
 
     def lost_samples(self, url: str) -> int:
         """The samples a shard that broke off loses: what its manifest lists beyond those
@@ -224,13 +249,13 @@ class _Reader:
         truncated = isinstance(exn, (tarfile.ReadError, EOFError)) and self.per_url[url] > 0
         if url not in self.flagged:
             self.flagged.add(url)
-            self.count("truncated_shard" if truncated else "unreadable_shard", self.lost_samples(url))
             if isinstance(exn, FileNotFoundError):
                 log.warning("shard %s: listed in the manifest but missing on disk; skipping it", url)
             else:
                 log.warning("shard %s: %s (%s); skipping the rest of it", url,
                             "truncated" if truncated else "unreadable",
                             exn.strerror if isinstance(exn, OSError) and exn.strerror else message)
+            self.count("truncated_shard" if truncated else "unreadable_shard", url, self.lost_samples(url))
         return True  # keep going with the next shard
 
     def urls(self):
@@ -239,10 +264,12 @@ class _Reader:
             rng = random.Random(f"resample:{spec.seed}:{spec.epoch}:{spec.rank}:{self.worker}")
             weights = spec.shards.samples if spec.shards.total_samples else None
             while True:
+                self.check_stall()
                 yield dict(url=rng.choices(spec.shards.urls, weights=weights)[0])
         else:
             for i in assign_shards(spec.shards, spec.epoch, spec.seed, spec.rank, spec.world, self.worker,
                                    spec.num_workers):
+                self.check_stall()
                 yield dict(url=spec.shards.urls[i])
 
     def checked(self, samples):
@@ -253,7 +280,7 @@ class _Reader:
         def close(url):
             if url is not None and url not in self.flagged and expected.get(url) and self.per_url[url] < expected[url]:
                 self.flagged.add(url)
-                self.count("truncated_shard", self.lost_samples(url))
+                self.count("truncated_shard", url, self.lost_samples(url))
                 log.warning("shard %s ended after %d of %d samples (truncated)", url, self.per_url[url], expected[url])
 
         for sample in samples:
@@ -329,23 +356,30 @@ class _Reader:
         return out
 
     def meta(self, end: bool = False) -> dict:
-        return {"worker": self.worker, "raw": self.raw, "good": self.good, "skipped": dict(self.skipped), "end": end}
+        return {"worker": self.worker, "raw": self.raw, "good": self.good, "skipped": dict(self.skipped), "end": end,
+                "costly": dict(self.lost_by_shard.most_common(3))}
 
     def __iter__(self):
         items = []
-        for sample in self.raw_samples():
-            self.raw += 1
-            if self.raw <= self.skip:
-                continue
-            try:
-                items.append(self.process(sample))
-            except BadSample as bad:
-                self.count(bad.reason)
-                continue
-            self.good += 1
-            if len(items) == self.spec.batch_size:
-                yield self.batch(items)
-                items = []
+        try:
+            for sample in self.raw_samples():
+                self.raw += 1
+                if self.raw <= self.skip:
+                    self.last_good = time.monotonic()  # a resumed stream's fast-forward is progress
+                    continue
+                try:
+                    items.append(self.process(sample))
+                except BadSample as bad:
+                    self.count(bad.reason, sample["__url__"])
+                    continue
+                self.good += 1
+                self.last_good = time.monotonic()
+                if len(items) == self.spec.batch_size:
+                    yield self.batch(items)
+                    items = []
+        except Stalled as stalled:  # the trainer's process raises it (DataStream), with this message
+            yield {"meta": {**self.meta(end=True), "stalled": str(stalled)}}
+            return
         if items and not self.spec.drop_last:
             yield self.batch(items)
         # An end marker: the stream knows at once that this worker is done (and its final
@@ -361,6 +395,40 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         return iter(_Reader(self.spec, info.id if info else 0))
+
+
+# Loader workers ignore SIGTERM (below), and SIGTERM-then-join-without-timeout is how
+# Python's multiprocessing ends daemonic children at exit: a DataLoader iterator still
+# alive then (held by a traceback, an abandoned generator) hung the interpreter forever.
+# Workers still alive at exit are killed instead (atexit runs last-registered first, so
+# this runs before multiprocessing's own exit function).
+_live_workers: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _kill_live_workers():
+    import signal
+    # torch's SIGCHLD handler would raise "worker killed by signal" into this function
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in list(_live_workers):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)
+
+
+atexit.register(_kill_live_workers)
+
+
+def end_workers(loader):
+    """Shut a DataLoader iterator's workers down (torch's own way: an end message, a join
+    with a timeout) and kill those that did not go (SIGTERM, torch's last resort, is
+    ignored by them)."""
+    shutdown = getattr(loader, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(loader, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(5)
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int):
@@ -395,7 +463,7 @@ class DataStream:
                                mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
                                roi_dim=roi_dim,
                                keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,
-                               uint8=uint8)
+                               uint8=uint8, stall_seconds=cfg.stall_seconds if train else 0.0)
         self.epoch = 0
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log
@@ -404,6 +472,7 @@ class DataStream:
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin
         self.done = {"good": 0, "skipped": Counter()}  # finished epochs
+        self.costly: dict[int, dict] = {}  # per worker: the shards that lost the most samples
 
     # ---- position ----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -427,28 +496,18 @@ class DataStream:
     def good(self) -> int:
         return self.done["good"] + sum(s["good"] for s in self.workers.values())
 
+    def shard_losses(self) -> Counter:
+        """Samples lost per shard on this rank (each worker reports its own top few)."""
+        return sum((Counter(c) for c in self.costly.values()), Counter())
+
     def check_skip_rate(self):
         if self.local_skip_check:
-            check_skip_rate(self.good(), self.skipped(), self.cfg.max_skip_rate)
+            check_skip_rate(self.good(), self.skipped(), self.cfg.max_skip_rate, self.shard_losses)
 
     # ---- iteration -----------------------------------------------------------------
     def batches_per_epoch(self) -> int:
-        """Batches every rank can deliver per epoch. Resampled: the epoch size from
-        data.train_num_samples (default: the manifest total). Otherwise the smallest rank's
-        share, discounted by the tolerated skip rate so that no rank runs dry first."""
         b = self.base
-        if b.resampled:
-            total = self.cfg.train_num_samples or self.shards.total_samples
-            if not total:
-                raise ValueError("data.train_num_samples: needed when the shards have no manifest")
-            return max(1, total // (b.batch_size * b.world))
-        if self.shards.total_samples is None:
-            raise ValueError("data.resampled=false needs a manifest for every shard to size the epoch")
-        per_worker = [[sum(self.shards.samples[i] for i in assign_shards(self.shards, self.epoch, b.seed, r, b.world,
-                                                                          w, b.num_workers))
-                       for w in range(b.num_workers)] for r in range(b.world)]
-        usable = 1 - self.cfg.max_skip_rate
-        return min(sum(math.floor(n * usable / b.batch_size) for n in rank) for rank in per_worker)
+        return batches_per_epoch(self.shards, self.cfg, b.batch_size, b.world, b.seed, self.epoch)
 
     def __iter__(self):
         """Batches of the current epoch, from where the stream stands.
@@ -461,8 +520,16 @@ class DataStream:
         loader = iter(DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
                                  worker_init_fn=leave_stop_signals_to_the_trainer if num_workers else None))
-        queues = {w: deque() for w in range(max(1, num_workers))}
+        _live_workers.update(getattr(loader, "_workers", ()))
+        try:
+            yield from self._round_robin(loader, max(1, num_workers))
+        finally:  # an error, the end, or an abandoned epoch: the workers go now, not at exit
+            end_workers(loader)
+
+    def _round_robin(self, loader, num_workers: int):
+        queues = {w: deque() for w in range(num_workers)}
         active = [w for w in queues if not self.workers.get(w, {}).get("end")]
+        fresh, delivered = not self.workers, 0
         while active:
             w = self.next_worker if self.next_worker in active else active[0]
             while not queues[w]:
@@ -474,14 +541,26 @@ class DataStream:
                 queues[item["meta"]["worker"]].append(item)
             batch = queues[w].popleft()
             meta = batch.pop("meta")
+            if "stalled" in meta:
+                raise DataQualityError(meta["stalled"])
             self.workers[w] = {k: meta[k] for k in ("raw", "good", "skipped", "end")}
+            self.costly[w] = meta.get("costly", {})
             after = active[(active.index(w) + 1) % len(active)]
             if meta["end"]:
                 active.remove(w)
             self.next_worker = after
             if not meta["end"]:
                 self.check_skip_rate()
+                delivered += 1
                 yield batch
+        if fresh and not delivered:  # every later epoch would be as empty: 18,114 of them in issue 22
+            b = self.base
+            reasons = ", ".join(f"{k}={v}" for k, v in self.skipped().most_common()) or "none"
+            raise DataQualityError(
+                f"epoch {self.epoch} gave rank {b.rank} no batch of {b.batch_size} (its {b.num_workers} reader(s) "
+                f"ended first); skipped: {reasons}; shards that cost the most: "
+                f"{costliest(self.shard_losses())}. Too few readable samples per rank and "
+                f"worker: check the shards with `python -m data_prep.verify`, or use data.resampled: true")
 
     def next_epoch(self):
         """Close the current epoch (its counters go to the totals) and move on."""
@@ -492,13 +571,39 @@ class DataStream:
         self.epoch += 1
 
 
-def check_skip_rate(good: int, skipped: Counter, max_skip_rate: float):
+def batches_per_epoch(shards: ShardSet, cfg: DataConfig, batch_size: int, world: int, seed: int, epoch: int = 0) -> int:
+    """Batches every rank can deliver per epoch. Resampled: the epoch size from
+    data.train_num_samples (default: the manifest total). Otherwise the smallest rank's
+    share, discounted by the tolerated skip rate so that no rank runs dry first. A pure
+    function of the config, so that it is checked before launch (launch/train.py)."""
+    if cfg.resampled:
+        total = cfg.train_num_samples or shards.total_samples
+        if not total:
+            raise ValueError("data.train_num_samples: needed when the shards have no manifest")
+        return max(1, total // (batch_size * world))
+    if shards.total_samples is None:
+        raise ValueError("data.resampled=false needs a manifest for every shard to size the epoch")
+    workers = max(1, cfg.workers)
+    per_worker = [[sum(shards.samples[i] for i in assign_shards(shards, epoch, seed, r, world, w, workers))
+                   for w in range(workers)] for r in range(world)]
+    usable = 1 - cfg.max_skip_rate
+    return min(sum(math.floor(n * usable / batch_size) for n in rank) for rank in per_worker)
+
+
+def costliest(shard_losses: Counter, n: int = 3) -> str:
+    return ", ".join(f"{url} ({lost})" for url, lost in shard_losses.most_common(n)) or "none failed"
+
+
+def check_skip_rate(good: int, skipped: Counter, max_skip_rate: float, shard_losses=Counter):
+    """`shard_losses()`: samples lost per shard, named in the message; called only when the
+    check fails (the trainer's gathers every rank's, a collective: every rank fails together)."""
     bad = sum(skipped.values())
     seen = bad + good
     if seen >= MIN_SAMPLES_FOR_SKIP_RATE and bad / seen > max_skip_rate:
         reasons = ", ".join(f"{k}={v}" for k, v in skipped.most_common())
         raise DataQualityError(f"skipped {bad} of {seen} samples ({bad / seen:.1%}), above data.max_skip_rate="
-                               f"{max_skip_rate}: {reasons}. Check the shards with `python -m data_prep.verify`.")
+                               f"{max_skip_rate}: {reasons}; shards that cost the most: "
+                               f"{costliest(shard_losses())}. Check the shards with `python -m data_prep.verify`.")
 
 
 def summed_over_ranks(good: int, skipped: Counter, device) -> tuple[int, Counter]:
@@ -512,6 +617,16 @@ def summed_over_ranks(good: int, skipped: Counter, device) -> tuple[int, Counter
     dist.all_reduce(counts)
     total, *by_reason = (int(c) for c in counts.tolist())
     return total, Counter({r: n for r, n in zip(SKIP_REASONS, by_reason) if n})
+
+
+def shard_losses_over_ranks(local: Counter) -> Counter:
+    """Every rank's samples lost per shard, summed (a collective: all ranks call it)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(local))
+    return sum((Counter(g) for g in gathered), Counter())
 
 
 def choose_source(seed: int, step: int, sizes: list[int]) -> int:
@@ -581,6 +696,9 @@ class DebiasedStream:
     def good(self) -> int:
         return sum(s.good() for s in self.sources)
 
+    def shard_losses(self) -> Counter:
+        return sum((s.shard_losses() for s in self.sources), Counter())
+
     def batches_per_epoch(self) -> int:
         return sum(s.batches_per_epoch() for s in self.sources)
 
@@ -591,17 +709,13 @@ class DebiasedStream:
         iterators = {}
         while True:
             index = choose_source(self.seed, self.step, self.sizes)
-            batch, fresh_and_empty = None, 0
+            batch = None
             while batch is None:
                 if index not in iterators:
                     iterators[index] = iter(self.sources[index])
-                    fresh_and_empty += 1
+                # this source's epoch is over: its next one (a new epoch with no batch raises)
                 batch = next(iterators[index], None)
-                if batch is None:  # this source's epoch is over: its next one
-                    if fresh_and_empty > 1:  # a whole new epoch gave nothing: it never will
-                        raise ValueError(f"data.train_shards: source {index} ({self.sources[index].shards.urls[0]} ...) "
-                                         f"gives this rank no batch of {self.sources[index].base.batch_size}: too few "
-                                         f"shards or samples for the ranks x workers (or use data.resampled: true)")
+                if batch is None:
                     self.sources[index].next_epoch()
                     del iterators[index]
             self.step += 1

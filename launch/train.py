@@ -58,8 +58,9 @@ def adopt_slurm_env():
         os.environ["LOCAL_RANK"] = os.environ["SLURM_LOCALID"]
 
 
-def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
-    """All input checks, before any process group exists."""
+def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None, tuple | None]:
+    """All input checks, before any process group exists. The last item: model.init_from's
+    (weights, key report), read here so that a bad file fails before launch."""
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(args.deepspeed_config), cfg.train, cfg.optim, world)
@@ -77,7 +78,12 @@ def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None]:
                           f"view's pooled features, so they cannot run exact accumulation: set "
                           f"train.global_batch_size = micro_batch_size x world size")
     evaluator = PeriodicZeroShot(cfg.eval, cfg.train.steps) if cfg.eval.every_steps else None
-    return cfg, ds_config, world, evaluator
+    initial = None
+    if cfg.model.init_from:
+        from pipeline.interop import initial_weights
+        initial = initial_weights(cfg.model.init_from, cfg.model.init_from_format, cfg.model.init_from_source,
+                                  cfg.model.arch())
+    return cfg, ds_config, world, evaluator, initial
 
 
 def check_output_dir(output_dir: Path):
@@ -110,6 +116,16 @@ def check_epoch_fills_a_batch(cfg: RunConfig, world: int):
                 f"data.resampled: true")
 
 
+def start_from(model, state_dict: dict):
+    """Load model.init_from's weights before DeepSpeed starts (it broadcasts rank 0's).
+    DeCLIP's MLM adds a mask-token row the file does not have: it keeps its init."""
+    own = model.state_dict()
+    key = "text.token_embedding.weight"
+    if key in state_dict and own[key].shape[0] > state_dict[key].shape[0]:
+        state_dict = {**state_dict, key: torch.cat([state_dict[key], own[key][state_dict[key].shape[0]:]])}
+    model.load_state_dict(state_dict)
+
+
 def prepare_run_dir(cfg: RunConfig, ds_config: dict, model, run_name: str, rank: int) -> Path:
     run_dir = Path(cfg.train.output_dir) / run_name
     if rank == 0:
@@ -135,7 +151,7 @@ def main(argv=None):
     args = parse_args(argv)
     adopt_slurm_env()
     try:
-        cfg, ds_config, world, evaluator = validate(args)
+        cfg, ds_config, world, evaluator, initial = validate(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -153,6 +169,8 @@ def main(argv=None):
     accum = accumulation_steps(cfg.train, world)
     torch.manual_seed(cfg.train.seed)  # same init everywhere (DeepSpeed also broadcasts rank 0's)
     model = build_model(objective_arch(cfg.model.arch(), cfg.objective))  # MLM adds a mask token
+    if initial:
+        start_from(model, initial[0])
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.model.channels_last:
         model.use_channels_last()
@@ -190,6 +208,11 @@ def main(argv=None):
     if rank == 0:
         print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"
               f"[train] resolved config:\n{json.dumps(to_dict(cfg), indent=1)}", flush=True)
+        if initial:
+            print(f"[train] model.init_from {cfg.model.init_from}: {initial[1]}", flush=True)
+            if not resume:
+                from pipeline.interop import sha256
+                logger.set_tags({"init_from_keys": initial[1], "init_from_sha256": sha256(cfg.model.init_from)})
         if not resume:
             logger.log_params(run_params(cfg, ds_config, model.arch, counts, world, accum))
             for name in ("config.yaml", "ds_config.json", "model.json"):

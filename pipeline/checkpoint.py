@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,10 +232,7 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> 
                # lets `python -m eval --training-run` log into the run that trained it
                "mlflow_run_id": train_state.get("mlflow_run_id", "")}
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, output)
+    save_atomically(payload, output)
     return output
 
 
@@ -256,13 +254,46 @@ def load_exported(path: str | Path):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m pipeline.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="consolidated fp32 weights for evaluation")
-    ex.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory")
+    ex = sub.add_parser("export", help="consolidated fp32 weights for evaluation, or an export in open_clip's layout")
+    ex.add_argument("--format", choices=("ours", "open_clip"), default="ours",
+                    help="ours: from a run's checkpoints/; open_clip: from our export (model.pt) of a clip-* model")
+    ex.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory (ours) or model.pt (open_clip)")
     ex.add_argument("--tag", help="e.g. step_00000200 (default: the newest complete one)")
-    ex.add_argument("--output", required=True)
+    ex.add_argument("--output", required=True, help=".pt, or .safetensors for open_clip")
+    im = sub.add_parser("import", help="OpenAI / open_clip weights -> our export format (model.pt)")
+    im.add_argument("--format", required=True, choices=("openai", "open_clip"))
+    im.add_argument("--input", required=True, help="a state dict (.pt/.bin, read weights-only) or .safetensors")
+    im.add_argument("--model", required=True, help="our model name (clip-b32, clip-b16, ...)")
+    im.add_argument("--source", help="the open_clip model name of the file, e.g. ViT-B-32 or ViT-B-32-quickgelu")
+    im.add_argument("--allow-partial", action="store_true", help="load even with missing or unexpected keys")
+    im.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    print(f"wrote {export(args.checkpoint, args.output, args.tag)}")
+    from pipeline.interop import InteropError, export_open_clip, import_weights
+    try:
+        if args.command == "import":
+            payload, report = import_weights(args.input, args.format, args.model, args.source, args.allow_partial)
+            save_atomically(payload, Path(args.output))
+            from pipeline.interop import describe
+            print(f"keys: {describe(report)}\nwrote {args.output} ({args.model}, activation "
+                  f"{payload['arch']['activation']})")
+        elif args.format == "open_clip":
+            name = export_open_clip(args.checkpoint, args.output)
+            print(f"wrote {args.output}; load it with open_clip.create_model_and_transforms({name!r}, "
+                  f"pretrained={args.output!r})")
+        else:
+            print(f"wrote {export(args.checkpoint, args.output, args.tag)}")
+    except (InteropError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def save_atomically(payload: dict, output: Path):
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, output)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

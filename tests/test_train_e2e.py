@@ -311,6 +311,32 @@ def test_ranks_exit_when_the_launcher_is_killed(tmp_path, demo_data):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_a_run_starts_from_the_weights_of_init_from(tmp_path, demo_data):
+    """Issue 15: model.init_from loads the file before DeepSpeed starts (ZeRO-2, 2 ranks).
+    With lr 1e-30 the one step changes nothing, so the run's export is the file."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import to_dict
+    from pipeline.model import build_model
+    torch.manual_seed(123)  # not the run's seed: its own init would differ everywhere
+    source = build_model("clip-tiny")
+    path = tmp_path / "start.pt"
+    torch.save({"state_dict": source.state_dict(), "arch": to_dict(source.arch), "model_name": "clip-tiny"}, path)
+    config = run_config(tmp_path, demo_data, "init", model={"name": "clip-tiny", "init_from": str(path)},
+                        optim={"lr": 1e-30, "warmup_steps": 0, "weight_decay": 0.0, "shared_weight_decay": 0.0},
+                        train={"steps": 1, "log_every": 1})
+    result = launch(config, ds_config(tmp_path, "cpu_fp32.json", stage=2))
+    assert f"model.init_from {path}: " in result.stdout and "0 missing; 0 unexpected" in result.stdout
+    exported = torch.load(tmp_path / "runs" / "init" / "model.pt", weights_only=True)["state_dict"]
+    for key, value in source.state_dict().items():
+        assert torch.allclose(exported[key], value, atol=1e-6), key
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert run.data.tags["init_from_keys"] == f"{len(source.state_dict())} mapped; 0 missing; 0 unexpected"
+    assert run.data.params["model.init_from"] == str(path) and len(run.data.tags["init_from_sha256"]) == 64
+
+
 def fault_corpus(demo: Path, out: Path, fault: str) -> Path:
     """The demo digits (6 shards, 1,257 samples, with their manifest) with one fault in them."""
     import shutil

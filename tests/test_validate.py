@@ -29,8 +29,8 @@ def two_ranks(monkeypatch):
 
 
 def test_a_valid_config_passes(tmp_path, demo_data, two_ranks):
-    cfg, _, world, _ = validate(args_for(tmp_path, demo_data))
-    assert world == 2 and cfg.data.resampled is False
+    cfg, _, world, _, initial = validate(args_for(tmp_path, demo_data))
+    assert world == 2 and cfg.data.resampled is False and initial is None
 
 
 def test_a_batch_that_a_ranks_share_of_the_epoch_cannot_fill(tmp_path, demo_data, two_ranks):

@@ -21,6 +21,8 @@ SHARED_BLOCK_MODULES: dict[str, tuple[str, ...]] = {
     "all": ("attn", "mlp", "ln_1", "ln_2"),
 }
 
+ACTIVATIONS = ("quick_gelu", "gelu")
+
 NORMALIZATION = {
     # OpenAI CLIP's eval/training normalization.
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
@@ -45,6 +47,9 @@ class ModelArch:
     context_length: int = 77
     vocab_size: int = 49408
     mlp_ratio: float = 4.0
+    # The MLP's activation: OpenAI CLIP and MS-CLIP use QuickGELU; open_clip's LAION models
+    # (names without "-quickgelu") nn.GELU (exact erf), which imported weights need.
+    activation: str = "quick_gelu"
     ln_eps: float = 1e-5
     share: str = "none"
     # The first k layers stay modality-specific (MS-CLIP-S: k=1, its N_LAYERS: 1).
@@ -73,6 +78,8 @@ class ModelArch:
 
         if self.share not in SHARED_BLOCK_MODULES:
             bad("share", f"{self.share!r} is not one of {sorted(SHARED_BLOCK_MODULES)}")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", f"{self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
         if self.normalization not in NORMALIZATION:
             bad("normalization", f"{self.normalization!r} is not one of {sorted(NORMALIZATION)}")
         if self.image_size % self.patch_size:

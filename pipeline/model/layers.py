@@ -1,7 +1,7 @@
 """Transformer building blocks shared by both towers.
 
 Follows OpenAI CLIP's `ResidualAttentionBlock` (openai/CLIP:clip/model.py): pre-LN,
-fused QKV, QuickGELU MLP with 4x expansion. The parameter layout is the one
+fused QKV, QuickGELU MLP with 4x expansion (nn.GELU for open_clip's LAION models). The parameter layout is the one
 MS-CLIP shares (Hxyou/MSCLIP:lib/models/clip_openai_pe_res_v1.py): `attn`
 (fused QKV weight+bias and out-projection) and `mlp` (c_fc, c_proj) are
 modality-free modules that can be the same object in both towers, while `ln_1`
@@ -72,10 +72,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, activation: str = "quick_gelu"):
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
-        self.act = QuickGELU()
+        self.act = QuickGELU() if activation == "quick_gelu" else nn.GELU()
         self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,12 +85,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, ln_eps: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, ln_eps: float, activation: str = "quick_gelu"):
         super().__init__()
         self.ln_1 = LayerNorm(width, eps=ln_eps)
         self.attn = Attention(width, heads)
         self.ln_2 = LayerNorm(width, eps=ln_eps)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(self, x: torch.Tensor, causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal, key_mask)

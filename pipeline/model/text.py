@@ -19,7 +19,7 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(arch.vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(arch.context_length, width))
         self.blocks = nn.ModuleList(
-            Block(width, arch.text_heads, arch.mlp_ratio, arch.ln_eps) for _ in range(arch.text_layers))
+            Block(width, arch.text_heads, arch.mlp_ratio, arch.ln_eps, arch.activation) for _ in range(arch.text_layers))
         self.ln_final = LayerNorm(width, eps=arch.ln_eps)
         self.text_projection = nn.Parameter(torch.zeros(width, arch.embed_dim))
 

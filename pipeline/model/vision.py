@@ -132,7 +132,7 @@ class VisionTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(arch.grid_size ** 2 + 1, width))
         self.ln_pre = LayerNorm(width, eps=arch.ln_eps)
         self.blocks = nn.ModuleList(
-            Block(width, arch.vision_heads, arch.mlp_ratio, arch.ln_eps) for _ in range(self.first_layer, arch.vision_layers))
+            Block(width, arch.vision_heads, arch.mlp_ratio, arch.ln_eps, arch.activation) for _ in range(self.first_layer, arch.vision_layers))
         self.ln_post = LayerNorm(width, eps=arch.ln_eps)
         self.proj = nn.Parameter(torch.zeros(width, arch.embed_dim))
         if arch.roi_dim:

@@ -1,0 +1,323 @@
+"""Weights the field already has, in and out: OpenAI CLIP and open_clip state dicts to
+our export format and back (issue 15).
+
+OpenAI's `clip/model.py` and open_clip's `CLIP` (open_clip/model.py, transformer.py)
+share one state-dict layout, which ours follows block for block (pipeline/model/layers.py):
+the differences are names (`transformer.resblocks.N` vs `text.blocks.N`, `visual.conv1`
+vs `visual.stem.conv`, `attn.in_proj_*` vs `attn.qkv.*`), the top-level text tower, and
+`logit_scale`'s shape (a scalar there, (1,) here: see SharedCLIP). A state dict does not
+say which activation it was trained with (OpenAI and open_clip's `-quickgelu` models:
+QuickGELU; open_clip's LAION models: nn.GELU), so the source model is named and its
+open_clip model config, shipped in the open_clip package, gives widths, layers and the
+activation.
+
+Files are read weights-only: a `.pt`/`.bin` through torch's weights-only unpickler, a
+`.safetensors` through safetensors. A file that would need code to load (a pickle with
+objects, OpenAI's TorchScript archives) is refused with one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from pipeline.model import build_model
+from pipeline.model.configs import ModelArch, resolve_arch
+
+
+class InteropError(ValueError):
+    """A file or model that cannot be converted; the message is one line."""
+
+
+class UntrustedFileError(InteropError):
+    pass
+
+
+# ---- reading files ----------------------------------------------------------------------
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, without running anything in it. Accepts a plain state
+    dict, a training checkpoint holding one under "state_dict" (open_clip's), DDP's
+    "module." prefix, and safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise InteropError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    if is_torchscript(path):
+        raise UntrustedFileError(
+            f"{path}: a TorchScript archive (OpenAI's released .pt files are): its tensors load only by running its "
+            f"code, so it is refused; use the same weights as a state dict or safetensors (open_clip publishes "
+            f"OpenAI's models as 'open_clip_pytorch_model.bin' / '.safetensors' on the Hugging Face hub)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises UnpicklingError or RuntimeError)
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise UntrustedFileError(f"{path}: refused, it holds objects that would run code when loaded (only "
+                                     f"tensors are read from checkpoints)") from None
+        raise InteropError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        payload = payload["state_dict"]
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise InteropError(f"{path}: no state dict of tensors in it")
+    if payload and all(k.startswith("module.") for k in payload):
+        payload = {k[len("module."):]: v for k, v in payload.items()}
+    return payload
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with a code/ folder (torch.save's zips have none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name or name.startswith("code/") for name in z.namelist())
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- open_clip's model configs -------------------------------------------------------------
+
+# The open_clip config fields our ViT expresses; anything else (timm/HF towers, attentional
+# pooling, SigLIP's bias, layer scale, no ln_pre, ...) changes the computation: refused.
+_VISION_FIELDS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "patch_dropout"}
+_TEXT_FIELDS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+_TOP_FIELDS = {"embed_dim", "quick_gelu", "vision_cfg", "text_cfg"}
+
+
+def open_clip_arch(source: str) -> dict:
+    """Our architecture fields for open_clip model `source` (e.g. "ViT-B-32",
+    "ViT-B-32-quickgelu"), from the model config open_clip ships."""
+    import open_clip
+    cfg = open_clip.get_model_config(source)
+    if cfg is None:
+        raise InteropError(f"--source {source}: not an open_clip model name (open_clip.list_models() has them)")
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    extra = sorted({*(set(cfg) - _TOP_FIELDS), *(f"vision_cfg.{k}" for k in set(vision) - _VISION_FIELDS),
+                    *(f"text_cfg.{k}" for k in set(text) - _TEXT_FIELDS)})
+    if extra or not isinstance(vision.get("layers"), int):
+        raise InteropError(f"--source {source}: open_clip config fields this architecture does not express: "
+                           f"{', '.join(extra) or 'vision_cfg.layers (per-stage: a ResNet)'}")
+    if vision.get("mlp_ratio", 4.0) != text.get("mlp_ratio", 4.0):
+        raise InteropError(f"--source {source}: different MLP ratios per tower are not expressed here")
+    return dict(embed_dim=cfg["embed_dim"], image_size=vision["image_size"], patch_size=vision["patch_size"],
+                vision_width=vision["width"], vision_layers=vision["layers"],
+                vision_heads=vision["width"] // vision.get("head_width", 64),
+                text_width=text["width"], text_layers=text["layers"], text_heads=text["heads"],
+                context_length=text["context_length"], vocab_size=text["vocab_size"],
+                mlp_ratio=float(vision.get("mlp_ratio", 4.0)),
+                activation="quick_gelu" if cfg.get("quick_gelu") else "gelu",
+                share="none", ln_eps=1e-5, normalization="clip")
+
+
+def open_clip_name(arch: ModelArch) -> str:
+    """The open_clip model name whose config builds `arch` (for `create_model`)."""
+    import open_clip
+    for name in open_clip.list_models():
+        try:
+            if resolve_arch(arch, open_clip_arch(name)) == arch:
+                return name
+        except (InteropError, ValueError):
+            continue
+    raise InteropError(f"no open_clip model config matches this architecture ({arch.vision_width} wide, "
+                       f"{arch.vision_layers} layers, patch {arch.patch_size}, {arch.activation})")
+
+
+# ---- key mapping -------------------------------------------------------------------------------
+
+# (open_clip / OpenAI name, ours), as regular expressions over whole keys
+_RENAMES = [
+    (r"visual\.conv1\.weight", r"visual.stem.conv.weight"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"visual.blocks.\1.attn.qkv.\2"),
+    (r"visual\.transformer\.resblocks\.(\d+)\.(.+)", r"visual.blocks.\1.\2"),
+    (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"text.blocks.\1.attn.qkv.\2"),
+    (r"transformer\.resblocks\.(\d+)\.(.+)", r"text.blocks.\1.\2"),
+    (r"(positional_embedding|text_projection|ln_final\..+|token_embedding\..+)", r"text.\1"),
+    (r"(visual\..+|logit_scale)", r"\1"),
+]
+# OpenAI's state dicts carry the model's sizes as tensors beside the weights
+_OPENAI_SIZES = ("input_resolution", "context_length", "vocab_size")
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
+    for pattern, replacement in table:
+        if re.fullmatch(pattern, key):
+            return re.sub(f"^{pattern}$", replacement, key)
+    return None
+
+
+def from_open_clip(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """open_clip / OpenAI names -> ours; returns (mapped, keys that map to nothing)."""
+    mapped, unexpected = {}, []
+    for key, value in state_dict.items():
+        if key in _OPENAI_SIZES:
+            continue
+        ours = _rename(key, _RENAMES)
+        if ours is None:
+            unexpected.append(key)
+            continue
+        mapped[ours] = value.reshape(1) if ours == "logit_scale" else value
+    return mapped, unexpected
+
+
+def to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours -> open_clip names (plain CLIP models only: one tower each, nothing shared)."""
+    back = [(r"visual\.stem\.conv\.weight", r"visual.conv1.weight"),
+            (r"visual\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"visual.transformer.resblocks.\1.attn.in_proj_\2"),
+            (r"visual\.blocks\.(\d+)\.(.+)", r"visual.transformer.resblocks.\1.\2"),
+            (r"text\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"transformer.resblocks.\1.attn.in_proj_\2"),
+            (r"text\.blocks\.(\d+)\.(.+)", r"transformer.resblocks.\1.\2"),
+            (r"text\.(.+)", r"\1"), (r"(visual\..+|logit_scale)", r"\1")]
+    out = {}
+    for key, value in state_dict.items():
+        name = _rename(key, back)
+        if name is None:
+            raise InteropError(f"{key}: no open_clip counterpart")
+        out[name] = value.reshape(()) if name == "logit_scale" else value
+    return out
+
+
+# ---- import / export -----------------------------------------------------------------------------
+
+def key_report(model: torch.nn.Module, mapped: dict, unexpected: list[str]) -> dict:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(mapped))
+    unexpected = sorted(unexpected + [k for k in mapped if k not in own])
+    shapes = sorted(f"{k}: {tuple(mapped[k].shape)} vs ours {tuple(own[k].shape)}"
+                    for k in mapped if k in own and mapped[k].shape != own[k].shape)
+    return {"mapped": len(set(mapped) & set(own)), "missing": missing, "unexpected": unexpected, "shapes": shapes}
+
+
+def describe(report: dict) -> str:
+    parts = [f"{report['mapped']} mapped", f"{len(report['missing'])} missing", f"{len(report['unexpected'])} unexpected"]
+    for kind in ("missing", "unexpected", "shapes"):
+        if report[kind]:
+            parts.append(f"{kind}: {', '.join(report[kind][:5])}{' ...' if len(report[kind]) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def import_weights(path: str | Path, fmt: str, model_name: str, source: str | None = None,
+                   allow_partial: bool = False) -> tuple[dict, dict]:
+    """(our export payload, key report) for a file in `fmt` (openai / open_clip)."""
+    if fmt not in ("openai", "open_clip"):
+        raise InteropError(f"--format {fmt}: this importer reads openai and open_clip files")
+    if not source:
+        raise InteropError("--source: name the open_clip model the file belongs to (ViT-B-32-quickgelu for OpenAI's "
+                           "B/32, ViT-B-32 for LAION's): a state dict does not say which activation it was trained with")
+    overrides = open_clip_arch(source)
+    base = resolve_arch(model_name)
+    arch = resolve_arch(base, overrides)
+    if base.share != "none" or base.early_conv_stem:
+        raise InteropError(f"--model {model_name}: an {fmt} file holds a plain CLIP; use a clip-* model")
+    sizes = ("vision_width", "vision_layers", "vision_heads", "text_width", "text_layers", "text_heads", "embed_dim",
+             "patch_size")
+    differ = [f"{k} {getattr(base, k)} vs {getattr(arch, k)}" for k in sizes if getattr(base, k) != getattr(arch, k)]
+    if differ:
+        raise InteropError(f"--model {model_name} does not match --source {source}: {', '.join(differ)}")
+    model = build_model(arch)
+    mapped, unexpected = from_open_clip(read_state_dict(path))
+    report = key_report(model, mapped, unexpected)
+    if report["shapes"] or (not allow_partial and (report["missing"] or report["unexpected"])):
+        raise InteropError(f"{path}: {describe(report)}" + ("" if report["shapes"] else " (--allow-partial to load anyway)"))
+    model.load_state_dict({k: v for k, v in mapped.items() if k in model.state_dict()}, strict=not allow_partial)
+    payload = {"state_dict": {k: v.float().contiguous() for k, v in model.state_dict().items()},
+               "model_name": model_name, "arch": _arch_dict(arch), "heads": {}, "similarity": "pooled",
+               "source": {"format": fmt, "file": str(Path(path).resolve()), "sha256": sha256(path),
+                          "open_clip_model": source or ""}}
+    return payload, report
+
+
+def _arch_dict(arch: ModelArch) -> dict:
+    from pipeline.config import to_dict
+    return to_dict(arch)
+
+
+def export_open_clip(exported: str | Path, output: str | Path) -> str:
+    """Our export of a clip-* model -> an open_clip state dict file; returns the open_clip
+    model name that loads it (`open_clip.create_model(name, pretrained=output)`)."""
+    from pipeline.checkpoint import load_exported
+    model, payload = load_exported(exported)
+    if model.arch.share != "none" or model.arch.early_conv_stem or model.arch.parallel_branch:
+        raise InteropError(f"{exported}: {payload.get('model_name', 'this model')} shares weights between its towers "
+                           f"or has MS-CLIP's convolutions; open_clip has no such model, so its export stays ours")
+    name = open_clip_name(model.arch)
+    state_dict = to_open_clip(model.state_dict())
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(output))
+    else:
+        torch.save(state_dict, output)
+    return name
+
+
+# ---- starting a run from weights (model.init_from) -------------------------------------------------
+
+def resize_positional_embedding(embedding: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1 + g*g, D) -> (1 + grid*grid, D): the CLS row kept, the patch rows resampled as
+    an image, bicubic with antialiasing (open_clip's `resize_pos_embed`)."""
+    import torch.nn.functional as F
+    cls, patches = embedding[:1], embedding[1:]
+    old = int(round(patches.shape[0] ** 0.5))
+    if old * old != patches.shape[0]:
+        raise InteropError(f"visual.positional_embedding: {patches.shape[0]} patch positions are not a square grid")
+    image = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, D, g, g)
+    resized = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    return torch.cat([cls, resized.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(embedding.dtype)])
+
+
+def initial_weights(path: str, fmt: str, source: str, arch: ModelArch) -> tuple[dict[str, torch.Tensor], str]:
+    """`model.init_from`: the encoder weights of `path` for a model of `arch`, in our
+    names, and a one-line report. `fmt` auto reads our exports (they carry "arch") and
+    otherwise treats the file as open_clip's (OpenAI's layout is the same), which needs
+    `source`. The activation must be the file's; a different image size or patch grid
+    interpolates the position embedding."""
+    if fmt in ("auto", "ours") and Path(path).suffix != ".safetensors":
+        payload = _read_ours(path)
+        if payload is not None:
+            return _fit(payload["state_dict"], [], resolve_arch(payload["arch"]), arch, path)
+        if fmt == "ours":
+            raise InteropError(f"model.init_from: {path} is not one of our exports (no 'arch' and 'state_dict')")
+    if not source:
+        raise InteropError("model.init_from_source: name the open_clip model of an openai/open_clip file "
+                           "(e.g. ViT-B-32-quickgelu)")
+    mapped, unexpected = from_open_clip(read_state_dict(path))
+    return _fit(mapped, unexpected, resolve_arch(arch, open_clip_arch(source)), arch, path)
+
+
+def _read_ours(path: str) -> dict | None:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (not ours, or unsafe: read_state_dict says which)
+        read_state_dict(path)  # raises the one-line refusal for an unsafe file
+        return None
+    return payload if isinstance(payload, dict) and "arch" in payload and "state_dict" in payload else None
+
+
+def _fit(state_dict: dict, unexpected: list[str], source_arch: ModelArch, arch: ModelArch,
+         path: str) -> tuple[dict, str]:
+    if source_arch.activation != arch.activation:
+        raise InteropError(f"model.init_from: {path} was trained with {source_arch.activation}, the model uses "
+                           f"{arch.activation}: set model.overrides.activation={source_arch.activation}")
+    state_dict = dict(state_dict)
+    note = ""
+    key = "visual.positional_embedding"
+    if key in state_dict and state_dict[key].shape[0] != arch.grid_size ** 2 + 1:
+        old = state_dict[key].shape[0]
+        state_dict[key] = resize_positional_embedding(state_dict[key], arch.grid_size)
+        note = f"; {key} interpolated from {old} to {state_dict[key].shape[0]} positions (bicubic)"
+    model = build_model(arch)
+    report = key_report(model, state_dict, unexpected)
+    if report["missing"] or report["unexpected"] or report["shapes"]:
+        raise InteropError(f"model.init_from: {path}: {describe(report)}")
+    return state_dict, f"{describe(report)}{note}"

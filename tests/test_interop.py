@@ -1,0 +1,188 @@
+"""OpenAI / open_clip weights in and out (issue 15), against open_clip itself: random
+weights in open_clip's own models stand in for released ones (no downloads here)."""
+import pytest
+import torch
+
+from pipeline.checkpoint import load_exported, main as checkpoint_main
+from pipeline.interop import InteropError, UntrustedFileError, import_weights, open_clip_arch, read_state_dict
+from pipeline.model import build_model
+from pipeline.tokenizer import get_tokenizer
+
+open_clip = pytest.importorskip("open_clip")
+
+CAPTIONS = ["a photo of a dog on a beach", "the digit seven, handwritten"]
+
+
+def random_open_clip(name: str) -> torch.nn.Module:
+    """open_clip's model with every tensor randomized (LayerNorms included, which its
+    init leaves at 1/0, so that a mapping that mixes them up shows)."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(name).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        model.logit_scale.fill_(3.1)
+    return model
+
+
+def outputs(model, images, text):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(text), model.logit_scale.reshape(())
+
+
+def assert_same(a, b, tol=1e-5):
+    for x, y in zip(a, b):
+        assert (x - y).abs().max().item() <= tol * max(1.0, y.abs().max().item()), (x - y).abs().max().item()
+
+
+@pytest.mark.parametrize("source,ours,suffix", [("ViT-B-32-quickgelu", "clip-b32", ".bin"),
+                                                 ("ViT-B-32", "clip-b32", ".safetensors"),
+                                                 ("ViT-B-16", "clip-b16", ".bin")])
+def test_open_clip_round_trip_gives_the_same_embeddings(tmp_path, source, ours, suffix):
+    reference = random_open_clip(source)
+    path = tmp_path / f"open_clip{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    else:  # open_clip's training checkpoints: a dict with the state dict under "state_dict", DDP's prefix
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    imported = tmp_path / "ours.pt"
+    assert checkpoint_main(["import", "--format", "open_clip", "--input", str(path), "--model", ours,
+                            "--source", source, "--output", str(imported)]) == 0
+    model, payload = load_exported(imported)
+    assert payload["arch"]["activation"] == ("quick_gelu" if "quickgelu" in source else "gelu")
+    assert payload["source"]["format"] == "open_clip" and len(payload["source"]["sha256"]) == 64
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 224, 224)
+    text = get_tokenizer()(CAPTIONS, 77)
+    expected = outputs(reference, images, text)
+    assert_same(outputs(model, images, text), expected)
+
+    exported = tmp_path / "back.pt"
+    assert checkpoint_main(["export", "--format", "open_clip", "--checkpoint", str(imported),
+                            "--output", str(exported)]) == 0
+    back = open_clip.create_model(source, pretrained=str(exported)).eval()
+    assert_same(outputs(back, images, text), expected)
+
+
+def test_the_activation_matters_and_the_source_must_be_named(tmp_path):
+    """A LAION (GELU) state dict imported as QuickGELU would load without a missing key
+    and give other embeddings: the source model is a required fact."""
+    reference = random_open_clip("ViT-B-32")
+    path = tmp_path / "laion.bin"
+    torch.save(reference.state_dict(), path)
+    with pytest.raises(InteropError, match="--source: name the open_clip model"):
+        import_weights(path, "open_clip", "clip-b32")
+    wrong, _ = import_weights(path, "open_clip", "clip-b32", "ViT-B-32-quickgelu")
+    model = build_model(wrong["arch"]).eval()
+    model.load_state_dict(wrong["state_dict"])
+    text = get_tokenizer()(CAPTIONS, 77)
+    with torch.no_grad():
+        assert (model.encode_text(text) - reference.encode_text(text)).abs().max() > 1e-3
+    with pytest.raises(InteropError, match="--model clip-b16 does not match --source ViT-B-32: patch_size 16 vs 32"):
+        import_weights(path, "open_clip", "clip-b16", "ViT-B-32")
+
+
+def test_missing_and_unexpected_keys_are_errors_unless_partial(tmp_path):
+    state = random_open_clip("ViT-B-32").state_dict()
+    del state["visual.ln_post.weight"]
+    state["visual.extra_head.weight"] = torch.zeros(3)
+    path = tmp_path / "partial.bin"
+    torch.save(state, path)
+    with pytest.raises(InteropError, match=r"missing: visual.ln_post.weight; unexpected: visual.extra_head.weight"):
+        import_weights(path, "open_clip", "clip-b32", "ViT-B-32")
+    payload, report = import_weights(path, "open_clip", "clip-b32", "ViT-B-32", allow_partial=True)
+    assert report["missing"] == ["visual.ln_post.weight"] and report["unexpected"] == ["visual.extra_head.weight"]
+
+
+def test_sources_this_architecture_cannot_express_are_refused():
+    assert open_clip_arch("ViT-L-14")["vision_heads"] == 16  # 1024 wide, heads of 64
+    with pytest.raises(InteropError, match="RN50: open_clip config fields this architecture does not express"):
+        open_clip_arch("RN50")
+    with pytest.raises(InteropError, match="not an open_clip model name"):
+        open_clip_arch("ViT-B-33")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(UntrustedFileError, match="refused, it holds objects that would run code"):
+        read_state_dict(path)
+    assert checkpoint_main(["import", "--format", "open_clip", "--input", str(path), "--model", "clip-b32",
+                            "--source", "ViT-B-32", "--output", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "weights_only=False" not in err
+    assert not marker.exists()
+
+
+def test_torchscript_archives_are_refused_with_the_safe_alternative(tmp_path):
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(path))
+    with pytest.raises(UntrustedFileError, match="a TorchScript archive .* use the same weights as a state dict"):
+        read_state_dict(path)
+
+
+def test_msclip_models_keep_our_format(tmp_path):
+    model = build_model("msclip-tiny")
+    from pipeline.config import to_dict
+    path = tmp_path / "msclip.pt"
+    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "msclip-tiny"}, path)
+    assert checkpoint_main(["export", "--format", "open_clip", "--checkpoint", str(path),
+                            "--output", str(tmp_path / "x.pt")]) == 2
+
+
+# ---- model.init_from ---------------------------------------------------------------------------
+
+def our_export(path, name="clip-tiny", seed=123, **overrides):
+    from pipeline.config import to_dict
+    torch.manual_seed(seed)
+    model = build_model(name, overrides)
+    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": name}, path)
+    return model
+
+
+def test_resizing_the_position_embedding_to_its_own_grid_is_the_identity():
+    from pipeline.interop import resize_positional_embedding
+    embedding = torch.randn(1 + 7 * 7, 32)
+    assert torch.allclose(resize_positional_embedding(embedding, 7), embedding, atol=1e-6)
+    resized = resize_positional_embedding(embedding, 9)
+    assert resized.shape == (1 + 81, 32) and torch.equal(resized[0], embedding[0])  # CLS untouched
+
+
+def test_init_from_another_image_size_interpolates_and_says_so(tmp_path):
+    from pipeline.interop import initial_weights
+    from pipeline.model.configs import resolve_arch
+    source = our_export(tmp_path / "64px.pt")  # 64 px, patch 16: a 4 x 4 grid
+    arch = resolve_arch("clip-tiny", {"image_size": 96})  # 6 x 6
+    state, report = initial_weights(str(tmp_path / "64px.pt"), "auto", "", arch)
+    assert state["visual.positional_embedding"].shape == (37, 128)
+    assert "visual.positional_embedding interpolated from 17 to 37 positions" in report and "0 missing" in report
+    assert torch.equal(state["text.token_embedding.weight"], source.state_dict()["text.token_embedding.weight"])
+    build_model(arch).load_state_dict(state)  # loads as it is
+
+
+def test_init_from_refuses_what_it_cannot_start_from(tmp_path):
+    from pipeline.interop import initial_weights
+    from pipeline.model.configs import resolve_arch
+    our_export(tmp_path / "gelu.pt", activation="gelu")
+    with pytest.raises(InteropError, match="trained with gelu, the model uses quick_gelu: set "
+                                           "model.overrides.activation=gelu"):
+        initial_weights(str(tmp_path / "gelu.pt"), "auto", "", resolve_arch("clip-tiny"))
+    our_export(tmp_path / "msclip-s.pt", name="msclip-s-tiny")  # a conv stem and branch, no patch embedding
+    with pytest.raises(InteropError, match=r"model.init_from: .*msclip-s.pt: \d+ mapped; 13 missing; \d+ unexpected; "
+                                           r"missing: visual.blocks.5.* unexpected: visual.adapters"):
+        initial_weights(str(tmp_path / "msclip-s.pt"), "auto", "", resolve_arch("clip-tiny"))
+    marker = tmp_path / "ran"
+    torch.save({"arch": {}, "state_dict": {}, "x": _RunsCode(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UntrustedFileError):
+        initial_weights(str(tmp_path / "evil.pt"), "auto", "", resolve_arch("clip-tiny"))
+    assert not marker.exists()

@@ -5,7 +5,10 @@
         [--training-run | --run-id ID | --experiment NAME] [--tracking-uri URI] [--output results.json]
 
 --checkpoint is an exported file (`model.pt`, weights-only) or a run's DeepSpeed
-checkpoints/ directory (exported on the fly). Metrics go into the run that trained the
+checkpoints/ directory (exported on the fly); with --format msclip|openai|open_clip and
+--model (and --source for open_clip) a released file, imported on the fly, whose run is
+tagged reference=true with the file's sha256 (`python -m eval.compare` shows it beside
+the trained runs). Metrics go into the run that trained the
 checkpoint with --training-run (its MLflow id is in the export), into run ID with
 --run-id, else into a new run tagged with the checkpoint; they are logged at the
 checkpoint's training step. Writes a JSON of
@@ -27,12 +30,22 @@ from eval import linear_probe, retrieval, zeroshot
 from eval.data import EvalDataError, read_classification, read_retrieval
 from eval.plots import bar_chart, confusion_matrix
 from pipeline.checkpoint import export, load_exported
+from pipeline.interop import InteropError
 from pipeline.tracking import default_tracking_uri
 
 MAX_CONFUSION_CLASSES = 30
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, fmt: str = "ours", model_name: str | None = None, source: str | None = None):
+    """Our export or a run's checkpoints/; with `fmt` msclip/openai/open_clip, a released
+    file imported on the fly (pipeline/interop.py)."""
+    if fmt != "ours":
+        from pipeline.checkpoint import model_from_payload
+        from pipeline.interop import import_weights
+        if not model_name:
+            raise FileNotFoundError(f"--format {fmt}: name the model to build with --model (e.g. msclip-s-b32)")
+        payload, _ = import_weights(path, fmt, model_name, source)
+        return model_from_payload(payload), payload
     path = Path(path)
     if path.is_dir():  # a DeepSpeed checkpoints/ directory: consolidate first
         tmp = Path(tempfile.mkdtemp()) / "model.pt"
@@ -75,9 +88,14 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
         run = mlflow.start_run(run_id=args.run_id)
     else:
         mlflow.set_experiment(args.experiment)
-        run = mlflow.start_run(run_name=f"eval-{payload.get('model_name', 'model')}",
-                               tags={"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
-                                     "model": payload.get("model_name", "")})
+        tags = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
+                "model": payload.get("model_name", "")}
+        source = payload.get("source")
+        if source:  # released weights (imported here or by `python -m pipeline.checkpoint import`)
+            tags.update(reference="true", source_format=source["format"], source_sha256=source["sha256"],
+                        source_file=source["file"])
+        run = mlflow.start_run(run_name=f"{'reference' if source else 'eval'}-{payload.get('model_name', 'model')}",
+                               tags=tags)
     with run:
         step = int(payload.get("step", 0))
         for r in results:
@@ -98,6 +116,10 @@ def main(argv=None) -> int:
     parser.add_argument("--zeroshot", nargs="*", metavar="DATASET", help="classification dataset roots")
     parser.add_argument("--linear-probe", nargs="*", metavar="DATASET", help="roots with train/ and test/ splits")
     parser.add_argument("--retrieval", nargs="*", metavar="DATASET", help="Karpathy json or webdataset roots")
+    parser.add_argument("--format", choices=("ours", "msclip", "openai", "open_clip"), default="ours",
+                        help="released weights, imported on the fly; the run is tagged reference=true")
+    parser.add_argument("--model", help="with --format: the model to build (msclip-s-b32, clip-b32, ...)")
+    parser.add_argument("--source", help="with --format openai/open_clip: the open_clip model name")
     parser.add_argument("--split", default="test")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -116,7 +138,7 @@ def main(argv=None) -> int:
     if not (args.zeroshot or args.linear_probe or args.retrieval):
         parser.error("name at least one task: --zeroshot, --linear-probe or --retrieval")
     try:
-        model, payload = load_checkpoint(args.checkpoint)
+        model, payload = load_checkpoint(args.checkpoint, args.format, args.model, args.source)
         if args.training_run:
             args.run_id = payload.get("mlflow_run_id") or None
             if not args.run_id:
@@ -129,7 +151,7 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
         results, artifacts = run_tasks(model, args, device)
-    except (EvalDataError, FileNotFoundError) as e:
+    except (EvalDataError, FileNotFoundError, InteropError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except pickle.UnpicklingError:

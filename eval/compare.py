@@ -31,9 +31,10 @@ def select_runs(client, experiment_name: str, wanted: list[str] | None):
     if experiment is None:
         raise CompareError(f"--experiment {experiment_name!r}: no such experiment in this store")
     # Training runs carry a `model` tag; runs that `python -m eval` opened for a bare
-    # checkpoint carry one too, but also task=eval.
+    # checkpoint carry one too, but also task=eval; those of released weights are the
+    # reference lines (reference=true) and are shown beside the trained ones.
     runs = [r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-            if "model" in r.data.tags and r.data.tags.get("task") != "eval"]
+            if "model" in r.data.tags and (r.data.tags.get("task") != "eval" or r.data.tags.get("reference") == "true")]
     if wanted:
         by_key = {**{r.info.run_name: r for r in runs}, **{r.info.run_id: r for r in runs}}
         missing = [w for w in wanted if w not in by_key]
@@ -52,12 +53,13 @@ def eval_metric_names(runs) -> list[str]:
 
 def comparison_rows(runs) -> tuple[list[str], list[list[str]]]:
     evals = eval_metric_names(runs)
-    header = ["run", "model", "params (M)", "shared", "steps", "loss", *[short_name(e) for e in evals]]
+    header = ["run", "kind", "model", "params (M)", "shared", "steps", "loss", *[short_name(e) for e in evals]]
     rows = []
     for r in runs:
         p, m = r.data.params, r.data.metrics
         total = p.get("params_total")
-        rows.append([r.info.run_name, r.data.tags.get("model", ""),
+        kind = "reference" if r.data.tags.get("reference") == "true" else "trained"
+        rows.append([r.info.run_name, kind, r.data.tags.get("model", ""),
                      f"{int(total) / 1e6:.2f}" if total else "", p.get("shared_fraction", ""),
                      p.get("train.steps", ""), _fmt(m.get("loss")), *[_fmt(m.get(e)) for e in evals]])
     return header, rows

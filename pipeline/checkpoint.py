@@ -239,16 +239,21 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> 
 def load_exported(path: str | Path):
     """The model of an exported file, built and loaded; weights-only, so a file crafted to
     run code when unpickled is rejected instead of executed."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return model_from_payload(payload), payload
+
+
+def model_from_payload(payload: dict):
+    """The model of an export payload (a file's, or one `pipeline.interop` just imported)."""
     from pipeline.model import build_model
     from pipeline.objectives import token_heads
-    payload = torch.load(path, map_location="cpu", weights_only=True)
     model = build_model(payload["arch"])
     model.load_state_dict(payload["state_dict"])
     # FILIP's heads ride along when the run trained them; eval picks the similarity by
     # `similarity` (older exports and other objectives: "pooled")
     model.token_heads = token_heads(model.arch, payload.get("heads", {}))
     model.similarity = payload.get("similarity", "pooled")
-    return model.eval(), payload
+    return model.eval()
 
 
 def main(argv=None):
@@ -260,8 +265,9 @@ def main(argv=None):
     ex.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory (ours) or model.pt (open_clip)")
     ex.add_argument("--tag", help="e.g. step_00000200 (default: the newest complete one)")
     ex.add_argument("--output", required=True, help=".pt, or .safetensors for open_clip")
-    im = sub.add_parser("import", help="OpenAI / open_clip weights -> our export format (model.pt)")
-    im.add_argument("--format", required=True, choices=("openai", "open_clip"))
+    im = sub.add_parser("import", help="MS-CLIP / OpenAI / open_clip weights -> our export format (model.pt)")
+    im.add_argument("--format", required=True, choices=("msclip", "openai", "open_clip"),
+                    help="msclip: a released MS-CLIP checkpoint (Hxyou/MSCLIP state dict)")
     im.add_argument("--input", required=True, help="a state dict (.pt/.bin, read weights-only) or .safetensors")
     im.add_argument("--model", required=True, help="our model name (clip-b32, clip-b16, ...)")
     im.add_argument("--source", help="the open_clip model name of the file, e.g. ViT-B-32 or ViT-B-32-quickgelu")

@@ -42,12 +42,12 @@ class ModelConfig:
     # bench/bench_fast_paths.py measures compile time and speed-up).
     compile: bool = False
     # Start from these weights instead of a random init (fine-tuning, continued
-    # pre-training): our export (model.pt, e.g. from `python -m pipeline.checkpoint import`)
-    # or an openai / open_clip state dict, which needs init_from_source (the open_clip model
-    # name: it fixes the activation). A different image size interpolates the position
+    # pre-training): our export (model.pt, e.g. from `python -m pipeline.checkpoint import`),
+    # a released MS-CLIP checkpoint, or an openai / open_clip state dict, which needs
+    # init_from_source (the open_clip model name: it fixes the activation). A different image size interpolates the position
     # embedding; the key report is printed and logged to MLflow.
     init_from: str = ""
-    init_from_format: Literal["auto", "ours", "openai", "open_clip"] = "auto"
+    init_from_format: Literal["auto", "ours", "msclip", "openai", "open_clip"] = "auto"
     init_from_source: str = ""
 
     def __post_init__(self):

@@ -169,6 +169,63 @@ def from_open_clip(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return mapped, unexpected
 
 
+# The released MS-CLIP checkpoints: state dicts of the reference `CLIP`
+# (Hxyou/MSCLIP lib/models/clip_openai_pe_res_v1.py). With Early Specialization its
+# visual resblocks.0 is the conv stem (`EarlyconvRes`: conv1/bn1, then `ResBasicBlock_v0`
+# stages whose 3x3 conv is conv1/bn1 and whose 1x1 shortcut is downsample.0/1), so its
+# visual resblocks.i is our visual.blocks.(i - 1); the parallel branch is
+# parallel_branch_v (stage 0 conv/bn, then `ConvResBlock`s) and the lateral adapters
+# parallel_lateral_adapter.
+_MSCLIP_VISUAL = [
+    (r"resblocks\.0\.conv1\.weight", r"stem.conv1.0.0.weight"),
+    (r"resblocks\.0\.bn1\.(.+)", r"stem.conv1.0.1.\1"),
+    (r"resblocks\.0\.resnet_stage\.conv_(\d+)\.conv1\.weight", r"stem.stages.\1.conv3.0.weight"),
+    (r"resblocks\.0\.resnet_stage\.conv_(\d+)\.bn1\.(.+)", r"stem.stages.\1.conv3.1.\2"),
+    (r"resblocks\.0\.resnet_stage\.conv_(\d+)\.downsample\.([01])\.(.+)", r"stem.stages.\1.conv1.\2.\3"),
+    (r"resblocks\.0\.last_conv\.weight", r"stem.last_conv.weight"),
+    (r"parallel_branch_v\.0\.conv\.weight", r"branch.stages.0.0.0.weight"),
+    (r"parallel_branch_v\.0\.bn\.(.+)", r"branch.stages.0.0.1.\1"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.conv1\.weight", r"branch.stages.\1.body.0.0.weight"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.bn1\.(.+)", r"branch.stages.\1.body.0.1.\2"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.conv2\.weight", r"branch.stages.\1.body.2.0.weight"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.bn2\.(.+)", r"branch.stages.\1.body.2.1.\2"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.conv3\.weight", r"branch.stages.\1.body.4.0.weight"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.bn3\.(.+)", r"branch.stages.\1.body.4.1.\2"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.residual_conv\.weight", r"branch.stages.\1.shortcut.0.weight"),
+    (r"parallel_branch_v\.(\d+)\.resnet_stage\.conv_0\.residual_bn\.(.+)", r"branch.stages.\1.shortcut.1.\2"),
+    (r"parallel_lateral_adapter\.(\d+)\.top2bottom_dw_conv\.conv\.weight", r"adapters.\1.to_grid.0.0.weight"),
+    (r"parallel_lateral_adapter\.(\d+)\.top2bottom_dw_conv\.bn\.(.+)", r"adapters.\1.to_grid.0.1.\2"),
+    (r"parallel_lateral_adapter\.(\d+)\.top2bottom_pw_conv\.conv\.weight", r"adapters.\1.to_grid.1.weight"),
+    (r"parallel_lateral_adapter\.(\d+)\.bottom_dw_conv\.conv\.weight", r"adapters.\1.token_dw.0.weight"),
+    (r"parallel_lateral_adapter\.(\d+)\.bottom_dw_conv\.bn\.(.+)", r"adapters.\1.token_dw.1.\2"),
+    (r"parallel_lateral_adapter\.(\d+)\.ln_adapt\.(.+)", r"adapters.\1.ln.\2"),
+]
+
+
+def from_msclip(state_dict: dict[str, torch.Tensor], arch: ModelArch) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The reference MS-CLIP names -> ours for `arch` (its early_conv_stem shifts the
+    visual block numbering); returns (mapped, keys that map to nothing). A tensor the
+    reference shares between the towers appears under both names, as in ours."""
+    first = 1 if arch.early_conv_stem else 0
+    convs = [(f"visual\\.transformer\\.{p}", f"visual.{r}") for p, r in _MSCLIP_VISUAL] if first else []
+    mapped, unexpected = {}, []
+    for key, value in state_dict.items():
+        ours = _rename(key, convs)
+        if ours is None:
+            block = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key)
+            if block and int(block.group(1)) >= first:  # the stem was layer 0
+                key = f"visual.transformer.resblocks.{int(block.group(1)) - first}.{block.group(2)}"
+            elif block:
+                unexpected.append(key)
+                continue
+            ours = _rename(key, _RENAMES) if key not in _OPENAI_SIZES else None
+        if ours is None:
+            unexpected.append(key)
+            continue
+        mapped[ours] = value.reshape(1) if ours == "logit_scale" else value
+    return mapped, unexpected
+
+
 def to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ours -> open_clip names (plain CLIP models only: one tower each, nothing shared)."""
     back = [(r"visual\.stem\.conv\.weight", r"visual.conv1.weight"),
@@ -208,8 +265,10 @@ def describe(report: dict) -> str:
 def import_weights(path: str | Path, fmt: str, model_name: str, source: str | None = None,
                    allow_partial: bool = False) -> tuple[dict, dict]:
     """(our export payload, key report) for a file in `fmt` (openai / open_clip)."""
+    if fmt == "msclip":
+        return _import_msclip(path, model_name, allow_partial)
     if fmt not in ("openai", "open_clip"):
-        raise InteropError(f"--format {fmt}: this importer reads openai and open_clip files")
+        raise InteropError(f"--format {fmt}: this importer reads msclip, openai and open_clip files")
     if not source:
         raise InteropError("--source: name the open_clip model the file belongs to (ViT-B-32-quickgelu for OpenAI's "
                            "B/32, ViT-B-32 for LAION's): a state dict does not say which activation it was trained with")
@@ -229,11 +288,42 @@ def import_weights(path: str | Path, fmt: str, model_name: str, source: str | No
     if report["shapes"] or (not allow_partial and (report["missing"] or report["unexpected"])):
         raise InteropError(f"{path}: {describe(report)}" + ("" if report["shapes"] else " (--allow-partial to load anyway)"))
     model.load_state_dict({k: v for k, v in mapped.items() if k in model.state_dict()}, strict=not allow_partial)
-    payload = {"state_dict": {k: v.float().contiguous() for k, v in model.state_dict().items()},
-               "model_name": model_name, "arch": _arch_dict(arch), "heads": {}, "similarity": "pooled",
-               "source": {"format": fmt, "file": str(Path(path).resolve()), "sha256": sha256(path),
-                          "open_clip_model": source or ""}}
-    return payload, report
+    return _payload(model, model_name, fmt, path, source), report
+
+
+def _import_msclip(path, model_name: str, allow_partial: bool) -> tuple[dict, dict]:
+    arch = resolve_arch(model_name)
+    if arch.share == "none":
+        raise InteropError(f"--model {model_name}: a released MS-CLIP checkpoint holds a shared model; use an msclip-* model")
+    model = build_model(arch)
+    mapped, unexpected = from_msclip(read_state_dict(path), arch)
+    report = key_report(model, mapped, unexpected)
+    if report["shapes"] or (not allow_partial and (report["missing"] or report["unexpected"])):
+        raise InteropError(f"{path}: {describe(report)}" + ("" if report["shapes"] else " (--allow-partial to load anyway)"))
+    check_shared_copies_agree(model, mapped, path)
+    model.load_state_dict({k: v for k, v in mapped.items() if k in model.state_dict()}, strict=not allow_partial)
+    return _payload(model, model_name, "msclip", path, ""), report
+
+
+def check_shared_copies_agree(model: torch.nn.Module, mapped: dict, path) -> None:
+    """Our towers share modules by object identity: a file whose two copies of one shared
+    tensor differ cannot be loaded faithfully (one copy would silently win)."""
+    names_by_tensor: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_by_tensor.setdefault(id(tensor), []).append(name)
+    for names in names_by_tensor.values():
+        present = [n for n in names if n in mapped]
+        if len(present) > 1 and any(not torch.equal(mapped[present[0]], mapped[n]) for n in present[1:]):
+            raise InteropError(f"{path}: {present[0]} and {present[1]} are one shared tensor in this model but "
+                               f"differ in the file (is --model's sharing the file's?)")
+
+
+def _payload(model, model_name: str, fmt: str, path, source: str) -> dict:
+    return {"state_dict": {k: v.float().contiguous() if v.is_floating_point() else v
+                           for k, v in model.state_dict().items()},
+            "model_name": model_name, "arch": _arch_dict(model.arch), "heads": {}, "similarity": "pooled",
+            "source": {"format": fmt, "file": str(Path(path).resolve()), "sha256": sha256(path),
+                       "open_clip_model": source}}
 
 
 def _arch_dict(arch: ModelArch) -> dict:
@@ -278,9 +368,9 @@ def resize_positional_embedding(embedding: torch.Tensor, grid: int) -> torch.Ten
 
 def initial_weights(path: str, fmt: str, source: str, arch: ModelArch) -> tuple[dict[str, torch.Tensor], str]:
     """`model.init_from`: the encoder weights of `path` for a model of `arch`, in our
-    names, and a one-line report. `fmt` auto reads our exports (they carry "arch") and
-    otherwise treats the file as open_clip's (OpenAI's layout is the same), which needs
-    `source`. The activation must be the file's; a different image size or patch grid
+    names, and a one-line report. `fmt` auto reads our exports (they carry "arch"), else a
+    released MS-CLIP checkpoint when `arch` shares weights, else an open_clip / OpenAI
+    state dict, which needs `source`. The activation must be the file's; a different image size or patch grid
     interpolates the position embedding."""
     if fmt in ("auto", "ours") and Path(path).suffix != ".safetensors":
         payload = _read_ours(path)
@@ -288,6 +378,10 @@ def initial_weights(path: str, fmt: str, source: str, arch: ModelArch) -> tuple[
             return _fit(payload["state_dict"], [], resolve_arch(payload["arch"]), arch, path)
         if fmt == "ours":
             raise InteropError(f"model.init_from: {path} is not one of our exports (no 'arch' and 'state_dict')")
+    if fmt == "msclip" or (fmt == "auto" and arch.share != "none"):  # a shared model: MS-CLIP's layout
+        mapped, unexpected = from_msclip(read_state_dict(path), arch)
+        check_shared_copies_agree(build_model(arch), mapped, path)
+        return _fit(mapped, unexpected, arch, arch, path)
     if not source:
         raise InteropError("model.init_from_source: name the open_clip model of an openai/open_clip file "
                            "(e.g. ViT-B-32-quickgelu)")

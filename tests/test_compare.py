@@ -24,6 +24,8 @@ def store(tmp_path):
             mlflow.log_metric("eval/zeroshot/digits/acc1", acc, step=2)
     with mlflow.start_run(run_name="eval-only", tags={"model": "clip-tiny", "task": "eval"}):
         mlflow.log_metric("eval/zeroshot/digits/acc1", 0.5, step=0)
+    with mlflow.start_run(run_name="released", tags={"model": "msclip-s-tiny", "task": "eval", "reference": "true"}):
+        mlflow.log_metric("eval/zeroshot/digits/acc1", 0.7, step=0)
     return uri
 
 
@@ -32,9 +34,11 @@ def test_table_holds_the_final_metrics_of_training_runs_only(store, tmp_path, ca
     table = tmp_path / "t.csv"
     assert main(["--experiment", "cmp", "--tracking-uri", store, "--csv", str(table)]) == 0
     header, *rows = list(csv.reader(table.open()))
-    assert header[:6] == ["run", "model", "params (M)", "shared", "steps", "loss"]
-    assert [r[0] for r in rows] == ["base", "shared"]  # not the eval-only run
+    assert header[:7] == ["run", "kind", "model", "params (M)", "shared", "steps", "loss"]
+    assert [r[0] for r in rows] == ["base", "shared", "released"]  # not the eval-only run; the reference line
     by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    assert by_name["released"]["kind"] == "reference" and by_name["base"]["kind"] == "trained"
+    assert by_name["released"]["zeroshot digits acc1"] == "0.7000" and by_name["released"]["loss"] == ""
     assert by_name["shared"]["loss"] == "2.0000" and by_name["base"]["loss"] == "3.9000"  # last value, not first
     assert by_name["shared"]["zeroshot digits acc1"] == "0.9000" and by_name["base"]["params (M)"] == "8.83"
     assert "shared" in capsys.readouterr().out

@@ -1,5 +1,8 @@
 """OpenAI / open_clip weights in and out (issue 15), against open_clip itself: random
 weights in open_clip's own models stand in for released ones (no downloads here)."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -186,3 +189,111 @@ def test_init_from_refuses_what_it_cannot_start_from(tmp_path):
     with pytest.raises(UntrustedFileError):
         initial_weights(str(tmp_path / "evil.pt"), "auto", "", resolve_arch("clip-tiny"))
     assert not marker.exists()
+
+
+# ---- the released MS-CLIP checkpoints -------------------------------------------------------------
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "msclip_reference.json").read_text())
+OURS_FOR = {"b32-yfcc-msclips": "msclip-s-b32", "b16-yfcc-msclips": "msclip-s-b16",
+            "es-b32 (b32-yfcc-msclips, PARALLEL_IN_V false)": "msclip-es-b32",
+            "b32 (b32-yfcc-msclips, no early conv, no branch, N_LAYERS 0)": "msclip-b32"}
+
+
+@pytest.mark.parametrize("variant", list(OURS_FOR))
+def test_every_reference_key_maps_and_the_sharing_is_the_same(variant):
+    """Names and shapes of the reference CLIP's state dict per released config (facts in
+    tests/data/msclip_reference.json, generated once from Hxyou/MSCLIP): every key maps,
+    every tensor of ours is covered, shapes equal, and what the reference shares between
+    the towers is one tensor in ours."""
+    from pipeline.interop import from_msclip, key_report
+    facts = REFERENCE["variants"][variant]
+    with torch.device("meta"):
+        model = build_model(OURS_FOR[variant])
+    mapped, unexpected = from_msclip({k: torch.empty(s, device="meta") for k, s in facts["shapes"].items()},
+                                     model.arch)
+    report = key_report(model, mapped, unexpected)
+    assert report["missing"] == report["unexpected"] == report["shapes"] == []
+    ours = model.state_dict(keep_vars=True)
+    renamed = dict(zip(facts["shapes"], mapped))  # from_msclip keeps the order
+    for name, original in facts["shared"].items():
+        assert ours[renamed[name]] is ours[renamed[original]], (name, original)
+
+
+@pytest.mark.parametrize("variant", ["b32-yfcc-msclips", "b16-yfcc-msclips"])
+def test_a_released_layout_loads_into_our_model_without_a_missing_key(tmp_path, variant):
+    from msclip_weights import seeded_state_dict
+    facts = REFERENCE["variants"][variant]
+    path = tmp_path / f"{variant}_ckpt.pth"
+    torch.save(seeded_state_dict(facts["shapes"], facts["shared"]), path)
+    payload, report = import_weights(path, "msclip", OURS_FOR[variant])
+    assert report["missing"] == report["unexpected"] == [] and report["mapped"] == len(payload["state_dict"])
+
+
+def test_seeded_reference_weights_give_the_reference_codes_outputs(tmp_path):
+    """The reference CLIP at tiny size (its b16 MS-CLIP-S config scaled down to our
+    msclip-s-tiny), seeded weights, its encode_image / encode_text in eval mode: outputs
+    computed once by the reference code, stored in the fixture. Imported, ours match."""
+    from msclip_weights import probe_inputs, seeded_state_dict
+    tiny = REFERENCE["tiny"]
+    path = tmp_path / "tiny_ckpt.pth"
+    torch.save(seeded_state_dict(tiny["shapes"], tiny["shared"]), path)
+    imported = tmp_path / "ours.pt"
+    assert checkpoint_main(["import", "--format", "msclip", "--input", str(path), "--model", "msclip-s-tiny",
+                            "--output", str(imported)]) == 0
+    model, _ = load_exported(imported)
+    images, text = probe_inputs(context_length=32)
+    with torch.no_grad():
+        got = (model.encode_image(images), model.encode_text(text), model.logit_scale.reshape(()))
+    expected = (torch.tensor(tiny["image_features"]), torch.tensor(tiny["text_features"]),
+                torch.tensor(tiny["logit_scale"]))
+    assert_same(got, expected)
+
+
+def test_a_file_whose_shared_copies_differ_is_refused(tmp_path):
+    from msclip_weights import seeded_state_dict
+    tiny = REFERENCE["tiny"]
+    state = seeded_state_dict(tiny["shapes"], tiny["shared"])
+    name = next(iter(tiny["shared"]))
+    state[name] = state[name] + 1  # the text copy of a shared tensor no longer equals the vision copy
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(InteropError, match="are one shared tensor in this model but differ in the file"):
+        import_weights(tmp_path / "bad.pth", "msclip", "msclip-s-tiny")
+
+
+def test_init_from_reads_a_released_msclip_checkpoint(tmp_path):
+    from msclip_weights import seeded_state_dict
+    from pipeline.interop import initial_weights
+    from pipeline.model.configs import resolve_arch
+    tiny = REFERENCE["tiny"]
+    torch.save(seeded_state_dict(tiny["shapes"], tiny["shared"]), tmp_path / "tiny_ckpt.pth")
+    state, report = initial_weights(str(tmp_path / "tiny_ckpt.pth"), "auto", "", resolve_arch("msclip-s-tiny"))
+    assert report.endswith("0 missing; 0 unexpected")
+    build_model("msclip-s-tiny").load_state_dict(state)
+
+
+def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp_path, demo_data):
+    """`python -m eval --format msclip` imports on the fly and tags the run reference=true
+    with the file's sha256; `python -m eval.compare` shows it as a reference line."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    from eval.__main__ import main as eval_main
+    from eval.compare import main as compare_main
+    from msclip_weights import seeded_state_dict
+    from pipeline.interop import sha256
+    tiny = REFERENCE["tiny"]
+    path = tmp_path / "released_ckpt.pth"
+    torch.save(seeded_state_dict(tiny["shapes"], tiny["shared"]), path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert eval_main(["--checkpoint", str(path), "--format", "msclip", "--model", "msclip-s-tiny", "--zeroshot",
+                      str(demo_data / "eval" / "digits"), "--workers", "0", "--tracking-uri", uri,
+                      "--experiment", "cmp", "--output", str(tmp_path / "r.json")]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
+    assert run.data.tags["reference"] == "true" and run.data.tags["source_sha256"] == sha256(path)
+    assert "eval/zeroshot/digits/acc1" in run.data.metrics
+    table = tmp_path / "t.csv"
+    assert compare_main(["--experiment", "cmp", "--tracking-uri", uri, "--csv", str(table), "--no-plot"]) == 0
+    header, row = list(csv.reader(table.open()))
+    assert dict(zip(header, row))["kind"] == "reference"

@@ -237,6 +237,8 @@ def main(argv=None):
     if rank == 0:
         exported = checkpoint.export(run_dir / "checkpoints", run_dir / "model.pt")
         print(f"[train] done: {state.step} steps; weights for eval: {exported}", flush=True)
+        if cfg.tracking.log_model:
+            logger.log_model(exported)
     return 0
 
 

@@ -298,6 +298,9 @@ class TrackingConfig:
     system_metrics: bool = True
     # Peak FLOP/s of one device (e.g. 989 for an H100 SXM in bf16) for the logged MFU; None: no MFU.
     peak_tflops: Optional[float] = None
+    # Log the final export as an MLflow Model (a pyfunc giving image and text embeddings:
+    # pipeline/mlflow_model.py). Off by default: it copies the export (~600 MB at B/32).
+    log_model: bool = False
 
 
 @dataclass

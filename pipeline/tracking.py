@@ -125,6 +125,24 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._call("log_metrics", {k: float(v) for k, v in values.items()}, step=step)
 
+    def log_model(self, exported: str | Path):
+        """The final export as an MLflow Model of this run (`tracking.log_model`). The export
+        exists only after the run is closed, so the finished run is reopened for it; an
+        unreachable server loses nothing (the export stays on disk)."""
+        if not self.enabled:
+            return
+        if self.mlflow is None:
+            print(f"[tracking] MLflow is unavailable: the model was not logged; {exported} holds it", flush=True)
+            return
+        try:
+            from pipeline.mlflow_model import log_model
+            with self.mlflow.start_run(run_id=self.run_id):
+                uri = log_model(exported)
+            print(f"[tracking] model logged: {uri}", flush=True)
+        except Exception as e:  # noqa: BLE001 (a failing server must not fail a finished run)
+            print(f"[tracking] the model was not logged ({type(e).__name__}: {str(e)[:200]}); {exported} holds it",
+                  flush=True)
+
     def close(self, status: str = "FINISHED"):
         if not self.enabled:
             return

@@ -89,8 +89,9 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
     config = run_config(tmp_path, demo_data, "zero2", train={"steps": 40, "micro_batch_size": 8, "log_every": 4,
                                                              "save_every": 20},
                         data={"train_shards": str(demo_data / "shards" / "photos")},
-                        eval={"every_steps": 20, "dataset": str(demo_data / "eval" / "digits"), "workers": 0})
-    launch(config, REPO_ROOT / "ds_configs" / "cpu_bf16.json", timeout=1200)
+                        eval={"every_steps": 20, "dataset": str(demo_data / "eval" / "digits"), "workers": 0},
+                        tracking={"experiment": "e2e", "log_model": True})
+    result = launch(config, REPO_ROOT / "ds_configs" / "cpu_bf16.json", timeout=1200)
     run_dir = tmp_path / "runs" / "zero2"
     losses = step_losses(run_dir)
     first, last = [losses[s] for s in (4, 8)], [losses[s] for s in (36, 40)]
@@ -117,6 +118,15 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json", "model.json"} <= artifacts
     assert (run_dir / "model.pt").is_file()
+    # tracking.log_model: the export as an MLflow Model of this run, served through pyfunc
+    import mlflow
+    import pandas as pd
+    (uri,) = re.findall(r"\[tracking\] model logged: (\S+)", result.stdout)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert mlflow.get_logged_model(uri.split("/")[-1]).source_run_id == run.info.run_id
+    embedded = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": ["a photo of a cat"]}))
+    assert len(embedded["text_embedding"][0]) == 64  # msclip-s-tiny's joint space
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "deepspeed")])

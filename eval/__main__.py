@@ -31,7 +31,7 @@ from eval.data import EvalDataError, read_classification, read_retrieval
 from eval.plots import bar_chart, confusion_matrix
 from pipeline.checkpoint import export, load_exported
 from pipeline.interop import InteropError
-from pipeline.tracking import default_tracking_uri
+from pipeline.tracking import default_tracking_uri, training_experiment
 
 MAX_CONFUSION_CLASSES = 30
 
@@ -87,7 +87,7 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
     if args.run_id:
         run = mlflow.start_run(run_id=args.run_id)
     else:
-        mlflow.set_experiment(args.experiment)
+        training_experiment(mlflow, args.experiment)
         tags = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
                 "model": payload.get("model_name", "")}
         source = payload.get("source")

@@ -40,6 +40,20 @@ def git_commit() -> str:
         return ""
 
 
+# MLflow 3 records an experiment's kind; an experiment without one is inferred, and the
+# UI (3.17) opened ours on the GenAI overview (traces, latency) instead of the runs table.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def training_experiment(mlflow, name: str):
+    """`mlflow.set_experiment(name)`, recorded as a model-training experiment unless the
+    experiment already says what it is."""
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment
+
+
 def tag_strings(tags: dict) -> dict[str, str]:
     """MLflow tags are strings. The sqlite store coerces other types; the REST store of an
     `mlflow server` raises a TypeError while serializing them, so an int tag (world_size)
@@ -68,7 +82,7 @@ class MetricsLogger:
         try:
             import mlflow
             mlflow.set_tracking_uri(self.uri)
-            experiment = mlflow.set_experiment(cfg.experiment)
+            experiment = training_experiment(mlflow, cfg.experiment)
             run = mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name,
                                    experiment_id=experiment.experiment_id, log_system_metrics=cfg.system_metrics,
                                    tags=tag_strings({"git_commit": git_commit(), **(tags or {})}))

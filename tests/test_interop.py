@@ -293,6 +293,7 @@ def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp
     (run,) = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
     assert run.data.tags["reference"] == "true" and run.data.tags["source_sha256"] == sha256(path)
     assert "eval/zeroshot/digits/acc1" in run.data.metrics
+    assert client.get_experiment_by_name("cmp").tags["mlflow.experimentKind"] == "custom_model_development"
     table = tmp_path / "t.csv"
     assert compare_main(["--experiment", "cmp", "--tracking-uri", uri, "--csv", str(table), "--no-plot"]) == 0
     header, row = list(csv.reader(table.open()))

@@ -36,6 +36,21 @@ def test_logger_writes_params_tags_metrics_and_artifacts_to_a_live_server(tmp_pa
     assert run.data.params == {"train.steps": "3", "optim.lr": "0.001"}
     assert run.data.metrics == {"loss": 2.5, "epoch": 0.0, "skipped_steps": 0.0}
     assert artifact_paths(client, run.info.run_id) == {"note.txt"}
+    # a model-training experiment: `mlflow ui` (3.17) opens it on the runs, not the GenAI overview
+    assert client.get_experiment_by_name("logger").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_experiment_that_says_its_kind_keeps_it(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import training_experiment
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_experiment("mixed", tags={"mlflow.experimentKind": "finetuning"})
+    assert training_experiment(mlflow, "mixed").tags["mlflow.experimentKind"] == "finetuning"
+    assert training_experiment(mlflow, "fresh") and \
+        client.get_experiment_by_name("fresh").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.slow

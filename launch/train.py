@@ -191,7 +191,11 @@ def main(argv=None):
                       **(objective.data_kwargs() if objective else caption_kwargs(cfg.objective)))
     data.local_skip_check = False  # data.max_skip_rate is checked on the sums of all ranks (log_window)
     state = checkpoint.TrainState()
-    resume = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
+    try:
+        resume = agreed_resume(cfg.train.resume, run_dir / "checkpoints", rank)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     if resume:
         try:
             state = checkpoint.load(engine, *resume)
@@ -254,6 +258,22 @@ def release_shm_workspace():
                                f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     dist.barrier()  # on every rank (multi-node and GPU runs have no segment: a no-op then)
     path.unlink(missing_ok=True)
+
+
+def agreed_resume(resume: str, ckpt_dir: Path, rank: int) -> tuple[Path, str] | None:
+    """Rank 0 picks the checkpoint (verifying its checksums, falling back past a damaged
+    one) and every rank loads that one."""
+    chosen = ""
+    if rank == 0:
+        try:
+            found = checkpoint.resolve_resume(resume, ckpt_dir, verify=True)
+            chosen = str(found[0] / found[1]) if found else ""
+        except FileNotFoundError as e:  # every rank must hear it, or they wait in the broadcast
+            chosen = f"error: {e}"
+    chosen = broadcast_str(chosen)
+    if chosen.startswith("error: "):
+        raise FileNotFoundError(chosen[len("error: "):])
+    return (Path(chosen).parent, Path(chosen).name) if chosen else None
 
 
 def broadcast_str(value: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -143,11 +144,42 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Pat
     if world > 1:
         dist.barrier()
     if rank == 0:
-        _write_json_atomic(ckpt_dir / tag / COMPLETE, {"step": state.step, "world_size": world, "time": time.time()})
+        _write_json_atomic(ckpt_dir / tag / COMPLETE, {"step": state.step, "world_size": world, "time": time.time(),
+                                                       "sha256": checksums(ckpt_dir / tag)})
         prune(ckpt_dir, keep_last)
     if world > 1:
         dist.barrier()
     return ckpt_dir / tag
+
+
+def checksums(tag_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint, recorded in its COMPLETE.json. Rank 0 reads
+    all of them once every rank has written (a shared filesystem, as COMPLETE.json itself
+    assumes): ~2 s per GB, paid at each save so that a resume can tell bit-rot and
+    truncation from a good checkpoint."""
+    out = {}
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        out[str(path.relative_to(tag_dir))] = digest.hexdigest()
+    return out
+
+
+def damage(tag_dir: Path) -> str:
+    """Why a complete checkpoint cannot be trusted ("" if its files match their checksums;
+    checkpoints from before checksums were recorded are taken as they are)."""
+    recorded = json.loads((tag_dir / COMPLETE).read_text()).get("sha256")
+    if recorded is None:
+        return ""
+    actual = checksums(tag_dir)
+    for name, digest in recorded.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != digest:
+            return f"{name} does not match its checksum"
+    return ""
 
 
 def complete_tags(ckpt_dir: str | Path) -> list[str]:
@@ -170,19 +202,40 @@ def prune(ckpt_dir: Path, keep_last: int):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_resume(resume: str, ckpt_dir: str | Path) -> tuple[Path, str] | None:
-    """train.resume -> (checkpoint dir, tag), None to start fresh."""
+def resolve_resume(resume: str, ckpt_dir: str | Path, verify: bool = False) -> tuple[Path, str] | None:
+    """train.resume -> (checkpoint dir, tag), None to start fresh. With `verify` (rank 0,
+    once, before loading) the files are checked against their checksums: resume=latest
+    falls back to the newest intact checkpoint, saying so in one line; an explicitly named
+    checkpoint that is damaged is an error."""
     if not resume:
         return None
     if resume == "latest":
         tags = complete_tags(ckpt_dir)
-        return (Path(ckpt_dir), tags[-1]) if tags else None
+        for tag in reversed(tags if verify else tags[-1:]):
+            problem = damage(Path(ckpt_dir) / tag) if verify else ""
+            if not problem:
+                return Path(ckpt_dir), tag
+            # moved aside: never picked again, never mistaken for complete while a later save
+            # of the same step rewrites its files; kept for a post-mortem
+            aside = Path(ckpt_dir) / f"{tag}.damaged"
+            os.replace(Path(ckpt_dir) / tag, aside)
+            print(f"[train] checkpoint {Path(ckpt_dir) / tag} is damaged ({problem}); moved to {aside.name}, "
+                  f"resuming from the previous complete one", flush=True)
+        if tags:
+            raise FileNotFoundError(f"train.resume=latest: none of the {len(tags)} complete checkpoints in "
+                                    f"{ckpt_dir} is intact")
+        return None
     path = Path(resume)
     if TAG_RE.match(path.name) and (path / COMPLETE).is_file():
-        return path.parent, path.name
-    if path.is_dir() and complete_tags(path):
-        return path, complete_tags(path)[-1]
-    raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
+        found = path.parent, path.name
+    elif path.is_dir() and complete_tags(path):
+        found = path, complete_tags(path)[-1]
+    else:
+        raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
+    problem = damage(found[0] / found[1]) if verify else ""
+    if problem:
+        raise FileNotFoundError(f"train.resume: {found[0] / found[1]} is damaged ({problem})")
+    return found
 
 
 def check_world_size(ckpt_dir: Path, tag: str, world: int):

@@ -223,6 +223,31 @@ def test_latest_ignores_half_written_checkpoints_and_prune_keeps_k(tmp_path):
     assert resolve_resume("", tmp_path) is None
 
 
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, capsys):
+    """Issue 18: every checkpoint records its files' sha256; a flipped byte or a truncated
+    file in the newest makes resume=latest take the previous one, in one line."""
+    from pipeline.checkpoint import COMPLETE, checksums, resolve_resume
+    for step in (100, 200, 300):
+        d = tmp_path / f"step_{step:08d}"
+        (d / "zero").mkdir(parents=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)) * 40)
+        (d / "zero" / "optim_rank1.pt").write_bytes(b"optimizer state" * 100)
+        (d / COMPLETE).write_text(json.dumps({"step": step, "world_size": 1, "sha256": checksums(d)}))
+    assert resolve_resume("latest", tmp_path, verify=True) == (tmp_path, "step_00000300")
+    newest = tmp_path / "step_00000300" / "zero" / "optim_rank1.pt"
+    data = bytearray(newest.read_bytes())
+    data[777] ^= 0x01  # one flipped bit
+    newest.write_bytes(bytes(data))
+    (tmp_path / "step_00000200" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    assert resolve_resume("latest", tmp_path, verify=True) == (tmp_path, "step_00000100")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "damaged" in line]
+    assert len(lines) == 2 and "step_00000300 is damaged (zero/optim_rank1.pt does not match its checksum)" in lines[0]
+    assert (tmp_path / "step_00000300.damaged").is_dir() and not (tmp_path / "step_00000300").exists()
+    (tmp_path / "step_00000100" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"step_00000100 is damaged \(mp_rank_00_model_states.pt is missing\)"):
+        resolve_resume(str(tmp_path / "step_00000100"), tmp_path, verify=True)  # named explicitly: no fallback
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))

@@ -182,6 +182,18 @@ def test_killed_run_resumes_exactly(tmp_path, demo_data):
     assert batch_digests(straight) == batch_digests(killed)
     assert any(r.get("event") == "run_start" for r in jsonl(killed))
 
+    # Issue 18: a flipped byte in the newest checkpoint. resume=latest says so in one line,
+    # falls back to step 4 and redoes steps 5-8 exactly as the first time.
+    optim = sorted((straight / "checkpoints" / "step_00000008").rglob("*optim_states.pt"))[0]
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    optim.write_bytes(bytes(data))
+    result = launch(run_config(tmp_path, demo_data, "straight", train=common), ds, "train.resume=latest")
+    damaged = [line for line in result.stdout.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and f"{optim.name} does not match its checksum" in damaged[0], result.stdout[-3000:]
+    assert "resumed at step 4" in result.stdout
+    assert step_losses(straight) == a  # the re-logged steps 5-8 (the last records) equal the first ones
+
 
 def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp_path, demo_data):
     """Issue 22 case 7: SIGTERM (SLURM preemption: every process of the job step gets it)

@@ -226,7 +226,7 @@ def main(argv=None):
         train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, objective or clip_objective,
               evaluator, stop)
         status = "FINISHED"
-    except (FloatingPointError, DataQualityError) as e:  # a non-finite stop (checkpoint saved) or bad data: one line
+    except (FloatingPointError, DataQualityError, checkpoint.CheckpointSaveError) as e:  # one line each
         sys.stderr.write(f"error: {e}\n")  # one write: print's two would interleave with the other ranks'
         sys.stderr.flush()
         return 1

@@ -91,6 +91,10 @@ class UntrustedCheckpointError(pickle.UnpicklingError):
     pass
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that failed (a full disk, a quota, a read-only mount): one line."""
+
+
 @contextlib.contextmanager
 def safe_torch_load():
     """Within the block every torch.load is weights-only: DeepSpeed's loaders (engine
@@ -139,8 +143,16 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Pat
     ckpt_dir = Path(ckpt_dir)
     rank, world = _rank_world()
     tag = tag_for(state.step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": state.step}, save_latest=False)
-    _write_json_atomic(ckpt_dir / tag / f"train_state_rank{rank}.json", asdict(state))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": state.step}, save_latest=False)
+        _write_json_atomic(ckpt_dir / tag / f"train_state_rank{rank}.json", asdict(state))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        free = shutil.disk_usage(ckpt_dir).free
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0])[:200]
+        # no COMPLETE.json is written and nothing is pruned: the previous checkpoints stay resumable
+        raise CheckpointSaveError(f"checkpoint {ckpt_dir / tag} could not be written on rank {rank} ({reason}); "
+                                  f"{free / 1e6:,.0f} MB free there; the previous complete checkpoints are kept") \
+            from None
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -195,6 +195,32 @@ def test_killed_run_resumes_exactly(tmp_path, demo_data):
     assert step_losses(straight) == a  # the re-logged steps 5-8 (the last records) equal the first ones
 
 
+def test_a_save_into_a_full_filesystem_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, demo_data):
+    """Issue 18: output_dir on a 180 MB tmpfs; a checkpoint of msclip-s-tiny takes ~125 MB,
+    so the step-4 save fits and the step-8 save runs out of space."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]})")
+    try:
+        config = run_config(tmp_path, demo_data, "full", train={"steps": 8, "save_every": 4, "log_every": 4,
+                                                                "output_dir": str(small)},
+                            tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        result = subprocess.run(launcher_cmd(config, ds_config(tmp_path)), cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert errors and all(re.match(r"error: checkpoint .*step_00000008 could not be written on rank \d .*; "
+                                       r"[\d,]+ MB free there; the previous complete checkpoints are kept$", line)
+                              for line in errors), result.stderr[-3000:]
+        from pipeline.checkpoint import resolve_resume
+        ckpt = small / "full" / "checkpoints"
+        assert resolve_resume("latest", ckpt, verify=True) == (ckpt, "step_00000004")  # intact, resumable
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
 def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp_path, demo_data):
     """Issue 22 case 7: SIGTERM (SLURM preemption: every process of the job step gets it)
     ended the run in 3 s and lost everything since the last checkpoint. Now the ranks

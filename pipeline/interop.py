@@ -18,6 +18,7 @@ objects, OpenAI's TorchScript archives) is refused with one line.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -55,10 +56,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"OpenAI's models as 'open_clip_pytorch_model.bin' / '.safetensors' on the Hugging Face hub)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (torch raises UnpicklingError or RuntimeError)
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise UntrustedFileError(f"{path}: refused, it holds objects that would run code when loaded (only "
-                                     f"tensors are read from checkpoints)") from None
+    except pickle.UnpicklingError:  # the weights-only unpickler met an object (torch's message suggests
+        # weights_only=False, the one setting that would run it: not repeated here)
+        raise UntrustedFileError(f"{path}: refused, it holds objects that would run code when loaded (only "
+                                 f"tensors are read from checkpoints)") from None
+    except Exception as e:  # noqa: BLE001 (a truncated or foreign file: torch raises RuntimeError and others)
         raise InteropError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload = payload["state_dict"]

@@ -64,7 +64,7 @@ def validate(args) -> tuple[RunConfig, dict, int, PeriodicZeroShot | None, tuple
     cfg = load_config(args.config, args.overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(args.deepspeed_config), cfg.train, cfg.optim, world)
-    check_epoch_fills_a_batch(cfg, world)
+    check_shards(cfg, world)
     check_output_dir(Path(cfg.train.output_dir))
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
@@ -98,9 +98,10 @@ def check_output_dir(output_dir: Path):
         raise ConfigError(f"train.output_dir: {output_dir} is not writable ({e.strerror or e})") from None
 
 
-def check_epoch_fills_a_batch(cfg: RunConfig, world: int):
-    """Without resampling a rank's workers read only their share of the shards: a batch
-    larger than that share is never filled (it passed validation and hung: issue 22)."""
+def check_shards(cfg: RunConfig, world: int):
+    """The shards exist (and the debiased sources have manifests). Without resampling a
+    rank's workers read only their share of them: a batch larger than that share is never
+    filled (it passed validation and hung: issue 22)."""
     sources = (debiased_sources(cfg.data) if cfg.data.sampling == "debiased"
                else [resolve_shards(cfg.data.train_shards)])
     if cfg.data.resampled:

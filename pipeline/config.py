@@ -98,10 +98,15 @@ class DataConfig:
     # the shards it tried and the skips by reason (every shard unreadable made a resampled
     # run wait forever: issue 22). Remote shards on a slow link need more.
     stall_seconds: float = 600.0
+    # Images whose header declares more pixels are skipped (oversized_image) before they are
+    # decoded: 40 MP is far above any training resolution (256^2 x 16 = 1 MP) and below
+    # Pillow's decompression-bomb warning (89 MP), so a crafted PNG cannot exhaust memory.
+    max_image_pixels: int = 40_000_000
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)
         _check_range("data.stall_seconds", self.stall_seconds, 0, exclusive=True)
+        _check_range("data.max_image_pixels", self.max_image_pixels, 0, exclusive=True)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
         if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ConfigError(f"data.rrc_scale: {self.rrc_scale} must satisfy 0 < lo <= hi <= 1")

@@ -411,3 +411,49 @@ print("exiting with the epoch open", flush=True)
 """
     result = subprocess.run([sys.executable, "-c", child], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_slow_consumer_is_not_a_stalled_stream(tmp_path):
+    """The stall clock must not run while the trainer is busy (a long evaluation, a
+    checkpoint): a reader waiting to hand over its next batch is not stalled, even when
+    the first sample it reads afterwards is bad."""
+    import time
+    write_tar(tmp_path / "00000.tar", [{"__key__": f"s{i:03d}", "jpg": b"garbage" if i % 4 == 0 else jpeg_bytes(i),
+                                        "txt": "x"} for i in range(48)])
+    Manifest([ShardInfo("00000.tar", 48)]).write(str(tmp_path))
+    seen = 0
+    for batch in stream(str(tmp_path), workers=0, shuffle=0, batch=8, max_skip_rate=1.0, stall_seconds=1.0):
+        seen += len(batch["keys"])
+        time.sleep(1.5)  # the trainer's step, much longer than the stall limit
+    assert seen == 36  # every good sample, no stall
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytes(data[16:29])  # width, height, bit depth, colour type, ...
+    ihdr = struct.pack(">II", width, height) + ihdr[8:]
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_images_declaring_too_many_pixels_are_skipped_before_decoding(tmp_path):
+    """Issue 18: a few hundred bytes of PNG can declare gigabytes of pixels. Above
+    data.max_image_pixels (40 MP) the sample is skipped as oversized_image from its header;
+    above Pillow's own bomb limit too (it used to count as undecodable)."""
+    from pipeline.data.loader import BadSample, decode_sample
+    for width, height in ((8000, 8000), (20000, 20000)):
+        with pytest.raises(BadSample) as bad:
+            decode_sample({"png": png_declaring(width, height), "txt": b"x"}, max_pixels=40_000_000)
+        assert bad.value.reason == "oversized_image"
+    samples = [{"__key__": "bomb", "png": png_declaring(9000, 9000), "txt": "x"},
+               *({"__key__": f"g{i}", "jpg": jpeg_bytes(i), "txt": "x"} for i in range(8))]
+    write_tar(tmp_path / "00000.tar", samples)
+    Manifest([ShardInfo("00000.tar", 9)]).write(str(tmp_path))
+    s = stream(str(tmp_path), workers=0, shuffle=0, batch=4, max_skip_rate=1.0)
+    assert sum(len(b["keys"]) for b in s) == 8 and s.skipped() == Counter(oversized_image=1)

@@ -52,7 +52,7 @@ from pipeline.tokenizer import get_tokenizer
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
-                "missing_caption", "empty_caption", "missing_roi")
+                "oversized_image", "missing_caption", "empty_caption", "missing_roi")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # A batch's image tensors: the augmented views (images, images_1, ...) and SLIP's ssl_0, ...
 PIXEL_KEYS = ("images", "ssl_")
@@ -133,12 +133,18 @@ class StreamSpec:
     uint8: bool = False
     # a reader with no good sample for this long ends its stream as stalled (0: never)
     stall_seconds: float = 0.0
+    # images declaring more pixels are skipped before decoding (0: no limit)
+    max_image_pixels: int = 0
     # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
     resume: dict[int, dict] = field(default_factory=dict)
 
 
-def decode_sample(sample: dict, draft_size: int = 0) -> tuple[Image.Image, str]:
+def decode_sample(sample: dict, draft_size: int = 0, max_pixels: int = 0) -> tuple[Image.Image, str]:
     """Raw webdataset sample -> (RGB image, caption), or BadSample(reason).
+
+    max_pixels > 0: an image whose header declares more pixels is skipped as
+    oversized_image before anything is decoded (a few hundred bytes of PNG can declare
+    gigabytes of pixels); above twice Pillow's own limit Image.open refuses it first.
 
     draft_size > 0: JPEGs whose short side is at least twice that are decoded at a reduced
     scale (libjpeg's DCT scaling, 1/2 .. 1/8, PIL's `draft`) that keeps the short side >=
@@ -156,11 +162,17 @@ def decode_sample(sample: dict, draft_size: int = 0) -> tuple[Image.Image, str]:
     if not caption:
         raise BadSample("empty_caption")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        if max_pixels and image.size[0] * image.size[1] > max_pixels:
+            raise BadSample("oversized_image")
         if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
             scale = min(image.size) / draft_size
             image.draft("RGB", (math.ceil(image.size[0] / scale), math.ceil(image.size[1] / scale)))
         image = image.convert("RGB")  # forces a full decode: truncated files fail here
+    except BadSample:
+        raise
+    except Image.DecompressionBombError:
+        raise BadSample("oversized_image") from None
     except Exception:  # PIL raises many types for corrupt data
         raise BadSample("undecodable_image") from None
     return image, caption
@@ -303,7 +315,7 @@ class _Reader:
         return stream
 
     def process(self, sample: dict) -> dict:
-        image, caption = decode_sample(sample, self.draft_size)
+        image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels)
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
         views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
         views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.ssl_views)]
@@ -377,6 +389,9 @@ class _Reader:
                 if len(items) == self.spec.batch_size:
                     yield self.batch(items)
                     items = []
+                    # the consumer asked for more: time it spent elsewhere (a long evaluation,
+                    # a checkpoint) is not a stall of this reader
+                    self.last_good = time.monotonic()
         except Stalled as stalled:  # the trainer's process raises it (DataStream), with this message
             yield {"meta": {**self.meta(end=True), "stalled": str(stalled)}}
             return
@@ -463,7 +478,8 @@ class DataStream:
                                mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
                                roi_dim=roi_dim,
                                keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,
-                               uint8=uint8, stall_seconds=cfg.stall_seconds if train else 0.0)
+                               uint8=uint8, stall_seconds=cfg.stall_seconds if train else 0.0,
+                               max_image_pixels=cfg.max_image_pixels)
         self.epoch = 0
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log

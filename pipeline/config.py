@@ -135,6 +135,9 @@ class OptimConfig:
         _check_range("optim.warmup_steps", self.warmup_steps, 0)
         _check_range("optim.min_lr", self.min_lr, 0)
         _check_range("optim.grad_clip", self.grad_clip, 0)
+        _check_range("optim.eps", self.eps, 0, exclusive=True)
+        if not all(0 <= beta < 1 for beta in self.betas):  # Adam's moment decays; 1 never forgets
+            raise ConfigError(f"optim.betas: {tuple(self.betas)} must each be in [0, 1)")
         if self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr: {self.min_lr} is above optim.lr {self.lr}")
 

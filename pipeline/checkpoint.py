@@ -167,8 +167,8 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Pat
 def checksums(tag_dir: Path) -> dict[str, str]:
     """sha256 of every file of a checkpoint, recorded in its COMPLETE.json. Rank 0 reads
     all of them once every rank has written (a shared filesystem, as COMPLETE.json itself
-    assumes): ~2 s per GB, paid at each save so that a resume can tell bit-rot and
-    truncation from a good checkpoint."""
+    assumes): one more read of the checkpoint per save, paid so that a resume can tell
+    bit-rot and truncation from a good checkpoint."""
     out = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE):
         digest = hashlib.sha256()

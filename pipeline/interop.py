@@ -157,18 +157,24 @@ def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
     return None
 
 
-def from_open_clip(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """open_clip / OpenAI names -> ours; returns (mapped, keys that map to nothing)."""
+def _map_keys(state_dict: dict[str, torch.Tensor], ours_for) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename every key with `ours_for` (None: it maps to nothing); returns (mapped,
+    unexpected), in the file's order."""
     mapped, unexpected = {}, []
     for key, value in state_dict.items():
         if key in _OPENAI_SIZES:
             continue
-        ours = _rename(key, _RENAMES)
+        ours = ours_for(key)
         if ours is None:
             unexpected.append(key)
             continue
         mapped[ours] = value.reshape(1) if ours == "logit_scale" else value
     return mapped, unexpected
+
+
+def from_open_clip(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """open_clip / OpenAI names -> ours; returns (mapped, keys that map to nothing)."""
+    return _map_keys(state_dict, lambda key: _rename(key, _RENAMES))
 
 
 # The released MS-CLIP checkpoints: state dicts of the reference `CLIP`
@@ -210,22 +216,18 @@ def from_msclip(state_dict: dict[str, torch.Tensor], arch: ModelArch) -> tuple[d
     reference shares between the towers appears under both names, as in ours."""
     first = 1 if arch.early_conv_stem else 0
     convs = [(f"visual\\.transformer\\.{p}", f"visual.{r}") for p, r in _MSCLIP_VISUAL] if first else []
-    mapped, unexpected = {}, []
-    for key, value in state_dict.items():
-        ours = _rename(key, convs)
-        if ours is None:
-            block = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key)
-            if block and int(block.group(1)) >= first:  # the stem was layer 0
-                key = f"visual.transformer.resblocks.{int(block.group(1)) - first}.{block.group(2)}"
-            elif block:
-                unexpected.append(key)
-                continue
-            ours = _rename(key, _RENAMES) if key not in _OPENAI_SIZES else None
-        if ours is None:
-            unexpected.append(key)
-            continue
-        mapped[ours] = value.reshape(1) if ours == "logit_scale" else value
-    return mapped, unexpected
+
+    def ours_for(key: str) -> str | None:
+        conv = _rename(key, convs)
+        if conv is not None:
+            return conv
+        block = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key)
+        if block:  # the stem was layer 0: the reference's block i is our block i - first
+            if int(block.group(1)) < first:
+                return None
+            key = f"visual.transformer.resblocks.{int(block.group(1)) - first}.{block.group(2)}"
+        return _rename(key, _RENAMES)
+    return _map_keys(state_dict, ours_for)
 
 
 def to_open_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -285,11 +287,7 @@ def import_weights(path: str | Path, fmt: str, model_name: str, source: str | No
     if differ:
         raise InteropError(f"--model {model_name} does not match --source {source}: {', '.join(differ)}")
     model = build_model(arch)
-    mapped, unexpected = from_open_clip(read_state_dict(path))
-    report = key_report(model, mapped, unexpected)
-    if report["shapes"] or (not allow_partial and (report["missing"] or report["unexpected"])):
-        raise InteropError(f"{path}: {describe(report)}" + ("" if report["shapes"] else " (--allow-partial to load anyway)"))
-    model.load_state_dict({k: v for k, v in mapped.items() if k in model.state_dict()}, strict=not allow_partial)
+    report = _load_checked(model, *from_open_clip(read_state_dict(path)), path, allow_partial)
     return _payload(model, model_name, fmt, path, source), report
 
 
@@ -298,13 +296,18 @@ def _import_msclip(path, model_name: str, allow_partial: bool) -> tuple[dict, di
     if arch.share == "none":
         raise InteropError(f"--model {model_name}: a released MS-CLIP checkpoint holds a shared model; use an msclip-* model")
     model = build_model(arch)
-    mapped, unexpected = from_msclip(read_state_dict(path), arch)
+    report = _load_checked(model, *from_msclip(read_state_dict(path), arch), path, allow_partial)
+    return _payload(model, model_name, "msclip", path, ""), report
+
+
+def _load_checked(model: torch.nn.Module, mapped: dict, unexpected: list[str], path, allow_partial: bool) -> dict:
+    """Load mapped weights into `model` after the key report allows it; returns the report."""
     report = key_report(model, mapped, unexpected)
     if report["shapes"] or (not allow_partial and (report["missing"] or report["unexpected"])):
         raise InteropError(f"{path}: {describe(report)}" + ("" if report["shapes"] else " (--allow-partial to load anyway)"))
-    check_shared_copies_agree(model, mapped, path)
+    check_shared_copies_agree(model, mapped, path)  # nothing to check in a plain CLIP
     model.load_state_dict({k: v for k, v in mapped.items() if k in model.state_dict()}, strict=not allow_partial)
-    return _payload(model, model_name, "msclip", path, ""), report
+    return report
 
 
 def check_shared_copies_agree(model: torch.nn.Module, mapped: dict, path) -> None:

@@ -31,7 +31,7 @@ from eval.data import EvalDataError, read_classification, read_retrieval
 from eval.plots import bar_chart, confusion_matrix
 from pipeline.checkpoint import export, load_exported
 from pipeline.interop import InteropError
-from pipeline.tracking import default_tracking_uri, training_experiment
+from pipeline.tracking import default_tracking_uri, synced_run_id, training_experiment
 
 MAX_CONFUSION_CLASSES = 30
 
@@ -81,13 +81,17 @@ def run_tasks(model, args, device: str) -> tuple[list[dict], dict[str, Path]]:
     return results, artifacts
 
 
+def tracking_uri(args) -> str:
+    return args.tracking_uri or default_tracking_uri(Path(args.checkpoint).resolve().parents[1])
+
+
 def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, results_path: Path) -> str:
     import mlflow
-    mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri(Path(args.checkpoint).resolve().parents[1]))
+    mlflow.set_tracking_uri(tracking_uri(args))
     if args.run_id:
         run = mlflow.start_run(run_id=args.run_id)
     else:
-        training_experiment(mlflow, args.experiment)
+        experiment_id = training_experiment(mlflow.MlflowClient(), args.experiment)
         tags = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
                 "model": payload.get("model_name", "")}
         source = payload.get("source")
@@ -95,7 +99,7 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
             tags.update(reference="true", source_format=source["format"], source_sha256=source["sha256"],
                         source_file=source["file"])
         run = mlflow.start_run(run_name=f"{'reference' if source else 'eval'}-{payload.get('model_name', 'model')}",
-                               tags=tags)
+                               experiment_id=experiment_id, tags=tags)
     with run:
         step = int(payload.get("step", 0))
         for r in results:
@@ -140,7 +144,10 @@ def main(argv=None) -> int:
     try:
         model, payload = load_checkpoint(args.checkpoint, args.format, args.model, args.source)
         if args.training_run:
-            args.run_id = payload.get("mlflow_run_id") or None
+            # the run this store holds for the run folder (runs/NAME/model.pt -> runs/NAME;
+            # an offline run synced later has one), else the run the export names
+            args.run_id = (synced_run_id(Path(args.checkpoint).resolve().parent, tracking_uri(args))
+                           or payload.get("mlflow_run_id") or None)
             if not args.run_id:
                 raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
         if args.similarity != "auto":

@@ -240,7 +240,7 @@ def main(argv=None):
     finally:
         logger.close(status)
     if rank == 0:
-        exported = checkpoint.export(run_dir / "checkpoints", run_dir / "model.pt")
+        exported = checkpoint.export(run_dir / "checkpoints", run_dir / "model.pt", mlflow_run_id=logger.run_id)
         print(f"[train] done: {state.step} steps; weights for eval: {exported}", flush=True)
         if cfg.tracking.log_model:
             logger.log_model(exported)

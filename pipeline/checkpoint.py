@@ -271,9 +271,10 @@ def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
 
 # ---- export for evaluation ----------------------------------------------------------------
 
-def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
+def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None, mlflow_run_id: str = "") -> Path:
     """Consolidated fp32 weights + what it takes to rebuild the model, loadable with
-    torch.load(weights_only=True)."""
+    torch.load(weights_only=True). `mlflow_run_id`: the run that trained it, when the
+    checkpoint was saved before the tracking store had created the run."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     ckpt_dir = Path(ckpt_dir)
     tag = tag or (complete_tags(ckpt_dir) or [None])[-1]
@@ -295,7 +296,7 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None) -> 
                "similarity": trained_similarity(objective),
                "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag),
                # lets `python -m eval --training-run` log into the run that trained it
-               "mlflow_run_id": train_state.get("mlflow_run_id", "")}
+               "mlflow_run_id": mlflow_run_id or train_state.get("mlflow_run_id", "")}
     output = Path(output)
     save_atomically(payload, output)
     return output

@@ -303,12 +303,22 @@ class TrackingConfig:
     # "" -> a local sqlite store next to the run folders (sqlite:///<output_dir>/mlflow.db).
     tracking_uri: str = ""
     experiment: str = "msclip"
+    # online: a background thread replays metrics.jsonl into MLflow, retrying through outages;
+    # offline: no server at all, `python -m pipeline.tracking sync runs/NAME` replays it later.
+    mode: Literal["online", "offline"] = "online"
+    # At the end of a run, how long to wait for MLflow to take what is still unsent
+    # (what is left is sent by `python -m pipeline.tracking sync`).
+    flush_seconds: float = 120.0
     system_metrics: bool = True
     # Peak FLOP/s of one device (e.g. 989 for an H100 SXM in bf16) for the logged MFU; None: no MFU.
     peak_tflops: Optional[float] = None
     # Log the final export as an MLflow Model (a pyfunc giving image and text embeddings:
     # pipeline/mlflow_model.py). Off by default: it copies the export (~600 MB at B/32).
     log_model: bool = False
+
+    def __post_init__(self):
+        if self.flush_seconds < 0:
+            raise ConfigError(f"tracking.flush_seconds: {self.flush_seconds} is negative")
 
 
 @dataclass

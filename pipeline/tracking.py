@@ -1,29 +1,50 @@
-"""One metrics logger: a local JSONL file always, MLflow as a sink, rank 0 only.
+"""One metrics logger, rank 0 only: a local JSONL file, replayed into MLflow.
 
-The JSONL (`<run dir>/metrics.jsonl`) is the record of truth: it is written even when
-MLflow is down. MLflow failures never stop training: the first one is reported once,
-the sink is switched off, and the JSONL says so (`{"event": "mlflow_unavailable"}`).
-Values are moved to the host only when they are logged.
+The JSONL (`<run dir>/metrics.jsonl`) is the record of truth: every param, tag, metric,
+artifact and status change is written there first, synchronously, and nothing in the
+training step waits on the network. MLflow is fed from it by `RunSync`, which sends the
+records in order from where the store last stopped taking them:
+* `tracking.mode=online` (default): a background thread replays the file as it grows.
+  When the server does not answer it retries with backoff (the outage is reported once),
+  and when the server is back the records of the outage go in order: a ten-second blip
+  at hour 2 of a 3-day run costs MLflow nothing. At the end of the run the logger waits
+  up to `tracking.flush_seconds` for what is unsent and names the command that sends
+  the rest.
+* `tracking.mode=offline` (compute nodes with no route to the server): no MLflow at all;
+  `python -m pipeline.tracking sync runs/NAME [--tracking-uri URI]` replays a run, or
+  every run of a folder, afterwards.
+How far each store got (its run id and the byte offset reached) is kept per tracking URI
+in `<run dir>/mlflow_sync.json`, written after every batch the store accepted, so a
+replay that stops halfway is completed by the next one, a second sync sends nothing, and
+a resumed run continues the same MLflow run. Metric timestamps are the JSONL's, so a run
+synced later equals one logged live.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
-
-import torch
 
 from pipeline.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
-# Fail fast instead of retrying for minutes against a tracking server that is not there.
+# Fail fast instead of retrying inside one request: RunSync retries, without blocking anyone.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+
+SYNC_STATE = "mlflow_sync.json"
+RETRY_SECONDS = (1.0, 30.0)  # first and longest wait between attempts while MLflow does not answer
+POLL_SECONDS = 1.0  # how often the online replay looks for new records
+# MLflow's limits per log_batch request
+MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, MAX_PARAM_CHARS = 1000, 100, 6000
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -45,13 +66,15 @@ def git_commit() -> str:
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def training_experiment(mlflow, name: str):
-    """`mlflow.set_experiment(name)`, recorded as a model-training experiment unless the
-    experiment already says what it is."""
-    experiment = mlflow.set_experiment(name)
+def training_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created as a model-training experiment, or marked as
+    one unless it already says what it is."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     if EXPERIMENT_KIND_TAG not in experiment.tags:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
-    return experiment
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def tag_strings(tags: dict) -> dict[str, str]:
@@ -62,73 +85,292 @@ def tag_strings(tags: dict) -> dict[str, str]:
 
 
 def _plain(value):
-    if torch.is_tensor(value):
+    if hasattr(value, "detach"):  # a tensor; read here, on log steps only (a host sync)
         return value.detach().float().item() if value.numel() == 1 else value.detach().float().tolist()
     return value
+
+
+def _is_metric_record(record) -> bool:
+    return isinstance(record, dict) and "step" in record and "event" not in record
+
+
+class SyncError(ValueError):
+    """A record that cannot be sent as it is (metrics before any run_start)."""
+
+
+def _refused(error: Exception) -> bool:
+    """MLflow answered and refused this record (a 4xx: an invalid value, a param that
+    changed), or the record cannot be sent: sending it again cannot help. Anything else
+    (no answer, a 5xx, a locked sqlite file) is an outage: retried."""
+    from mlflow.exceptions import MlflowException
+    return isinstance(error, SyncError) or (isinstance(error, MlflowException)
+                                            and 400 <= error.get_http_status_code() < 500)
+
+
+def synced_run_id(run_dir: str | Path, uri: str) -> str:
+    """The MLflow run that `uri`'s store holds for this run folder ("" if none yet)."""
+    path = Path(run_dir) / SYNC_STATE
+    states = json.loads(path.read_text()) if path.is_file() else {}
+    return states.get(uri, {}).get("run_id", "")
+
+
+def recorded_tracking_uri(run_dir: str | Path) -> str:
+    """The tracking URI a run was configured with (its first run_start record), or ""."""
+    path = Path(run_dir) / "metrics.jsonl"
+    with open(path) as f:
+        for line in f:
+            if '"run_start"' in line:
+                return json.loads(line).get("tracking_uri", "")
+    return ""
+
+
+class RunSync:
+    """Replays one run folder's metrics.jsonl into one MLflow store, in order, from the
+    first record that store has not taken yet (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path, uri: str, adopt_run_id: str = ""):
+        self.run_dir, self.uri = Path(run_dir), uri
+        self.jsonl = self.run_dir / "metrics.jsonl"
+        self.state_path = self.run_dir / SYNC_STATE
+        entry = self._states().get(uri)
+        if entry is None and adopt_run_id:
+            # A run folder from before the replay existed: what its JSONL holds went to
+            # this run already.
+            entry = {"run_id": adopt_run_id, "offset": self.jsonl.stat().st_size if self.jsonl.exists() else 0}
+        entry = entry or {}
+        self.run_id, self.offset = entry.get("run_id", ""), entry.get("offset", 0)
+        self.resumed = bool(self.run_id)
+        self.refused = 0
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _states(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    def _advance(self, offset: int):
+        self.offset = offset
+        states = self._states()
+        states[self.uri] = {"run_id": self.run_id, "offset": offset}
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(states, indent=1))
+        os.replace(tmp, self.state_path)  # never a half-written state
+
+    def _unsent(self):
+        """(offset after it, record) for every complete line not yet sent; a torn line (a
+        writer killed mid-line) is None. A line still being written is left for later."""
+        if not self.jsonl.exists():
+            return
+        with open(self.jsonl, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        position = self.offset
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                return
+            position += len(line)
+            try:
+                yield position, json.loads(line)
+            except ValueError:
+                yield position, None
+
+    def pending(self) -> int:
+        """Records not yet in the store."""
+        return sum(1 for _ in self._unsent())
+
+    def push(self) -> int:
+        """Send every complete record not yet sent; returns how many went. Raises what
+        MLflow raised when it does not answer: nothing is skipped, the next push resumes at
+        the same record. Consecutive metric records go in one request (up to MLflow's 1000
+        metrics per batch)."""
+        sent, metrics, end = 0, [], self.offset
+        for position, record in self._unsent():
+            if _is_metric_record(record):
+                new = self._metrics(record)
+                if metrics and len(metrics) + len(new) > MAX_METRICS_PER_BATCH:
+                    sent += self._send(self._log_metrics, metrics, end)
+                    metrics = []
+                metrics += new
+                end = position
+                continue
+            if metrics:
+                sent += self._send(self._log_metrics, metrics, end)
+                metrics = []
+            sent += self._send(self._apply, record, position)
+        if metrics:
+            sent += self._send(self._log_metrics, metrics, end)
+        return sent
+
+    def _send(self, action, payload, offset: int) -> int:
+        try:
+            action(payload)
+        except Exception as e:
+            if not _refused(e):
+                raise
+            self.refused += 1
+            if self.refused <= 3:  # the first few say why; the count says how many
+                print(f"[tracking] MLflow at {self.uri} refused a record of {self.jsonl} (before byte {offset}): "
+                      f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+        self._advance(offset)
+        return 1
+
+    @staticmethod
+    def _metrics(record: dict) -> list:
+        from mlflow.entities import Metric
+        timestamp = int(record.get("time", time.time()) * 1000)
+        return [Metric(k, float(v), timestamp, int(record["step"])) for k, v in record.items()
+                if k not in ("step", "time") and isinstance(v, (int, float))]
+
+    def _log_metrics(self, metrics: list):
+        self._require_run("metrics")
+        self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+
+    def _require_run(self, what: str):
+        if not self.run_id:
+            raise SyncError(f"{self.jsonl}: {what} before the first run_start record")
+
+    def _apply(self, record):
+        """One non-metric record. Events that are not MLflow's business (batch digests,
+        skips, outages) are only the JSONL's."""
+        from mlflow.entities import Param, RunTag
+        kind = record.get("event") if isinstance(record, dict) else None
+        if kind == "run_start":
+            self._start(record)
+            return
+        if kind not in ("params", "tags", "artifact", "run_end", "model"):
+            return
+        self._require_run(kind)
+        if kind == "params":
+            params = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in record["params"].items()]
+            for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tag_strings(record["tags"]).items()],
+                                  synchronous=True)
+        elif kind == "artifact":
+            if not Path(record["path"]).is_file():
+                print(f"[tracking] {record['path']}: logged as an artifact but gone; not sent", flush=True)
+                return
+            self.client.log_artifact(self.run_id, record["path"], record.get("artifact_path"))
+        elif kind == "run_end":
+            self.client.set_terminated(self.run_id, record["status"], end_time=int(record["time"] * 1000))
+        else:  # the final export as an MLflow Model
+            if not Path(record["path"]).is_file():
+                print(f"[tracking] {record['path']}: the export is gone; the model was not logged", flush=True)
+                return
+            import mlflow
+
+            from pipeline.mlflow_model import log_model
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                uri = log_model(record["path"])
+            print(f"[tracking] model logged: {uri}", flush=True)
+
+    def _start(self, record: dict):
+        """The first run_start creates the run; a later one (a resumed run) reopens it."""
+        if self.run_id:
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        experiment_id = training_experiment(self.client, record["experiment"])
+        run = self.client.create_run(experiment_id, start_time=int(record["time"] * 1000),
+                                     tags=tag_strings(record.get("tags", {})), run_name=record["run_name"])
+        self.run_id = run.info.run_id
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg: TrackingConfig, output_dir: str | Path, run_name: str,
                  enabled: bool = True, run_id: str = "", tags: dict | None = None):
         self.enabled = enabled  # False on ranks other than 0: every method is a no-op
-        self.run_id = run_id
-        self.mlflow = None
+        self._run_id = run_id
+        self.sync = None
         if not enabled:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self._lock = threading.Lock()  # the replay thread writes outage events too
         self.uri = cfg.tracking_uri or default_tracking_uri(output_dir)
-        try:
-            import mlflow
-            mlflow.set_tracking_uri(self.uri)
-            experiment = training_experiment(mlflow, cfg.experiment)
-            run = mlflow.start_run(run_id=run_id or None, run_name=None if run_id else run_name,
-                                   experiment_id=experiment.experiment_id, log_system_metrics=cfg.system_metrics,
-                                   tags=tag_strings({"git_commit": git_commit(), **(tags or {})}))
-            self.mlflow, self.run_id = mlflow, run.info.run_id
-        except Exception as e:  # any failure of the tracking server
-            self._mlflow_failed(e)
-        self.event("run_start", tracking_uri=self.uri, mlflow_run_id=self.run_id)
+        self.cfg = cfg
+        if cfg.mode == "online":
+            self.sync = RunSync(self.run_dir, self.uri, adopt_run_id=run_id)  # before this run's records
+        self.event("run_start", tracking_uri=self.uri, mode=cfg.mode, experiment=cfg.experiment, run_name=run_name,
+                   tags=tag_strings({"git_commit": git_commit(), **(tags or {})}))
+        if self.sync:
+            self._closing, self._wake = threading.Event(), threading.Event()
+            self._down, self._system_metrics = False, None
+            self._thread = threading.Thread(target=self._replay, name="mlflow-replay", daemon=True)
+            self._thread.start()
 
-    # ---- sinks ---------------------------------------------------------------------
-    def _mlflow_failed(self, error: Exception):
-        msg = f"MLflow at {self.uri} is unavailable ({type(error).__name__}: {str(error)[:200]}); " \
-              f"training goes on, metrics stay in {self.run_dir / 'metrics.jsonl'}"
+    @property
+    def run_id(self) -> str:
+        """The MLflow run, once the store has created it ("" before, and offline)."""
+        return self.sync.run_id if self.sync else self._run_id
+
+    # ---- the online replay (a background thread) ------------------------------------
+    def _replay(self):
+        delay = RETRY_SECONDS[0]
+        while True:
+            closing = self._closing.is_set()  # read first: the last push then sees run_end
+            try:
+                self.sync.push()
+            except Exception as e:  # no answer: retry later, never lose or reorder a record
+                self._unreachable(e)
+                time.sleep(delay)
+                delay = min(2 * delay, RETRY_SECONDS[1])
+                continue
+            delay = RETRY_SECONDS[0]
+            if self._down:
+                self._down = False
+                print(f"[tracking] MLflow at {self.uri} answers again: the records of the outage were sent",
+                      flush=True)
+                self.event("mlflow_recovered")
+            self._start_system_metrics()
+            if closing:
+                return
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+
+    def _unreachable(self, error: Exception):
+        if self._down:
+            return
+        self._down = True
+        msg = (f"MLflow at {self.uri} is unavailable ({type(error).__name__}: {str(error)[:200]}); training goes "
+               f"on, metrics stay in {self.jsonl_path} and are sent when it answers")
         log.warning(msg, exc_info=error)
         print(f"[tracking] {msg}", flush=True)
-        self.mlflow = None
         self.event("mlflow_unavailable", error=f"{type(error).__name__}: {str(error)[:500]}")
 
-    def _call(self, method: str, *args, **kwargs):
-        if self.mlflow is None:
-            return
-        try:
-            getattr(self.mlflow, method)(*args, **kwargs)
-        except Exception as e:
-            self._mlflow_failed(e)
-
-    def event(self, name: str, **fields):
-        if self.enabled:
-            self.jsonl.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+    def _start_system_metrics(self):
+        """MLflow's own sampler (CPU, memory, GPU) logs straight to the store, not through
+        the JSONL: what it samples during an outage is lost."""
+        if self.cfg.system_metrics and self._system_metrics is None and self.run_id:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            self._system_metrics = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri,
+                                                        resume_logging=self.sync.resumed)
+            self._system_metrics.start()
 
     # ---- what the trainer calls -------------------------------------------------------
+    def event(self, name: str, **fields):
+        self._write({"event": name, "time": time.time(), **fields})
+
+    def _write(self, record: dict):
+        if self.enabled:
+            with self._lock, open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def log_params(self, params: dict):
-        if not self.enabled:
-            return
         self.event("params", params=params)
-        # MLflow caps a param value at 6000 characters and a batch at 100 params.
-        items = [(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._call("log_params", dict(items[i:i + 100]))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None):
-        if self.enabled:
-            self._call("log_artifact", str(path), artifact_path)
+        self.event("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict):
-        if self.enabled:
-            self._call("set_tags", tag_strings(tags))
+        self.event("tags", tags=tag_strings(tags))
 
     def log_metrics(self, metrics: dict, step: int):
         """Tensors are read here (a host sync), so call this on log steps only."""
@@ -136,30 +378,82 @@ class MetricsLogger:
             return
         values = {k: _plain(v) for k, v in metrics.items() if v is not None}
         values = {k: v for k, v in values.items() if isinstance(v, (int, float))}
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self._call("log_metrics", {k: float(v) for k, v in values.items()}, step=step)
+        self._write({"step": step, "time": time.time(), **values})
 
     def log_model(self, exported: str | Path):
-        """The final export as an MLflow Model of this run (`tracking.log_model`). The export
-        exists only after the run is closed, so the finished run is reopened for it; an
-        unreachable server loses nothing (the export stays on disk)."""
+        """The final export as an MLflow Model of this run (`tracking.log_model`), sent after
+        the run has closed (the export exists only then); offline, or with MLflow away, the
+        sync command sends it later (the export stays on disk either way)."""
         if not self.enabled:
             return
-        if self.mlflow is None:
-            print(f"[tracking] MLflow is unavailable: the model was not logged; {exported} holds it", flush=True)
-            return
-        try:
-            from pipeline.mlflow_model import log_model
-            with self.mlflow.start_run(run_id=self.run_id):
-                uri = log_model(exported)
-            print(f"[tracking] model logged: {uri}", flush=True)
-        except Exception as e:  # noqa: BLE001 (a failing server must not fail a finished run)
-            print(f"[tracking] the model was not logged ({type(e).__name__}: {str(e)[:200]}); {exported} holds it",
-                  flush=True)
+        self.event("model", path=str(Path(exported).resolve()))
+        if self.sync and not self._thread.is_alive():
+            try:
+                self.sync.push()
+                return
+            except Exception as e:  # noqa: BLE001 (a failing server must not fail a finished run)
+                print(f"[tracking] the model was not logged ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        print(f"[tracking] {exported} is logged as a model by `{self._sync_command()}`", flush=True)
 
     def close(self, status: str = "FINISHED"):
         if not self.enabled:
             return
         self.event("run_end", status=status)
-        self._call("end_run", status=status)
-        self.jsonl.close()
+        if self.sync:
+            if self._system_metrics is not None:
+                self._system_metrics.finish()
+            self._closing.set()
+            self._wake.set()
+            self._thread.join(self.cfg.flush_seconds)
+        self._hint_unsent()
+
+    def _sync_command(self) -> str:
+        return f"python -m pipeline.tracking sync {self.run_dir} --tracking-uri {self.uri}"
+
+    def _hint_unsent(self):
+        if not self.sync:
+            print(f"[tracking] offline run: send it to MLflow with `{self._sync_command()}`", flush=True)
+        elif self.sync.pending():
+            print(f"[tracking] {self.sync.pending()} records of {self.jsonl_path} are not in MLflow yet "
+                  f"({self.uri} did not take them in tracking.flush_seconds={self.cfg.flush_seconds:g}); "
+                  f"send them with `{self._sync_command()}`", flush=True)
+
+
+# ---- python -m pipeline.tracking sync ----------------------------------------------------
+
+def run_folders(path: Path) -> list[Path]:
+    """`path` itself if it is a run folder, else the run folders directly inside it."""
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    return sorted(d for d in path.iterdir() if (d / "metrics.jsonl").is_file()) if path.is_dir() else []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync = commands.add_parser("sync", help="replay runs' metrics.jsonl into MLflow (idempotent, resumable)")
+    sync.add_argument("path", type=Path, help="a run folder (runs/NAME) or a folder of runs (runs/)")
+    sync.add_argument("--tracking-uri", help="default: the URI each run was configured with")
+    args = parser.parse_args(argv)
+    folders = run_folders(args.path)
+    if not folders:
+        print(f"error: {args.path}: no metrics.jsonl in it or in the folders directly inside it", file=sys.stderr)
+        return 2
+    failed = 0
+    for folder in folders:
+        uri = args.tracking_uri or recorded_tracking_uri(folder) or default_tracking_uri(folder.parent)
+        replay = RunSync(folder, uri)
+        try:
+            sent = replay.push()
+        except Exception as e:  # noqa: BLE001 (one line per run; the others still go)
+            failed += 1
+            print(f"error: {folder}: MLflow at {uri} did not take it ({type(e).__name__}: {str(e)[:300]}); "
+                  f"run the same command again to continue", file=sys.stderr)
+            continue
+        refused = f", {replay.refused} refused (see above)" if replay.refused else ""
+        print(f"{folder}: {sent} records sent to {uri}, run {replay.run_id or '-'}{refused}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, free_port
+from pipeline.tracking import synced_run_id
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -252,8 +253,8 @@ def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp
     assert 2 <= step < 30, output[-3000:]
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE.json").is_file()
     assert any(r.get("event") == "preempted" and r["step"] == step for r in jsonl(run_dir))
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    run = client.get_run(next(r["mlflow_run_id"] for r in jsonl(run_dir) if r.get("event") == "run_start"))
+    store = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    run = MlflowClient(tracking_uri=store).get_run(synced_run_id(run_dir, store))
     assert run.info.status == "KILLED" and run.data.tags["preempted"] == f"SIGTERM at step {step}"
     assert not (run_dir / "model.pt").exists()
 
@@ -265,12 +266,16 @@ def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp
 
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, demo_data):
     dead = f"http://127.0.0.1:{free_port()}"
-    config = run_config(tmp_path, demo_data, "offline", train={"steps": 4}, tracking={"tracking_uri": dead})
+    config = run_config(tmp_path, demo_data, "unreachable", train={"steps": 4},
+                        tracking={"tracking_uri": dead, "flush_seconds": 2})
     result = launch(config, ds_config(tmp_path))
-    records = jsonl(tmp_path / "runs" / "offline")
-    assert sorted(step_losses(tmp_path / "runs" / "offline")) == [2, 4]
-    assert sum(r.get("event") == "mlflow_unavailable" for r in records) == 1
+    run_dir = tmp_path / "runs" / "unreachable"
+    assert sorted(step_losses(run_dir)) == [2, 4]
+    assert sum(r.get("event") == "mlflow_unavailable" for r in jsonl(run_dir)) == 1  # reported once
     assert "MLflow at " + dead + " is unavailable" in result.stdout
+    # what MLflow never took is named, with the command that sends it
+    assert f"not in MLflow yet ({dead} did not take them" in result.stdout
+    assert f"python -m pipeline.tracking sync {run_dir} --tracking-uri {dead}" in result.stdout
 
 
 def test_two_nodes_simulated_on_loopback(tmp_path, demo_data):

@@ -298,6 +298,16 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.logit_scale_min: {self.logit_scale_min} must be in [0, ln 100]")
 
 
+def active_weights(cfg: ObjectiveConfig) -> dict[str, float]:
+    return {name: float(w) for name, w in cfg.weights.items() if w > 0}
+
+
+def features_only(cfg: ObjectiveConfig) -> bool:
+    """True when the loss is a function of one view's pooled features (exact
+    accumulation can run it)."""
+    return set(active_weights(cfg)) <= {"clip"} and cfg.image_views == 1 and not cfg.text_eda
+
+
 @dataclass
 class TrackingConfig:
     # "" -> a local sqlite store next to the run folders (sqlite:///<output_dir>/mlflow.db).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ObjectiveConfig
+from pipeline.config import ObjectiveConfig, active_weights, features_only  # noqa: F401
 from pipeline.losses import contrastive_loss
 from pipeline.losses.declip import IGNORE_INDEX, MASK_ID, FeatureQueue, SimSiamHead, mlm_loss, nn_loss
 from pipeline.losses.filip import filip_loss
@@ -254,10 +254,6 @@ TERMS = {"clip": ClipTerm, "slip": SlipTerm, "filip": FilipTerm, "mlm": MlmTerm,
          "nn": NearestNeighbourTerm, "pyramid": PyramidTerm, "mixup": MixupTerm}
 
 
-def active_weights(cfg: ObjectiveConfig) -> dict[str, float]:
-    return {name: float(w) for name, w in cfg.weights.items() if w > 0}
-
-
 def logit_scale_bounds(model: nn.Module, cfg: ObjectiveConfig) -> list[tuple[nn.Parameter, float, float]]:
     """Every learned log-temperature with the range the trainer clamps it to, before the
     first step and after each: the model's [logit_scale_min, ln 100] (CLIP, DeCLIP's floor
@@ -267,12 +263,6 @@ def logit_scale_bounds(model: nn.Module, cfg: ObjectiveConfig) -> list[tuple[nn.
         filip = model.objective_heads.terms["filip"]
         bounds.append((filip.logit_scale, cfg.filip_logit_scale_min, cfg.filip_logit_scale_max))
     return bounds
-
-
-def features_only(cfg: ObjectiveConfig) -> bool:
-    """True when the loss is a function of one view's pooled features (exact
-    accumulation can run it)."""
-    return set(active_weights(cfg)) <= {"clip"} and cfg.image_views == 1 and not cfg.text_eda
 
 
 def masks_captions(cfg: ObjectiveConfig) -> bool:

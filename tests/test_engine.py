@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
-from pipeline.engine import (accumulation_steps, fill_ds_config, lr_factor, param_groups, read_ds_config)
+from pipeline.ds_config import accumulation_steps, check_against_deepspeed, fill_ds_config, read_ds_config
+from pipeline.engine import lr_factor, param_groups
 from pipeline.losses import clip_objective, contrastive_loss
 from pipeline.model import MAX_LOGIT_SCALE, build_model
 from pipeline.tokenizer import tokenize
@@ -57,7 +58,7 @@ def test_deepspeed_keys_it_would_ignore_are_errors(tmp_path, ds, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError) as err:
-        read_ds_config(path)
+        check_against_deepspeed(read_ds_config(path), path)  # the fast checks, then DeepSpeed's own models
     assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
 
 
@@ -65,7 +66,7 @@ def test_deepspeed_keys_it_would_ignore_are_errors(tmp_path, ds, message):
 def test_optimizers_deepspeed_or_torch_knows_pass(tmp_path, name):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"optimizer": {"type": name}}))
-    read_ds_config(path)
+    check_against_deepspeed(read_ds_config(path), path)
 
 
 def test_every_shipped_deepspeed_config_loads_and_fills(repo_root):
@@ -74,6 +75,7 @@ def test_every_shipped_deepspeed_config_loads_and_fills(repo_root):
                                        "zero2_offload_bf16.json", "cpu_bf16.json", "cpu_fp32.json"}
     for f in files:
         ds = fill_ds_config(read_ds_config(f), TrainConfig(), OptimConfig(), 2)
+        check_against_deepspeed(ds, f)
         assert ds["zero_optimization"]["stage"] in (1, 2, 3)
 
 

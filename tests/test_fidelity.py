@@ -78,7 +78,7 @@ def test_counting_flops_leaves_the_model_and_the_rng_untouched():
 
 
 def test_a_skipped_step_does_not_poison_the_logged_loss():
-    from launch.train import add_to_window, new_window
+    from pipeline.trainer import add_to_window, new_window
     window = new_window()
     for loss, skipped in ((2.0, 0), (float("nan"), 1), (4.0, 0)):
         add_to_window(window, {"loss": torch.tensor(loss), "skipped": skipped})

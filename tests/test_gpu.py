@@ -77,7 +77,8 @@ def test_every_objective_steps_through_deepspeed_on_cuda(recipe, process_group, 
     """ZeRO-2, bf16 engine, FusedAdam: one step, a finite loss, the parameters moved."""
     import deepspeed
     from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
-    from pipeline.engine import fill_ds_config, param_groups, train_step
+    from pipeline.ds_config import fill_ds_config
+    from pipeline.engine import param_groups, train_step
     from pipeline.losses import clip_objective
     from pipeline.model import build_model
     from pipeline.objectives import attach_objective, objective_arch

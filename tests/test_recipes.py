@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from pipeline.config import load_config
-from pipeline.engine import fill_ds_config, read_ds_config
+from pipeline.ds_config import fill_ds_config, read_ds_config
 from pipeline.model import build_model
 from pipeline.objectives import attach_objective, features_only, objective_arch, uses_mask_token
 

@@ -2,6 +2,9 @@
 bad input is one ConfigError/ValueError line naming the key, raised by `validate` in
 this process (the launcher-level test of the same path is tests/test_train_e2e.py)."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -66,3 +69,75 @@ def test_main_says_it_in_one_line_and_returns_2(tmp_path, demo_data, two_ranks, 
                  "train.global_batch_size=512"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.micro_batch_size:") and "\n" not in err
+
+
+# ---- the bad-config corpus: one line, rc 2, before torch / DeepSpeed / MLflow load --------
+
+IMPORTS_WATCHED = ("torch", "deepspeed", "mlflow")
+
+CHECK_IN_A_FRESH_INTERPRETER = """
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+from launch.train import main, parse_args, validate
+cases, watched, results = json.loads(sys.argv[2]), sys.argv[4].split(","), []
+for argv in cases:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append({"rc": rc, "stderr": err.getvalue(), "loaded": [m for m in watched if m in sys.modules]})
+validate(parse_args(json.loads(sys.argv[3])))  # a good config goes on to the checks that need them
+results.append({"loaded": [m for m in watched if m in sys.modules]})
+print(json.dumps(results))
+"""
+
+
+def test_bad_configs_fail_in_one_line_before_torch_deepspeed_or_mlflow_is_imported(tmp_path, demo_data):
+    """Issue 18 item 4: validation ran after torch and DeepSpeed were imported (~15 s for a
+    typo). Each case runs through launch/train.py's main in one fresh interpreter, in
+    which none of torch, DeepSpeed or MLflow may have been imported when it fails; the
+    last, valid, config shows that the check sees an import when there is one."""
+    good = args_for(tmp_path, demo_data)
+    ds_base = json.loads((REPO_ROOT / "ds_configs" / "cpu_fp32.json").read_text())
+    ds_owned, ds_stage = tmp_path / "owned.json", tmp_path / "stage.json"
+    ds_owned.write_text(json.dumps({**ds_base, "train_batch_size": 64}))
+    ds_stage.write_text(json.dumps({**ds_base, "zero_optimization": {"stage": 7}}))
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- optim\n- train\n")
+    (tmp_path / "a-file").write_text("")
+    corpus = [
+        (["optim.lr=-1"], "optim.lr: "),
+        (["optim.lr=.inf"], "optim.lr: inf is not a finite number"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay: "),
+        (["optim.betas=[0.9, 1.0]"], "optim.betas: "),
+        (["train.steps=0"], "train.steps: 0 must be >= 1"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size: "),
+        (["train.global_batch_size=48"], "train.global_batch_size: 48 is not a multiple"),
+        (["optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        ([f"train.output_dir={tmp_path}/a-file/runs"], "train.output_dir: "),
+        (["eval.every_steps=5", "eval.dataset=/nonexistent"], "eval.dataset: /nonexistent: no such dataset directory"),
+        (["data.train_shards=/nonexistent/{00000..00003}.tar"], "data.train_shards: shard /nonexistent/00000.tar"),
+        ([f"train.resume={tmp_path}/nowhere"], "train.resume: "),
+        (["objective.weights.slip=1", "train.global_batch_size=64"], "objective.weights: slip (with its views)"),
+        (["--config", str(not_a_mapping)], f"{not_a_mapping}: the top level must be a mapping"),
+        (["--deepspeed_config", str(ds_owned)], f"{ds_owned}: 'train_batch_size' belongs in the run config"),
+        (["--deepspeed_config", str(ds_stage)], f"{ds_stage}: zero_optimization.stage: 7 is not a ZeRO stage"),
+    ]
+    base = ["--deepspeed_config", str(good.deepspeed_config), "--config", str(good.config)]
+    argvs = []
+    for extra, _ in corpus:
+        if extra[0] in ("--config", "--deepspeed_config"):  # replaces the good file
+            argv = list(base)
+            argv[argv.index(extra[0]) + 1] = extra[1]
+            argvs.append(argv)
+        else:
+            argvs.append(base + extra)
+    done = subprocess.run([sys.executable, "-c", CHECK_IN_A_FRESH_INTERPRETER, str(REPO_ROOT), json.dumps(argvs),
+                           json.dumps(base), ",".join(IMPORTS_WATCHED)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    *results, control = json.loads(done.stdout.strip().splitlines()[-1])
+    for (extra, message), result in zip(corpus, results):
+        lines = result["stderr"].strip().splitlines()
+        assert result["rc"] == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), (extra, result)
+        assert result["loaded"] == [], (extra, result["loaded"])
+    assert set(control["loaded"]) >= {"torch", "deepspeed"}

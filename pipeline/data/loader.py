@@ -43,7 +43,7 @@ from pipeline.config import DataConfig
 from pipeline.data import pyramid
 from pipeline.data.caption_augment import zerovl_augment
 from pipeline.data.eda import eda, load_synonyms
-from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
+from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, debiased_sources, resolve_shards
 from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, normalize, ssl_transform,
                                       train_transform, zerovl_transform)
 from pipeline.losses.declip import mlm_mask
@@ -450,7 +450,7 @@ def leave_stop_signals_to_the_trainer(worker_id: int):
     """SLURM's preemption SIGTERM (and Ctrl-C's SIGINT) reach every process of the job,
     loader workers included; a worker killed by it made the trainer raise "DataLoader
     worker is killed by signal" in the middle of the step it was to finish and save. The
-    trainer decides when to stop (launch/train.py StopRequest); workers end with it (the
+    trainer decides when to stop (pipeline/lifecycle.py StopRequest); workers end with it (the
     DataLoader's shutdown, or its watchdog on the parent's death)."""
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -483,7 +483,7 @@ class DataStream:
         self.epoch = 0
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log
-        # steps (launch/train.py), so that every rank stops together, on the whole picture.
+        # steps (pipeline/trainer.py), so that every rank stops together, on the whole picture.
         self.local_skip_check = True
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin
@@ -587,25 +587,6 @@ class DataStream:
         self.epoch += 1
 
 
-def batches_per_epoch(shards: ShardSet, cfg: DataConfig, batch_size: int, world: int, seed: int, epoch: int = 0) -> int:
-    """Batches every rank can deliver per epoch. Resampled: the epoch size from
-    data.train_num_samples (default: the manifest total). Otherwise the smallest rank's
-    share, discounted by the tolerated skip rate so that no rank runs dry first. A pure
-    function of the config, so that it is checked before launch (launch/train.py)."""
-    if cfg.resampled:
-        total = cfg.train_num_samples or shards.total_samples
-        if not total:
-            raise ValueError("data.train_num_samples: needed when the shards have no manifest")
-        return max(1, total // (batch_size * world))
-    if shards.total_samples is None:
-        raise ValueError("data.resampled=false needs a manifest for every shard to size the epoch")
-    workers = max(1, cfg.workers)
-    per_worker = [[sum(shards.samples[i] for i in assign_shards(shards, epoch, seed, r, world, w, workers))
-                   for w in range(workers)] for r in range(world)]
-    usable = 1 - cfg.max_skip_rate
-    return min(sum(math.floor(n * usable / batch_size) for n in rank) for rank in per_worker)
-
-
 def costliest(shard_losses: Counter, n: int = 3) -> str:
     return ", ".join(f"{url} ({lost})" for url, lost in shard_losses.most_common(n)) or "none failed"
 
@@ -652,18 +633,6 @@ def choose_source(seed: int, step: int, sizes: list[int]) -> int:
     default_rng(2021) for the same reason)."""
     weights = np.asarray(sizes, dtype=np.float64)
     return int(np.random.default_rng([seed, step]).choice(len(sizes), p=weights / weights.sum()))
-
-
-def debiased_sources(cfg: DataConfig) -> list[ShardSet]:
-    """The sources of `data.sampling: debiased`, each with a manifest (it weighs them)."""
-    parts = [p.strip() for p in cfg.train_shards.split("::") if p.strip()]
-    if len(parts) < 2:
-        raise ValueError("data.sampling: debiased needs two or more sources in data.train_shards (a::b)")
-    sources = [resolve_shards(p) for p in parts]
-    for part, shards in zip(parts, sources):
-        if shards.total_samples is None:
-            raise ValueError(f"data.sampling: debiased weighs sources by size: {part} has no manifest")
-    return sources
 
 
 def make_stream(cfg: DataConfig, **kwargs) -> "DataStream | DebiasedStream":

@@ -7,12 +7,14 @@ directory when there is one). Missing local shards are an error before anything 
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 
+from pipeline.config import DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
 
 
@@ -81,9 +83,32 @@ def assign_shards(shards: ShardSet, epoch: int, seed: int, rank: int, world: int
     return [i for i in order if owner[i] == me]
 
 
-def samples_per_rank(shards: ShardSet, epoch: int, seed: int, world: int, num_workers: int) -> list[int]:
-    """Samples each rank reads in `epoch` without resampling (requires manifest counts)."""
+def batches_per_epoch(shards: ShardSet, cfg: DataConfig, batch_size: int, world: int, seed: int, epoch: int = 0) -> int:
+    """Batches every rank can deliver per epoch. Resampled: the epoch size from
+    data.train_num_samples (default: the manifest total). Otherwise the smallest rank's
+    share, discounted by the tolerated skip rate so that no rank runs dry first. A pure
+    function of the config, so that it is checked before launch (pipeline/preflight.py)."""
+    if cfg.resampled:
+        total = cfg.train_num_samples or shards.total_samples
+        if not total:
+            raise ValueError("data.train_num_samples: needed when the shards have no manifest")
+        return max(1, total // (batch_size * world))
     if shards.total_samples is None:
-        raise ValueError("per-rank sample counts need a manifest for every shard")
-    return [sum(shards.samples[i] for w in range(num_workers)
-                for i in assign_shards(shards, epoch, seed, rank, world, w, num_workers)) for rank in range(world)]
+        raise ValueError("data.resampled=false needs a manifest for every shard to size the epoch")
+    workers = max(1, cfg.workers)
+    per_worker = [[sum(shards.samples[i] for i in assign_shards(shards, epoch, seed, r, world, w, workers))
+                   for w in range(workers)] for r in range(world)]
+    usable = 1 - cfg.max_skip_rate
+    return min(sum(math.floor(n * usable / batch_size) for n in rank) for rank in per_worker)
+
+
+def debiased_sources(cfg: DataConfig) -> list[ShardSet]:
+    """The sources of `data.sampling: debiased`, each with a manifest (it weighs them)."""
+    parts = [p.strip() for p in cfg.train_shards.split("::") if p.strip()]
+    if len(parts) < 2:
+        raise ValueError("data.sampling: debiased needs two or more sources in data.train_shards (a::b)")
+    sources = [resolve_shards(p) for p in parts]
+    for part, shards in zip(parts, sources):
+        if shards.total_samples is None:
+            raise ValueError(f"data.sampling: debiased weighs sources by size: {part} has no manifest")
+    return sources

@@ -1,0 +1,120 @@
+"""A run's checkpoints as files: which are complete, whether their bytes are intact, which
+one `train.resume` means, and which ranks wrote it. Plain Python (no torch), so that
+launch/train.py checks `train.resume` before torch or DeepSpeed is imported; saving and
+loading are pipeline/checkpoint.py's."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+COMPLETE = "COMPLETE.json"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_json_atomic(path: Path, payload: dict):
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def checksums(tag_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint, recorded in its COMPLETE.json. Rank 0 reads
+    all of them once every rank has written (a shared filesystem, as COMPLETE.json itself
+    assumes): one more read of the checkpoint per save, paid so that a resume can tell
+    bit-rot and truncation from a good checkpoint."""
+    out = {}
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        out[str(path.relative_to(tag_dir))] = digest.hexdigest()
+    return out
+
+
+def damage(tag_dir: Path) -> str:
+    """Why a complete checkpoint cannot be trusted ("" if its files match their checksums;
+    checkpoints from before checksums were recorded are taken as they are)."""
+    recorded = json.loads((tag_dir / COMPLETE).read_text()).get("sha256")
+    if recorded is None:
+        return ""
+    actual = checksums(tag_dir)
+    for name, digest in recorded.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != digest:
+            return f"{name} does not match its checksum"
+    return ""
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(tags)
+
+
+def prune(ckpt_dir: Path, keep_last: int):
+    tags = complete_tags(ckpt_dir)
+    keep = set(tags[-keep_last:])
+    newest = tags[-1] if tags else None
+    for p in ckpt_dir.iterdir():
+        if not TAG_RE.match(p.name) or p.name in keep:
+            continue
+        if p.name in tags or (newest and p.name < newest):  # old complete ones, and debris of killed saves
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path, verify: bool = False) -> tuple[Path, str] | None:
+    """train.resume -> (checkpoint dir, tag), None to start fresh. With `verify` (rank 0,
+    once, before loading) the files are checked against their checksums: resume=latest
+    falls back to the newest intact checkpoint, saying so in one line; an explicitly named
+    checkpoint that is damaged is an error."""
+    if not resume:
+        return None
+    if resume == "latest":
+        tags = complete_tags(ckpt_dir)
+        for tag in reversed(tags if verify else tags[-1:]):
+            problem = damage(Path(ckpt_dir) / tag) if verify else ""
+            if not problem:
+                return Path(ckpt_dir), tag
+            # moved aside: never picked again, never mistaken for complete while a later save
+            # of the same step rewrites its files; kept for a post-mortem
+            aside = Path(ckpt_dir) / f"{tag}.damaged"
+            os.replace(Path(ckpt_dir) / tag, aside)
+            print(f"[train] checkpoint {Path(ckpt_dir) / tag} is damaged ({problem}); moved to {aside.name}, "
+                  f"resuming from the previous complete one", flush=True)
+        if tags:
+            raise FileNotFoundError(f"train.resume=latest: none of the {len(tags)} complete checkpoints in "
+                                    f"{ckpt_dir} is intact")
+        return None
+    path = Path(resume)
+    if TAG_RE.match(path.name) and (path / COMPLETE).is_file():
+        found = path.parent, path.name
+    elif path.is_dir() and complete_tags(path):
+        found = path, complete_tags(path)[-1]
+    else:
+        raise FileNotFoundError(f"train.resume: {resume} is not a complete checkpoint (no {COMPLETE})")
+    problem = damage(found[0] / found[1]) if verify else ""
+    if problem:
+        raise FileNotFoundError(f"train.resume: {found[0] / found[1]} is damaged ({problem})")
+    return found
+
+
+def check_world_size(ckpt_dir: Path, tag: str, world: int):
+    """Before launch (launch/train.py) and again at load: the data position is per rank."""
+    written = json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"]
+    if written != world:
+        raise ValueError(f"train.resume: {Path(ckpt_dir) / tag} was written by {written} ranks, this run has "
+                         f"{world}; the data position of each rank cannot be carried over")
+

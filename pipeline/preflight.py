@@ -1,0 +1,84 @@
+"""The checks a run passes before anything heavy is imported: the run config, the
+DeepSpeed JSON and the batch arithmetic, the shards and whether a rank's share fills a
+batch, the output folder, `train.resume`, the objective's accumulation rule and the
+eval dataset's folder. Plain Python: no torch, DeepSpeed or MLflow is imported, so a bad
+config fails in a fraction of a second (tests/test_validate.py checks the imports). What needs
+them (DeepSpeed's own models of its JSON, the eval set's contents, `model.init_from`'s
+weights) is checked next by `pipeline.trainer.prepare`, still before any process group.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline import checkpoint_files
+from pipeline.config import ConfigError, RunConfig, features_only, load_config
+from pipeline.data.shards import batches_per_epoch, debiased_sources, resolve_shards
+from pipeline.ds_config import accumulation_steps, fill_ds_config, read_ds_config
+
+
+def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -> tuple[RunConfig, dict, int]:
+    """(run config, filled DeepSpeed config, world size), or a ConfigError /
+    FileNotFoundError / ValueError naming the key or file."""
+    cfg = load_config(config, overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = fill_ds_config(read_ds_config(deepspeed_config), cfg.train, cfg.optim, world)
+    check_shards(cfg, world)
+    check_output_dir(Path(cfg.train.output_dir))
+    if cfg.train.resume == "latest" and not cfg.train.run_name:
+        raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
+    if cfg.train.resume:  # a path that is no checkpoint, or one from another world size
+        found = checkpoint_files.resolve_resume(cfg.train.resume,
+                                                Path(cfg.train.output_dir) / cfg.train.run_name / "checkpoints")
+        if found:
+            checkpoint_files.check_world_size(*found, world)
+    if not features_only(cfg.objective) and accumulation_steps(cfg.train, world) > 1:
+        raise ConfigError(f"objective.weights: {', '.join(cfg.objective.weights)} (with its views) use more than one "
+                          f"view's pooled features, so they cannot run exact accumulation: set "
+                          f"train.global_batch_size = micro_batch_size x world size")
+    if cfg.eval.every_steps and not Path(cfg.eval.dataset).is_dir():
+        raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
+    warn_short_run(cfg)
+    return cfg, ds_config, world
+
+
+def warn_short_run(cfg: RunConfig):
+    """A warmup longer than the run is said, not refused: every short smoke run of a real
+    recipe (`train.steps=20` on a 13k-step warmup, `demo.sh --steps 12`) has one, and
+    refusing them would make each such run restate the schedule."""
+    warmup, steps = cfg.optim.warmup_steps, cfg.train.steps
+    if warmup > steps and os.environ.get("RANK", "0") == "0":
+        print(f"[train] warning: optim.warmup_steps={warmup} is longer than the run (train.steps={steps}): the "
+              f"learning rate peaks at {steps / warmup:.2g} x optim.lr", file=sys.stderr, flush=True)
+
+
+def check_output_dir(output_dir: Path):
+    """A test write: an unwritable train.output_dir was a traceback on every rank after
+    the process group started (issue 22)."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"train.output_dir: {output_dir} is not writable ({e.strerror or e})") from None
+
+
+def check_shards(cfg: RunConfig, world: int):
+    """The shards exist (and the debiased sources have manifests). Without resampling a
+    rank's workers read only their share of them: a batch larger than that share is never
+    filled (it passed validation and hung: issue 22)."""
+    sources = (debiased_sources(cfg.data) if cfg.data.sampling == "debiased"
+               else [resolve_shards(cfg.data.train_shards)])
+    if cfg.data.resampled:
+        return
+    batch = cfg.train.micro_batch_size * accumulation_steps(cfg.train, world)
+    for shards in sources:
+        if batches_per_epoch(shards, cfg.data, batch, world, cfg.train.seed) == 0:
+            raise ConfigError(
+                f"train.micro_batch_size: a batch of {batch} per rank cannot be filled from one rank's share of "
+                f"{shards.urls[0]} ... ({len(shards.urls)} shards, {shards.total_samples} samples) with data.resampled"
+                f"=false, {world} rank(s) x {max(1, cfg.data.workers)} worker(s) and data.max_skip_rate="
+                f"{cfg.data.max_skip_rate:g} held back: use fewer ranks, workers or a smaller batch, or "
+                f"data.resampled: true")

@@ -32,6 +32,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.config import DataConfig
+from pipeline.data.loader import tar_members
+
+# The training reader's limits (pipeline.config.DataConfig), as refusals: an evaluation
+# set is curated, so a sample over a limit is an error naming it, not a silent skip that
+# would change what the score measures.
+LIMITS = DataConfig()
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 WDS_IMAGE_KEYS = ("webp", "jpg", "jpeg", "png")
 
@@ -117,7 +125,19 @@ def _wds_samples(root: Path, split: str):
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise EvalDataError(f"{missing[0]}: missing ({nshards_file} says {nshards} shards)")
-    for sample in wds.tarfile_to_samples()(iter([dict(url=u) for u in urls])):
+    refused = []
+
+    def refuse(url, member, reason):
+        refused.append(f"{url}: member {member}: {reason.replace('_', ' ')} (data.max_member_bytes="
+                       f"{LIMITS.max_member_bytes}, or not a regular file inside the shard)")
+
+    def reraise(exn):
+        raise exn
+
+    opened = wds.tariterators.url_opener(iter([dict(url=u) for u in urls]))
+    for sample in wds.tariterators.group_by_keys(tar_members(opened, LIMITS.max_member_bytes, refuse, reraise)):
+        if refused:
+            raise EvalDataError(refused[0])
         key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
         if key is None:
             raise EvalDataError(f"{sample['__url__']}: sample {sample['__key__']} has no image")
@@ -137,6 +157,13 @@ def _read_wds_classification(root: Path, split: str) -> ClassificationSet:
     return ClassificationSet(root.name, images, labels, classnames, read_templates(root))
 
 
+def cut_caption(text: str) -> str:
+    """A caption cut at data.max_caption_bytes (UTF-8, whole characters), as the training
+    reader cuts: the tokenizer keeps 77 tokens anyway, and a 1 MB caption cost seconds."""
+    raw = text.encode()
+    return raw[:LIMITS.max_caption_bytes].decode(errors="ignore") if len(raw) > LIMITS.max_caption_bytes else text
+
+
 def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
     root = Path(root)
     if (root / split / "nshards.txt").is_file():
@@ -145,7 +172,7 @@ def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
             if "txt" not in sample:
                 raise EvalDataError(f"{sample['__url__']}: sample {sample['__key__']} has no .txt captions")
             images.append(image)
-            captions.append([c for c in sample["txt"].decode().splitlines() if c.strip()])
+            captions.append([cut_caption(c) for c in sample["txt"].decode(errors="replace").splitlines() if c.strip()])
         return RetrievalSet(root.name, images, captions)
     karpathy = root if root.suffix == ".json" else next(
         (root / n for n in ("dataset_coco.json", "dataset_flickr30k.json") if (root / n).is_file()), None)
@@ -165,7 +192,7 @@ def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
         if path is None:
             raise EvalDataError(f"{candidates[0]}: image listed in {karpathy.name} is missing")
         images.append(path)
-        captions.append([s["raw"] for s in e["sentences"]])
+        captions.append([cut_caption(s["raw"]) for s in e["sentences"]])
     if not images:
         raise EvalDataError(f"{karpathy}: no images in split {split!r}")
     return RetrievalSet(karpathy.stem.replace("dataset_", ""), images, captions)
@@ -182,10 +209,20 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i):
         src = self.images[i]
+        name = src if not isinstance(src, bytes) else f"image {i}"
         try:
-            image = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src).convert("RGB")
+            image = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)  # the header only
+        except Image.DecompressionBombError as e:
+            raise EvalDataError(f"{name}: {e}") from None
         except Exception as e:
-            raise EvalDataError(f"{src if not isinstance(src, bytes) else f'image {i}'}: cannot decode ({e})") from None
+            raise EvalDataError(f"{name}: cannot decode ({e})") from None
+        if image.size[0] * image.size[1] > LIMITS.max_image_pixels:  # before decoding: a crafted header
+            raise EvalDataError(f"{name}: declares {image.size[0]} x {image.size[1]} pixels, over "
+                                f"data.max_image_pixels={LIMITS.max_image_pixels}")
+        try:
+            image = image.convert("RGB")
+        except Exception as e:
+            raise EvalDataError(f"{name}: cannot decode ({e})") from None
         x = self.transform(image)
         return (x, self.targets[i]) if self.targets is not None else x
 

@@ -102,11 +102,20 @@ class DataConfig:
     # decoded: 40 MP is far above any training resolution (256^2 x 16 = 1 MP) and below
     # Pillow's decompression-bomb warning (89 MP), so a crafted PNG cannot exhaust memory.
     max_image_pixels: int = 40_000_000
+    # A caption is cut to this many bytes (UTF-8) before it is tokenized, and counted
+    # (data_truncated/caption): the tokenizer keeps 77 tokens (a few hundred bytes) anyway,
+    # and a 1 MB "caption" cost a worker seconds of BPE.
+    max_caption_bytes: int = 4096
+    # A tar member larger than this is never read (it would be read whole into memory):
+    # its sample is skipped as oversized_member. Far above any image a shard should hold.
+    max_member_bytes: int = 64 << 20
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)
         _check_range("data.stall_seconds", self.stall_seconds, 0, exclusive=True)
         _check_range("data.max_image_pixels", self.max_image_pixels, 0, exclusive=True)
+        _check_range("data.max_caption_bytes", self.max_caption_bytes, 0, exclusive=True)
+        _check_range("data.max_member_bytes", self.max_member_bytes, 0, exclusive=True)
         _check_range("data.shuffle_buffer", self.shuffle_buffer, 0)
         if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ConfigError(f"data.rrc_scale: {self.rrc_scale} must satisfy 0 < lo <= hi <= 1")

@@ -323,9 +323,12 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
         metrics[f"lr/{group['name']}"] = group["lr"]
     if cfg.tracking.peak_tflops and flops_per_sample:
         metrics["mfu"] = flops_per_sample * samples_per_s / (cfg.tracking.peak_tflops * 1e12 * world)
-    good, skipped = summed_over_ranks(data.good(), data.skipped(), engine.device)  # every rank is here
+    good, truncated, skipped = summed_over_ranks(data.good(), data.truncated(), data.skipped(),
+                                                 engine.device)  # every rank is here
     for reason, count in skipped.items():
         metrics[f"data_skipped/{reason}"] = count
+    if truncated:
+        metrics["data_truncated/caption"] = truncated  # cut at data.max_caption_bytes, still used
     logger.log_metrics(metrics, state.step)
     check_skip_rate(good, skipped, cfg.data.max_skip_rate,  # on every rank, on the same sums
                     lambda: shard_losses_over_ranks(data.shard_losses()))

@@ -125,6 +125,32 @@ def test_bad_classification_data_is_one_line_naming_the_path(tmp_path, setup, me
     assert "\n" not in str(err.value) and str(root) in str(err.value)
 
 
+def test_eval_readers_refuse_what_the_training_reader_skips_and_cut_long_captions(tmp_path):
+    """Issue 18: the training reader's limits hold in evaluation too, as refusals naming
+    the sample (a curated set that silently lost samples would score something else)."""
+    import tarfile
+
+    from eval.data import ImageDataset, LIMITS
+    from test_loader import add_member, png_declaring
+    with pytest.raises(EvalDataError, match=r"^image 0: declares 9000 x 9000 pixels, over data.max_image_pixels"):
+        ImageDataset([png_declaring(9000, 9000)], transform=lambda x: x)[0]
+    (tmp_path / "classnames.txt").write_text("a\n")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "nshards.txt").write_text("1\n")
+    with tarfile.open(tmp_path / "test" / "0.tar", "w") as tar:
+        add_member(tar, "ok.png", png((1, 2, 3)))
+        add_member(tar, "ok.txt", ("ü" * 5000 + "\nshort").encode())  # 10 kB, then a second caption
+        add_member(tar, "../up.png", png((1, 2, 3)))
+        add_member(tar, "../up.txt", b"x")
+    with pytest.raises(EvalDataError, match=r"0.tar: member ../up.png: unsafe member"):
+        read_retrieval(tmp_path, "test")
+    with tarfile.open(tmp_path / "test" / "0.tar", "w") as tar:
+        add_member(tar, "ok.png", png((1, 2, 3)))
+        add_member(tar, "ok.txt", ("ü" * 5000 + "\nshort").encode())
+    data = read_retrieval(tmp_path, "test")
+    assert data.captions == [["ü" * (LIMITS.max_caption_bytes // 2), "short"]]
+
+
 def test_missing_retrieval_image_names_it(tmp_path):
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(
         {"images": [{"filename": "gone.jpg", "split": "test", "sentences": [{"raw": "x"}]}]}))

@@ -22,6 +22,7 @@ Properties the trainer relies on:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import logging
 import math
@@ -32,6 +33,7 @@ import time
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 import numpy as np
 import torch
@@ -52,7 +54,8 @@ from pipeline.tokenizer import get_tokenizer
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
-                "oversized_image", "missing_caption", "empty_caption", "missing_roi")
+                "oversized_image", "missing_caption", "empty_caption", "missing_roi", "oversized_member",
+                "unsafe_member", "duplicate_member")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # A batch's image tensors: the augmented views (images, images_1, ...) and SLIP's ssl_0, ...
 PIXEL_KEYS = ("images", "ssl_")
@@ -135,12 +138,20 @@ class StreamSpec:
     stall_seconds: float = 0.0
     # images declaring more pixels are skipped before decoding (0: no limit)
     max_image_pixels: int = 0
-    # worker -> {"raw": n, "good": n, "skipped": {reason: n}} already consumed this epoch
+    # captions are cut to this many bytes before tokenizing (0: no limit); tar members
+    # larger than max_member_bytes are never read (0: no limit)
+    max_caption_bytes: int = 0
+    max_member_bytes: int = 0
+    # worker -> {"raw": n, "good": n, "truncated": n, "skipped": {reason: n}} already consumed this epoch
     resume: dict[int, dict] = field(default_factory=dict)
 
 
-def decode_sample(sample: dict, draft_size: int = 0, max_pixels: int = 0) -> tuple[Image.Image, str]:
+def decode_sample(sample: dict, draft_size: int = 0, max_pixels: int = 0,
+                  max_caption_bytes: int = 0) -> tuple[Image.Image, str]:
     """Raw webdataset sample -> (RGB image, caption), or BadSample(reason).
+
+    max_caption_bytes > 0: the caption's bytes are cut there before decoding (a character
+    split by the cut is dropped).
 
     max_pixels > 0: an image whose header declares more pixels is skipped as
     oversized_image before anything is decoded (a few hundred bytes of PNG can declare
@@ -158,7 +169,11 @@ def decode_sample(sample: dict, draft_size: int = 0, max_pixels: int = 0) -> tup
         raise BadSample("empty_image")
     if "txt" not in sample:
         raise BadSample("missing_caption")
-    caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    raw_caption = sample["txt"][:max_caption_bytes] if max_caption_bytes else sample["txt"]
+    caption = raw_caption.decode("utf-8", errors="replace")
+    if len(raw_caption) < len(sample["txt"]):
+        caption = caption.rstrip("\ufffd")  # the cut's half character
+    caption = caption.strip()
     if not caption:
         raise BadSample("empty_caption")
     try:
@@ -178,6 +193,41 @@ def decode_sample(sample: dict, draft_size: int = 0, max_pixels: int = 0) -> tup
     return image, caption
 
 
+def tar_members(sources, max_member_bytes: int, reject, handler):
+    """webdataset's tar_file_expander, with what it would read blindly refused first: a
+    member larger than `max_member_bytes` (0: no limit) is never read (webdataset reads a
+    member whole into memory), and a member that is not a regular file (a link, a device)
+    or whose name climbs out of the shard ("../", an absolute path) is not read either;
+    both are reported as `reject(url, member name, "oversized_member" | "unsafe_member")`
+    and yielded empty, so that their sample still arrives to be counted. Directories are
+    structure, not data. Gzip'd tars read as plain ones (mode r|*). A shard that fails
+    goes to `handler(exception)` with its url last in the exception's args (webdataset's
+    convention); False stops."""
+    for source in sources:
+        url = source["url"]
+        try:
+            tar = tarfile.open(fileobj=source["stream"], mode="r|*")
+            for info in tar:
+                tar.members = []  # a stream: keep no TarInfo of what was read
+                name = info.name
+                if info.isdir() or name.startswith("__"):  # webdataset's own metadata members
+                    continue
+                unsafe = not info.isreg() or name.startswith("/") or ".." in PurePosixPath(name).parts
+                if unsafe or (max_member_bytes and info.size > max_member_bytes):
+                    reject(url, name, "unsafe_member" if unsafe else "oversized_member")
+                    data = b""
+                else:
+                    data = tar.extractfile(info).read()
+                yield {"fname": name, "data": data, "__url__": url, "url": url}
+        except Exception as exn:  # noqa: BLE001 (what webdataset's expander hands its handler)
+            exn.args = (*exn.args, url)
+            if not handler(exn):
+                break
+        finally:
+            with contextlib.suppress(Exception):
+                source["stream"].close()
+
+
 def sample_seed(*parts: int) -> int:
     # Python's hash of a tuple of ints is deterministic across processes and runs
     # (only str/bytes hashing is randomized), and ~100x cheaper than a SeedSequence.
@@ -193,6 +243,10 @@ class _Reader:
         self.skip = int(state.get("raw", 0))
         self.raw = 0
         self.good = int(state.get("good", 0))
+        self.truncated = int(state.get("truncated", 0))  # captions cut at max_caption_bytes
+        # (shard url, sample key) -> why the sample is skipped, found while reading its tar
+        # members (the sample itself arrives later, from webdataset's grouping)
+        self.rejected: dict[tuple[str, str], str] = {}
         self.skipped = Counter(state.get("skipped", {}))
         self.per_url: Counter = Counter()
         self.expected = dict(zip(spec.shards.urls, spec.shards.samples))  # the manifest's count per shard
@@ -253,9 +307,13 @@ class _Reader:
     def on_tar_error(self, exn: Exception) -> bool:
         message = str(exn.args[0]) if exn.args else type(exn).__name__
         if isinstance(exn, ValueError) and "duplicate file name in tar file" in message:
-            # webdataset keeps the sample's first copy of the member and reads on: nothing is lost
-            log.warning("tar member %s appears twice in its sample; the first copy is used, the shard reads on",
-                        message.split(":")[0])
+            # webdataset drops the second copy and reads on; which copy is right is unknown,
+            # so the sample is skipped (duplicate_member), and only it
+            name = message.split(":")[0]
+            url = exn.args[-1] if isinstance(exn.args[-1], str) else ""
+            self.reject(url, name, "duplicate_member")
+            log.warning("shard %s: tar member %s appears twice in its sample; the sample is skipped, the shard "
+                        "reads on", url, name)
             return True
         url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else ""  # webdataset appends the url
         truncated = isinstance(exn, (tarfile.ReadError, EOFError)) and self.per_url[url] > 0
@@ -307,15 +365,26 @@ class _Reader:
             yield sample
         close(current)
 
+    def reject(self, url: str, member: str, reason: str):
+        key, _ = wds.tariterators.base_plus_ext(member)
+        if key is not None:
+            self.rejected.setdefault((url, key), reason)
+
     def raw_samples(self):
-        stream = self.checked(wds.tarfile_to_samples(handler=self.on_tar_error)(self.urls()))
+        opened = wds.tariterators.url_opener(self.urls(), handler=self.on_tar_error)
+        members = tar_members(opened, self.spec.max_member_bytes, self.reject, self.on_tar_error)
+        grouped = wds.tariterators.group_by_keys(members, handler=self.on_tar_error)
+        stream = self.checked(grouped)
         if self.spec.shuffle_buffer > 1:
             rng = random.Random(f"shuffle:{':'.join(map(str, self.ids))}")
             stream = wds.shuffle(self.spec.shuffle_buffer, initial=self.spec.shuffle_buffer // 2, rng=rng)(stream)
         return stream
 
     def process(self, sample: dict) -> dict:
-        image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels)
+        image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels,
+                                       self.spec.max_caption_bytes)
+        if self.spec.max_caption_bytes and len(sample["txt"]) > self.spec.max_caption_bytes:
+            self.truncated += 1
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
         views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
         views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.ssl_views)]
@@ -368,7 +437,8 @@ class _Reader:
         return out
 
     def meta(self, end: bool = False) -> dict:
-        return {"worker": self.worker, "raw": self.raw, "good": self.good, "skipped": dict(self.skipped), "end": end,
+        return {"worker": self.worker, "raw": self.raw, "good": self.good, "truncated": self.truncated,
+                "skipped": dict(self.skipped), "end": end,
                 "costly": dict(self.lost_by_shard.most_common(3))}
 
     def __iter__(self):
@@ -376,10 +446,13 @@ class _Reader:
         try:
             for sample in self.raw_samples():
                 self.raw += 1
+                rejected = self.rejected.pop((sample["__url__"], sample["__key__"]), None)
                 if self.raw <= self.skip:
                     self.last_good = time.monotonic()  # a resumed stream's fast-forward is progress
                     continue
                 try:
+                    if rejected:
+                        raise BadSample(rejected)
                     items.append(self.process(sample))
                 except BadSample as bad:
                     self.count(bad.reason, sample["__url__"])
@@ -479,7 +552,8 @@ class DataStream:
                                roi_dim=roi_dim,
                                keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,
                                uint8=uint8, stall_seconds=cfg.stall_seconds if train else 0.0,
-                               max_image_pixels=cfg.max_image_pixels)
+                               max_image_pixels=cfg.max_image_pixels, max_caption_bytes=cfg.max_caption_bytes,
+                               max_member_bytes=cfg.max_member_bytes)
         self.epoch = 0
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log
@@ -487,20 +561,22 @@ class DataStream:
         self.local_skip_check = True
         self.workers: dict[int, dict] = {}  # this epoch's per-worker position
         self.next_worker = 0  # whose batch comes next in the round-robin
-        self.done = {"good": 0, "skipped": Counter()}  # finished epochs
+        self.done = {"good": 0, "truncated": 0, "skipped": Counter()}  # finished epochs
         self.costly: dict[int, dict] = {}  # per worker: the shards that lost the most samples
 
     # ---- position ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "workers": {int(w): dict(s) for w, s in self.workers.items()},
                 "next_worker": self.next_worker,
-                "done": {"good": self.done["good"], "skipped": dict(self.done["skipped"])}}
+                "done": {"good": self.done["good"], "truncated": self.done["truncated"],
+                         "skipped": dict(self.done["skipped"])}}
 
     def load_state_dict(self, state: dict):
         self.epoch = int(state["epoch"])
         self.workers = {int(w): dict(s) for w, s in state["workers"].items()}
         self.next_worker = int(state["next_worker"])
-        self.done = {"good": int(state["done"]["good"]), "skipped": Counter(state["done"]["skipped"])}
+        self.done = {"good": int(state["done"]["good"]), "truncated": int(state["done"].get("truncated", 0)),
+                     "skipped": Counter(state["done"]["skipped"])}
 
     # ---- counters ------------------------------------------------------------------
     def skipped(self) -> Counter:
@@ -511,6 +587,10 @@ class DataStream:
 
     def good(self) -> int:
         return self.done["good"] + sum(s["good"] for s in self.workers.values())
+
+    def truncated(self) -> int:
+        """Captions cut at data.max_caption_bytes (the samples were used: not a skip)."""
+        return self.done["truncated"] + sum(s.get("truncated", 0) for s in self.workers.values())
 
     def shard_losses(self) -> Counter:
         """Samples lost per shard on this rank (each worker reports its own top few)."""
@@ -551,7 +631,8 @@ class DataStream:
             while not queues[w]:
                 item = next(loader, None)
                 if item is None:  # every worker has sent its end marker
-                    queues[w].append({"meta": {**self.workers.get(w, {"raw": 0, "good": 0, "skipped": {}}),
+                    queues[w].append({"meta": {**self.workers.get(w, {"raw": 0, "good": 0, "truncated": 0,
+                                                                      "skipped": {}}),
                                                "worker": w, "end": True}})
                     break
                 queues[item["meta"]["worker"]].append(item)
@@ -559,7 +640,7 @@ class DataStream:
             meta = batch.pop("meta")
             if "stalled" in meta:
                 raise DataQualityError(meta["stalled"])
-            self.workers[w] = {k: meta[k] for k in ("raw", "good", "skipped", "end")}
+            self.workers[w] = {k: meta[k] for k in ("raw", "good", "truncated", "skipped", "end")}
             self.costly[w] = meta.get("costly", {})
             after = active[(active.index(w) + 1) % len(active)]
             if meta["end"]:
@@ -581,6 +662,7 @@ class DataStream:
     def next_epoch(self):
         """Close the current epoch (its counters go to the totals) and move on."""
         self.done["good"] = self.good()
+        self.done["truncated"] = self.truncated()
         self.done["skipped"] = self.skipped()
         self.workers = {}
         self.next_worker = 0
@@ -603,17 +685,18 @@ def check_skip_rate(good: int, skipped: Counter, max_skip_rate: float, shard_los
                                f"{costliest(shard_losses())}. Check the shards with `python -m data_prep.verify`.")
 
 
-def summed_over_ranks(good: int, skipped: Counter, device) -> tuple[int, Counter]:
-    """(good, skipped by reason) summed over every rank: one all-reduce, so call it on
-    every rank at the same point (the trainer's log steps). Each rank alone saw ~1/N of
-    the bad samples (issue 22)."""
+def summed_over_ranks(good: int, truncated: int, skipped: Counter, device) -> tuple[int, int, Counter]:
+    """(good, truncated captions, skipped by reason) summed over every rank: one
+    all-reduce, so call it on every rank at the same point (the trainer's log steps). Each
+    rank alone saw ~1/N of the bad samples (issue 22)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return good, skipped
-    counts = torch.tensor([good, *(skipped.get(r, 0) for r in SKIP_REASONS)], dtype=torch.float64, device=device)
+        return good, truncated, skipped
+    counts = torch.tensor([good, truncated, *(skipped.get(r, 0) for r in SKIP_REASONS)], dtype=torch.float64,
+                          device=device)
     dist.all_reduce(counts)
-    total, *by_reason = (int(c) for c in counts.tolist())
-    return total, Counter({r: n for r, n in zip(SKIP_REASONS, by_reason) if n})
+    total, cut, *by_reason = (int(c) for c in counts.tolist())
+    return total, cut, Counter({r: n for r, n in zip(SKIP_REASONS, by_reason) if n})
 
 
 def shard_losses_over_ranks(local: Counter) -> Counter:
@@ -680,6 +763,9 @@ class DebiasedStream:
 
     def good(self) -> int:
         return sum(s.good() for s in self.sources)
+
+    def truncated(self) -> int:
+        return sum(s.truncated() for s in self.sources)
 
     def shard_losses(self) -> Counter:
         return sum((s.shard_losses() for s in self.sources), Counter())

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.tracking import default_tracking_uri
+from pipeline.tracking import default_tracking_uri, runs_page
 
 # Headline metrics, in the order the table shows them: the final training loss, then
 # the eval metrics people compare (zero-shot top-1, linear probe top-1, retrieval RSUM).
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         for r in runs:  # visible from any of the compared runs in `mlflow ui`
             client.log_artifact(r.info.run_id, str(path), "comparison")
         print(f"curves: logged as comparison/{path.name} in each compared run")
+    print(f"in `mlflow ui`: {runs_page(runs[0].info.experiment_id)} (select the runs, Compare)")
     return 0
 
 

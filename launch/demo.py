@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         "compare")
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min. Look at the runs with:\n"
           f"  {Path(python).with_name('mlflow')} ui --backend-store-uri sqlite:///{runs / 'mlflow.db'}\n"
-          f"then open http://127.0.0.1:5000, experiment '{EXPERIMENT}', select both runs, Compare.", flush=True)
+          f"and open the page `eval.compare` printed above (experiment '{EXPERIMENT}', the model-training view), "
+          f"select both runs, Compare.", flush=True)
     return 0
 
 

@@ -77,6 +77,14 @@ def training_experiment(client, name: str) -> str:
     return experiment.experiment_id
 
 
+def runs_page(experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """Where `mlflow ui` shows an experiment's runs table. MLflow 3.17's UI opens every
+    experiment on its GenAI overview (traces, latency) unless the page asks for the
+    model-training view: the experiment-kind tag alone did not do it (seen in a headless
+    browser, 2026-11-30); the "Model training" switch at the top left is the same choice."""
+    return f"{ui}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def tag_strings(tags: dict) -> dict[str, str]:
     """MLflow tags are strings. The sqlite store coerces other types; the REST store of an
     `mlflow server` raises a TypeError while serializing them, so an int tag (world_size)

@@ -41,8 +41,12 @@ def test_table_holds_the_final_metrics_of_training_runs_only(store, tmp_path, ca
     assert by_name["released"]["zeroshot digits acc1"] == "0.7000" and by_name["released"]["loss"] == ""
     assert by_name["shared"]["loss"] == "2.0000" and by_name["base"]["loss"] == "3.9000"  # last value, not first
     assert by_name["shared"]["zeroshot digits acc1"] == "0.9000" and by_name["base"]["params (M)"] == "8.83"
-    assert "shared" in capsys.readouterr().out
+    out = capsys.readouterr().out
     client = MlflowClient(tracking_uri=store)
+    assert "shared" in out
+    # the page that shows the runs: MLflow 3.17's UI opens on its GenAI overview otherwise
+    experiment_id = client.get_experiment_by_name("cmp").experiment_id
+    assert f"/#/experiments/{experiment_id}?workflowType=machine_learning" in out
     for run in client.search_runs([client.get_experiment_by_name("cmp").experiment_id]):
         logged = [a.path for a in client.list_artifacts(run.info.run_id, "comparison")]
         assert logged == (["comparison/comparison_cmp.png"] if run.info.run_name != "eval-only" else [])

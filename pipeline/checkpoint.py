@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 # the files of a checkpoint (also used before torch is imported: launch/train.py)
 from pipeline.checkpoint_files import (COMPLETE, TAG_RE, check_world_size, checksums, complete_tags,  # noqa: F401
-                                       damage, prune, resolve_resume, tag_for, write_json_atomic)
+                                       damage, prune, resolve_resume, save_blocker, tag_for, write_json_atomic)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 COMPLETE = "COMPLETE.json"
@@ -118,3 +119,23 @@ def check_world_size(ckpt_dir: Path, tag: str, world: int):
         raise ValueError(f"train.resume: {Path(ckpt_dir) / tag} was written by {written} ranks, this run has "
                          f"{world}; the data position of each rank cannot be carried over")
 
+
+def save_blocker(ckpt_dir: Path) -> str:
+    """Why a checkpoint cannot be written into `ckpt_dir` now ("" if nothing says so): the
+    folder is not writable, or it has less free space than the newest complete checkpoint
+    took. What cannot be seen beforehand (a quota hit midway) still fails the save."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=ckpt_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"{ckpt_dir} is not writable ({e.strerror or e})"
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return ""
+    needed = sum(p.stat().st_size for p in (ckpt_dir / tags[-1]).rglob("*") if p.is_file())
+    free = shutil.disk_usage(ckpt_dir).free
+    if free < needed:
+        return f"{free / 1e6:,.0f} MB free in {ckpt_dir}, the last checkpoint took {needed / 1e6:,.0f} MB"
+    return ""

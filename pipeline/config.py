@@ -163,6 +163,11 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0
     keep_last: int = 2
+    # A periodic save that cannot be written (the folder is not writable, or has less free
+    # space than the last checkpoint took): "stop" saves nothing and stops with one line;
+    # "continue" skips that save on every rank, trains on and tries again at the next one.
+    # The final save, and one that fails midway, stop the run either way.
+    save_failure: Literal["stop", "continue"] = "stop"
     # "" starts fresh, "latest" picks the newest complete checkpoint, else a checkpoint path.
     resume: str = ""
     nan_policy: Literal["skip", "stop"] = "skip"

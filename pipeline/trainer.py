@@ -230,21 +230,21 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
                 log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
             if evaluator and evaluator.due(state.step):
                 evaluate_now(evaluator, engine, logger, state.step, window)
-            if cfg.train.save_every and state.step % cfg.train.save_every == 0:
-                save_checkpoint(engine, run_dir, state, cfg)
+            saved = False  # the final step's save is the one after the loop
+            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
+                saved = periodic_save(engine, run_dir, state, cfg, logger)
             if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
-                preempt(engine, run_dir, state, cfg, logger, stop)
+                preempt(engine, run_dir, state, cfg, logger, stop, saved)
             if state.step >= cfg.train.steps or state.epoch_step >= epoch_batches:
                 break
         if state.step < cfg.train.steps:  # the epoch is over (or its data ran out first)
             data.next_epoch()
             state.epoch_step = 0
-    if not cfg.train.save_every or state.step % cfg.train.save_every:
-        save_checkpoint(engine, run_dir, state, cfg)
+    save_checkpoint(engine, run_dir, state, cfg)  # the final one: never skipped
 
 
-def preempt(engine, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest):
-    if not (cfg.train.save_every and state.step % cfg.train.save_every == 0):  # not saved just now
+def preempt(engine, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest, saved: bool):
+    if not saved:  # not saved at this step already
         save_checkpoint(engine, run_dir, state, cfg)
     reason = stop.received or "a peer rank's stop request"
     logger.event("preempted", step=state.step, reason=reason)
@@ -279,6 +279,38 @@ def evaluate_now(evaluator: PeriodicZeroShot, engine, logger, step: int, window:
 def save_checkpoint(engine, run_dir: Path, state, cfg: RunConfig):
     state.rng = checkpoint.capture_rng()
     checkpoint.save(engine, run_dir / "checkpoints", state, cfg.train.keep_last)
+
+
+def periodic_save(engine, run_dir: Path, state, cfg: RunConfig, logger) -> bool:
+    """A save on the train.save_every schedule. With train.save_failure=continue, every rank
+    first says whether it sees a reason the save would fail (checkpoint_files.save_blocker);
+    if any does, all skip it together (DeepSpeed's save ends in a barrier that a rank whose
+    write failed never reaches, so ranks cannot find out afterwards) and try at the next."""
+    if cfg.train.save_failure == "continue":
+        blocker = agreed_blocker(checkpoint.save_blocker(run_dir / "checkpoints"), engine.device)
+        if blocker:
+            logger.event("save_skipped", step=state.step, reason=blocker)
+            if logger.enabled:
+                print(f"[train] checkpoint at step {state.step} skipped ({blocker}); training goes on, the next "
+                      f"save tries again (train.save_failure=continue)", flush=True)
+            return False
+    save_checkpoint(engine, run_dir, state, cfg)
+    return True
+
+
+def agreed_blocker(local: str, device) -> str:
+    """The first reason any rank has ("rank r: ..."), known to every rank; "" if none has
+    one. Every rank calls it at the same step."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return ""
+    reasons = [""] * dist.get_world_size()
+    dist.all_gather_object(reasons, local)
+    return next(f"rank {rank}: {why}" for rank, why in enumerate(reasons) if why)
 
 
 def handle_nonfinite(engine, state, batch, cfg: RunConfig, run_dir: Path, logger, window: dict):

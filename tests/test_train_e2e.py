@@ -222,6 +222,48 @@ def test_a_save_into_a_full_filesystem_stops_in_one_line_and_keeps_the_previous_
         subprocess.run(["umount", str(small)], capture_output=True)
 
 
+def test_with_save_failure_continue_a_full_disk_skips_saves_until_there_is_room(tmp_path, demo_data):
+    """Issue 18: train.save_failure=continue on a 300 MB tmpfs that 100 MB of ballast
+    fills: the step-4 checkpoint (~125 MB) fits, the next saves are skipped on every rank
+    (75 MB free) while training goes on; once the ballast is deleted a later save
+    succeeds, and the run ends with its final checkpoint, resumable."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]})")
+    try:
+        ballast = small / "ballast"
+        ballast.write_bytes(bytes(100 << 20))
+        config = run_config(tmp_path, demo_data, "roomy", train={
+            "steps": 40, "save_every": 4, "log_every": 4, "keep_last": 1, "output_dir": str(small),
+            "save_failure": "continue"}, tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        run_dir = small / "roomy"
+        proc = subprocess.Popen(launcher_cmd(config, ds_config(tmp_path)), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while not any(r.get("event") == "save_skipped" for r in jsonl_so_far(run_dir)):
+                assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+                time.sleep(0.1)
+            ballast.unlink()
+            output = proc.communicate(timeout=600)[0]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 0, output[-4000:]
+        skipped = [r for r in jsonl(run_dir) if r.get("event") == "save_skipped"]
+        assert skipped[0]["step"] == 8 and "MB free in" in skipped[0]["reason"], skipped
+        assert re.search(r"checkpoint at step 8 skipped \(rank \d: [\d,]+ MB free in .*\); training goes on", output)
+        assert sorted(step_losses(run_dir)) == list(range(4, 41, 4))  # no step lost to the skipped saves
+        from pipeline.checkpoint import resolve_resume
+        ckpt = run_dir / "checkpoints"
+        assert resolve_resume("latest", ckpt, verify=True) == (ckpt, "step_00000040")
+        assert (run_dir / "model.pt").is_file()
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+
+
 def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp_path, demo_data):
     """Issue 22 case 7: SIGTERM (SLURM preemption: every process of the job step gets it)
     ended the run in 3 s and lost everything since the last checkpoint. Now the ranks

@@ -59,19 +59,24 @@ def test_an_experiment_that_says_its_kind_keeps_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_launcher_run_eval_and_compare_hold_the_same_on_a_server_as_in_sqlite(tmp_path, demo_data, mlflow_server):
-    """The same 4-step run twice, into the sqlite default and into the server, each then
-    evaluated into its training run and compared: the two stores end up with the same
-    params, tags, metrics (the same losses: fp32, same seed) and artifacts."""
+    """The same 4-step run three times: into the sqlite default, into the server, and
+    offline (no MLflow at all) then synced into the server; each then evaluated into its
+    training run and compared: the stores end up with the same params, tags, metrics (the
+    same losses: fp32, same seed) and artifacts, and a second sync sends nothing."""
     from mlflow.tracking import MlflowClient
     digits = str(demo_data / "eval" / "digits")
     sqlite = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    stores = {"local": sqlite, "remote": mlflow_server.uri}
+    stores = {"local": sqlite, "remote": mlflow_server.uri, "offline": mlflow_server.uri}
     for name, uri in stores.items():
-        tracking = {"experiment": f"live-{name}"} | ({"tracking_uri": uri} if name == "remote" else {})
+        tracking = {"experiment": f"live-{name}"} | ({"tracking_uri": uri} if name != "local" else {}) | \
+                   ({"mode": "offline"} if name == "offline" else {})
         config = run_config(tmp_path, demo_data, name, train={"steps": 4, "log_every": 2},
                             eval={"every_steps": 2, "dataset": digits, "workers": 0}, tracking=tracking)
         result = launch(config, ds_config(tmp_path))
         assert "unavailable" not in result.stdout
+        if name == "offline":
+            assert MlflowClient(tracking_uri=uri).get_experiment_by_name("live-offline") is None
+            assert sync(str(tmp_path / "runs" / name)).returncode == 0
         for command in (["eval", "--checkpoint", str(tmp_path / "runs" / name / "model.pt"), "--training-run",
                          "--zeroshot", digits, "--workers", "0", "--output", str(tmp_path / "runs" / name / "results.json")],
                         ["eval.compare", "--experiment", f"live-{name}"]):
@@ -85,15 +90,22 @@ def test_a_launcher_run_eval_and_compare_hold_the_same_on_a_server_as_in_sqlite(
         (run,) = client.search_runs([client.get_experiment_by_name(f"live-{name}").experiment_id])
         assert run.info.status == "FINISHED" and run.info.run_name == name
         params = {k: v for k, v in run.data.params.items()
-                  if k not in ("train.run_name", "tracking.tracking_uri", "tracking.experiment")}
+                  if k not in ("train.run_name", "tracking.tracking_uri", "tracking.experiment", "tracking.mode")}
         tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
         metrics = sorted(k for k in run.data.metrics if not k.startswith("system/"))
         steps = {k: sorted(m.step for m in client.get_metric_history(run.info.run_id, k)) for k in metrics}
         losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
         seen[name] = dict(params=params, tags=tags, metrics=metrics, steps=steps, losses=losses,
                           artifacts=artifact_paths(client, run.info.run_id))
-        assert any(k.startswith("system/") for k in run.data.metrics), name
+        # MLflow's system metrics go straight to the store: none for the offline run
+        assert any(k.startswith("system/") for k in run.data.metrics) == (name != "offline"), name
+    again = sync(str(tmp_path / "runs" / "offline"))
+    assert again.returncode == 0 and ": 0 records sent" in again.stdout, again.stdout
     local, remote = seen["local"], seen["remote"]
+    offline = seen["offline"]
+    assert {k: v for k, v in offline.items() if k != "artifacts"} == \
+        {k: v for k, v in local.items() if k != "artifacts"}
+    assert offline["artifacts"] == {p.replace("live-local", "live-offline") for p in local["artifacts"]}
     assert remote["tags"]["world_size"] == "2" and "eval/zeroshot/digits/acc1" in remote["metrics"]
     assert {"config.yaml", "ds_config.json", "model.json", "eval/results.json",
             "comparison/comparison_live-remote.png"} <= remote["artifacts"]

@@ -98,8 +98,17 @@ def _plain(value):
     return value
 
 
+# The JSONL events that go to MLflow; the others (batch digests, skips, outages) are the
+# JSONL's alone.
+MLFLOW_EVENTS = ("run_start", "params", "tags", "artifact", "run_end", "model")
+
+
 def _is_metric_record(record) -> bool:
     return isinstance(record, dict) and "step" in record and "event" not in record
+
+
+def _for_mlflow(record) -> bool:
+    return _is_metric_record(record) or (isinstance(record, dict) and record.get("event") in MLFLOW_EVENTS)
 
 
 class SyncError(ValueError):
@@ -188,8 +197,8 @@ class RunSync:
                 yield position, None
 
     def pending(self) -> int:
-        """Records not yet in the store."""
-        return sum(1 for _ in self._unsent())
+        """Records for MLflow that the store has not taken yet."""
+        return sum(1 for _, record in self._unsent() if _for_mlflow(record))
 
     def push(self) -> int:
         """Send every complete record not yet sent; returns how many went. Raises what
@@ -243,14 +252,13 @@ class RunSync:
             raise SyncError(f"{self.jsonl}: {what} before the first run_start record")
 
     def _apply(self, record):
-        """One non-metric record. Events that are not MLflow's business (batch digests,
-        skips, outages) are only the JSONL's."""
+        """One non-metric record (MLFLOW_EVENTS; the others are skipped)."""
         from mlflow.entities import Param, RunTag
-        kind = record.get("event") if isinstance(record, dict) else None
+        if not _for_mlflow(record):
+            return
+        kind = record["event"]
         if kind == "run_start":
             self._start(record)
-            return
-        if kind not in ("params", "tags", "artifact", "run_end", "model"):
             return
         self._require_run(kind)
         if kind == "params":

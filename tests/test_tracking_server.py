@@ -287,3 +287,32 @@ def test_a_server_outage_mid_run_loses_no_step_and_stalls_no_step(tmp_path, demo
     print(f"samples/s during the outage (steps {down_at + 1}..{up_at}):",
           [rate[s] for s in range(down_at + 1, up_at + 1)], "others:",
           [rate[s] for s in rate if not down_at < s <= up_at])
+
+
+def test_a_store_that_comes_back_gets_every_record_and_no_false_alarm(tmp_path, capsys):
+    """An outage without a server: the sqlite store's folder cannot be made (a file is in
+    the way) until the test removes the file; the records of the outage go in when it can,
+    and the end of the run does not claim records are missing."""
+    import time
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import MetricsLogger
+    blocker = tmp_path / "store"
+    blocker.write_text("in the way")
+    uri = f"sqlite:///{blocker / 'mlflow.db'}"
+    logger = MetricsLogger(tmp_path / "run", TrackingConfig(tracking_uri=uri, experiment="back", system_metrics=False),
+                           tmp_path, "r")
+    log_a_run(logger, tmp_path, steps=range(1, 4))
+    deadline = time.time() + 30
+    while '"mlflow_unavailable"' not in (tmp_path / "run" / "metrics.jsonl").read_text():
+        assert time.time() < deadline
+        time.sleep(0.1)
+    blocker.unlink()  # the store can be made now
+    for step in (4, 5):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.close()
+    out = capsys.readouterr().out
+    assert "is unavailable" in out and "answers again" in out and "not in MLflow yet" not in out, out
+    run = stored(uri, "back")
+    assert run["status"] == "FINISHED" and [s for s, _ in run["metrics"]["loss"]] == [1, 2, 3, 4, 5]
+    assert run["params"] == {"train.steps": "5", "optim.lr": "0.001"} and run["artifacts"] == {"config.yaml"}

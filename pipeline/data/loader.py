@@ -640,7 +640,8 @@ class DataStream:
             meta = batch.pop("meta")
             if "stalled" in meta:
                 raise DataQualityError(meta["stalled"])
-            self.workers[w] = {k: meta[k] for k in ("raw", "good", "truncated", "skipped", "end")}
+            self.workers[w] = {**{k: meta[k] for k in ("raw", "good", "skipped", "end")},
+                               "truncated": meta.get("truncated", 0)}  # absent from older checkpoints
             self.costly[w] = meta.get("costly", {})
             after = active[(active.index(w) + 1) % len(active)]
             if meta["end"]:

@@ -292,6 +292,9 @@ class RunSync:
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             return
+        if "experiment" not in record:
+            raise SyncError(f"{self.jsonl}: its run_start was written before runs could be replayed (no experiment "
+                            f"name in it); such a run cannot be synced")
         experiment_id = training_experiment(self.client, record["experiment"])
         run = self.client.create_run(experiment_id, start_time=int(record["time"] * 1000),
                                      tags=tag_strings(record.get("tags", {})), run_name=record["run_name"])

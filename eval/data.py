@@ -128,8 +128,9 @@ def _wds_samples(root: Path, split: str):
     refused = []
 
     def refuse(url, member, reason):
-        refused.append(f"{url}: member {member}: {reason.replace('_', ' ')} (data.max_member_bytes="
-                       f"{LIMITS.max_member_bytes}, or not a regular file inside the shard)")
+        why = {"oversized_member": f"larger than data.max_member_bytes={LIMITS.max_member_bytes}",
+               "unsafe_member": "not a regular file inside the shard (a link, a device, '..' or a leading '/')"}
+        refused.append(f"{url}: member {member}: {why[reason]}")
 
     def reraise(exn):
         raise exn

@@ -125,12 +125,9 @@ def save_blocker(ckpt_dir: Path) -> str:
     folder is not writable, or it has less free space than the newest complete checkpoint
     took. What cannot be seen beforehand (a quota hit midway) still fails the save."""
     ckpt_dir = Path(ckpt_dir)
-    try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=ckpt_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        return f"{ckpt_dir} is not writable ({e.strerror or e})"
+    problem = not_writable(ckpt_dir)
+    if problem:
+        return problem
     tags = complete_tags(ckpt_dir)
     if not tags:
         return ""
@@ -138,4 +135,15 @@ def save_blocker(ckpt_dir: Path) -> str:
     free = shutil.disk_usage(ckpt_dir).free
     if free < needed:
         return f"{free / 1e6:,.0f} MB free in {ckpt_dir}, the last checkpoint took {needed / 1e6:,.0f} MB"
+    return ""
+
+
+def not_writable(folder: Path) -> str:
+    """Why nothing can be written into `folder` (made if missing), or "": a test write."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"{folder} is not writable ({e.strerror or e})"
     return ""

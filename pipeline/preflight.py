@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline import checkpoint_files
@@ -57,12 +56,9 @@ def warn_short_run(cfg: RunConfig):
 def check_output_dir(output_dir: Path):
     """A test write: an unwritable train.output_dir was a traceback on every rank after
     the process group started (issue 22)."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"train.output_dir: {output_dir} is not writable ({e.strerror or e})") from None
+    problem = checkpoint_files.not_writable(output_dir)
+    if problem:
+        raise ConfigError(f"train.output_dir: {problem}")
 
 
 def check_shards(cfg: RunConfig, world: int):

@@ -141,3 +141,15 @@ def test_bad_configs_fail_in_one_line_before_torch_deepspeed_or_mlflow_is_import
         assert result["rc"] == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), (extra, result)
         assert result["loaded"] == [], (extra, result["loaded"])
     assert set(control["loaded"]) >= {"torch", "deepspeed"}
+
+
+def test_a_warmup_longer_than_the_run_is_said_not_refused(tmp_path, demo_data, two_ranks, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    cfg, *_ = validate(args_for(tmp_path, demo_data, "optim.warmup_steps=100"))  # a 4-step run
+    assert cfg.optim.warmup_steps == 100
+    err = capsys.readouterr().err
+    assert "optim.warmup_steps=100 is longer than the run (train.steps=4): the learning rate peaks at 0.04 x " \
+           "optim.lr" in err, err
+    monkeypatch.setenv("RANK", "1")  # said once, by rank 0
+    validate(args_for(tmp_path, demo_data, "optim.warmup_steps=100"))
+    assert "warmup" not in capsys.readouterr().err

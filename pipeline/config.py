@@ -170,6 +170,9 @@ class TrainConfig:
     save_failure: Literal["stop", "continue"] = "stop"
     # "" starts fresh, "latest" picks the newest complete checkpoint, else a checkpoint path.
     resume: str = ""
+    # One JSONL line per step naming the samples of rank 0's batch (a sha1 of their keys),
+    # so a resumed run can be checked against a straight one sample for sample. On in tests.
+    batch_digests: bool = False
     nan_policy: Literal["skip", "stop"] = "skip"
     # With nan_policy=skip, how many skipped (non-finite) steps a run may take before it
     # saves and stops: >= 1 a count over the whole run; below 1 a fraction of the steps

@@ -221,9 +221,9 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
             state.samples_seen += cfg.train.global_batch_size
             state.data = data.state_dict()
             add_to_window(window, out)
-            # Which samples made this step (rank 0's share): lets a resumed run be checked
-            # against a straight one, sample for sample.
-            logger.event("batch", step=state.step, keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
+            if cfg.train.batch_digests:  # which samples made this step (rank 0's share)
+                logger.event("batch", step=state.step,
+                             keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
             if out["skipped"]:
                 handle_nonfinite(engine, state, batch, cfg, run_dir, logger, window)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:

@@ -28,7 +28,7 @@ def run_config(tmp_path: Path, demo: Path, name: str, **sections) -> Path:
         "data": {"train_shards": f"{demo}/shards/digits::{demo}/shards/photos", "workers": 1, "shuffle_buffer": 200},
         "optim": {"lr": 5.0e-4, "warmup_steps": 10, "weight_decay": 0.1, "shared_weight_decay": 0.2},
         "train": {"global_batch_size": 32, "micro_batch_size": 16, "steps": 12, "log_every": 2,
-                  "output_dir": str(tmp_path / "runs"), "run_name": name},
+                  "output_dir": str(tmp_path / "runs"), "run_name": name, "batch_digests": True},
         "tracking": {"experiment": "e2e"},
     }
     for section, values in sections.items():
@@ -79,7 +79,9 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 
 
 def batch_digests(run_dir: Path) -> dict[int, str]:
-    return {r["step"]: r["keys_sha1"] for r in jsonl(run_dir) if r.get("event") == "batch"}
+    digests = {r["step"]: r["keys_sha1"] for r in jsonl(run_dir) if r.get("event") == "batch"}
+    assert digests, f"{run_dir}: no batch digests (train.batch_digests is off)"
+    return digests
 
 
 def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_data):

@@ -198,15 +198,25 @@ def test_killed_run_resumes_exactly(tmp_path, demo_data):
     assert step_losses(straight) == a  # the re-logged steps 5-8 (the last records) equal the first ones
 
 
-def test_a_save_into_a_full_filesystem_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, demo_data):
-    """Issue 18: output_dir on a 180 MB tmpfs; a checkpoint of msclip-s-tiny takes ~125 MB,
-    so the step-4 save fits and the step-8 save runs out of space."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=180m", "tmpfs", str(small)], capture_output=True)
+@contextlib.contextmanager
+def small_tmpfs(path: Path, megabytes: int):
+    """A tmpfs of `megabytes` mounted at `path` for the block (a filesystem that fills up);
+    the test is skipped where mounting is not allowed."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                             capture_output=True)
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]})")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_save_into_a_full_filesystem_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, demo_data):
+    """Issue 18: output_dir on a 180 MB tmpfs; a checkpoint of msclip-s-tiny takes ~125 MB,
+    so the step-4 save fits and the step-8 save runs out of space."""
+    with small_tmpfs(tmp_path / "small", 180) as small:
         config = run_config(tmp_path, demo_data, "full", train={"steps": 8, "save_every": 4, "log_every": 4,
                                                                 "output_dir": str(small)},
                             tracking={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
@@ -220,8 +230,6 @@ def test_a_save_into_a_full_filesystem_stops_in_one_line_and_keeps_the_previous_
         from pipeline.checkpoint import resolve_resume
         ckpt = small / "full" / "checkpoints"
         assert resolve_resume("latest", ckpt, verify=True) == (ckpt, "step_00000004")  # intact, resumable
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
 
 
 def test_with_save_failure_continue_a_full_disk_skips_saves_until_there_is_room(tmp_path, demo_data):
@@ -229,12 +237,7 @@ def test_with_save_failure_continue_a_full_disk_skips_saves_until_there_is_room(
     fills: the step-4 checkpoint (~125 MB) fits, the next saves are skipped on every rank
     (75 MB free) while training goes on; once the ballast is deleted a later save
     succeeds, and the run ends with its final checkpoint, resumable."""
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:100]})")
-    try:
+    with small_tmpfs(tmp_path / "small", 300) as small:
         ballast = small / "ballast"
         ballast.write_bytes(bytes(100 << 20))
         config = run_config(tmp_path, demo_data, "roomy", train={
@@ -262,8 +265,6 @@ def test_with_save_failure_continue_a_full_disk_skips_saves_until_there_is_room(
         ckpt = run_dir / "checkpoints"
         assert resolve_resume("latest", ckpt, verify=True) == (ckpt, "step_00000040")
         assert (run_dir / "model.pt").is_file()
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
 
 
 def test_sigterm_saves_at_the_next_step_and_the_requeued_run_resumes_exactly(tmp_path, demo_data):

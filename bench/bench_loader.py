@@ -26,7 +26,9 @@ import torch
 from open_clip_train.data import get_wds_dataset
 
 from pipeline.config import DataConfig
-from pipeline.data.loader import DataStream, pixels_on_device
+from pipeline.data.loader import DataStream
+from pipeline.data.recipe import ImageSpec
+from pipeline.pixels import pixels_on_device
 from pipeline.data.shards import resolve_shards
 
 WARMUP_BATCHES = 5
@@ -45,7 +47,7 @@ def rate(batches, n: int, batch_size: int, consume=lambda batch: batch) -> float
 def our_stream(shards: str, batch_size: int, workers: int, image_size: int, uint8: bool = True,
                context_length: int = 77) -> DataStream:
     cfg = DataConfig(train_shards=shards, workers=workers, resampled=True, shuffle_buffer=1000)
-    return DataStream(cfg, batch_size=batch_size, image_size=image_size, normalization="clip",
+    return DataStream(cfg, batch_size=batch_size, image=ImageSpec(image_size, "clip"),
                       context_length=context_length, uint8=uint8)
 
 

@@ -23,11 +23,10 @@ import time
 
 import torch
 
-from pipeline.config import ObjectiveConfig
-from pipeline.losses import clip_objective
+from pipeline.config import FilipConfig, ObjectiveConfig, SlipConfig
+from pipeline.data.caption_augment import mlm_mask
 from pipeline.model import build_model
-from pipeline.losses.declip import mlm_mask
-from pipeline.objectives import attach_objective, objective_arch
+from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.tokenizer import tokenize
 
 DECLIP_VIEWS = {"image_views": 2, "view_augment": "moco", "text_eda": True, "logit_scale_min": 3.0}
@@ -41,22 +40,17 @@ OBJECTIVES = {"clip": ({"clip": 1.0}, {}), "clip+slip": ({"clip": 1.0, "slip": 1
 def make_step(name: str, args, batch: dict):
     torch.manual_seed(0)
     weights, views = OBJECTIVES[name]
-    heads = {} if args.full_heads else {"slip_mlp_dim": 512, "slip_out_dim": 128, "filip_dim": 64, "filip_top_k": 8}
+    heads = {} if args.full_heads else {"slip": SlipConfig(mlp_dim=512, out_dim=128), "filip": FilipConfig(dim=64, top_k=8)}
     cfg = ObjectiveConfig(weights=weights, **views, **heads)
     model = build_model(objective_arch(build_model(args.model).arch, cfg))
-    objective = attach_objective(model, cfg)
-    model.to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    module = TrainModule(model, ComposedObjective(cfg, model.arch)).to(args.device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def step():
-        if objective is None:
-            out = model(batch["images"], batch["text"])
-            loss, _ = clip_objective(out["image_features"], out["text_features"], out["logit_scale"])
-        else:
-            prepared = objective.prepare(batch)  # ZeroVL's pixel mixup
-            text = prepared["text_masked"] if "mlm" in weights else prepared["text"]
-            out = model(prepared["images"], text, **objective.model_kwargs(prepared, torch.float32))
-            loss, _ = objective(out, prepared)
+        prepared = module.objective.prepare(batch)  # ZeroVL's pixel mixup
+        if "mlm" in weights:  # the loader masks `text` itself for MLM
+            prepared = {**prepared, "text": prepared["text_masked"]}
+        loss, _ = module(prepared)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

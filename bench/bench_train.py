@@ -73,7 +73,7 @@ def synchronize(device: str):
 def shard_batches(side: str, arch, args):
     """Endless (images, text) from --shards through `side`'s own loader."""
     from bench.bench_loader import open_clip_loader, our_stream
-    from pipeline.data.loader import pixels_on_device
+    from pipeline.pixels import pixels_on_device
     if side == "open_clip":  # resampled: an epoch of 10^7 samples outlasts any run here
         for images, text in open_clip_loader(args.shards, args.batch_size, args.loader_workers, arch.image_size,
                                              arch.context_length):

@@ -6,23 +6,24 @@ import torch
 from eval import zeroshot
 from eval.data import EvalDataError, read_classification
 from pipeline.config import ConfigError, EvalConfig
-from pipeline.objectives import exported_heads, token_heads, trained_similarity, without_objective_heads
+from pipeline.model.heads import heads_for_export, token_heads
 
 
 def eval_copy(module) -> "torch.nn.Module":
-    """An fp32, eval-mode copy of the encoders (and FILIP's heads, when trained), on the
-    module's device. Built on the meta device and loaded by assignment of the cloned
-    weights (the model has no buffer outside its state dict): no initialization to
-    compute, no draw from the training RNG, no copy between devices."""
+    """An fp32, eval-mode copy of the trainer's encoder (and FILIP's heads, when trained),
+    on the module's device; `module` is the trainer's pipeline.objectives.TrainModule, read
+    through its encoder and the heads it says evaluation keeps. Built on the meta device
+    and loaded by assignment of the cloned weights (the model has no buffer outside its
+    state dict): no initialization to compute, no draw from the training RNG, no copy
+    between devices."""
     from pipeline.model import build_model
-    full = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    encoder = module.encoder
     with torch.device("meta"):
-        model = build_model(module.arch)
-    model.load_state_dict(without_objective_heads(full), assign=True)
-    # a FILIP-only run is measured token-wise, as its export will be
-    objective = getattr(module, "objective_heads", None)
-    model.token_heads = token_heads(module.arch, exported_heads(full))
-    model.similarity = trained_similarity(objective.cfg) if objective is not None else "pooled"
+        model = build_model(encoder.arch)
+    model.load_state_dict({k: v.detach().float().clone() for k, v in encoder.state_dict().items()}, assign=True)
+    heads = heads_for_export(module.state_dict(), module.export_heads())
+    model.token_heads = token_heads(encoder.arch, {k: v.detach().float().clone() for k, v in heads.items()})
+    model.similarity = module.similarity  # a FILIP-only run is measured token-wise, as its export will be
     return model.eval()
 
 

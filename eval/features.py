@@ -60,21 +60,18 @@ def token_similarity_model(model) -> bool:
 @torch.no_grad()
 def image_tokens(model, images: torch.Tensor) -> torch.Tensor:
     """(B, n, D) L2-normalized FILIP patch embeddings (patch tokens before ln_post, as trained)."""
-    heads = model.token_heads
-    return F.normalize(heads.image_proj(model.visual.hidden_tokens(images)[:, 1:]).float(), dim=-1)
+    return model.token_heads.image_tokens(model.visual.hidden_tokens(images))
 
 
 @torch.no_grad()
 def text_tokens(model, texts: list[str], device: str = "cpu", batch_size: int = 256):
     """(T, L, D) L2-normalized FILIP token embeddings of every position, and (T, L) True on
     SOT..EOT (the tokens FILIP trains on)."""
-    from pipeline.model.text import TextTower
     feats, masks = [], []
     for i in range(0, len(texts), batch_size):
         tokens = tokenize(texts[i:i + batch_size], model.arch.context_length).to(device)
-        feats.append(F.normalize(model.token_heads.text_proj(model.text(tokens)).float(), dim=-1).cpu())
-        positions = torch.arange(tokens.shape[1], device=device)
-        masks.append((positions[None] <= TextTower.eot_positions(tokens)[:, None]).cpu())
+        feats.append(model.token_heads.text_tokens(model.text(tokens)).cpu())
+        masks.append(model.token_heads.text_mask(tokens).cpu())
     return torch.cat(feats), torch.cat(masks)
 
 

@@ -1,4 +1,4 @@
-"""Linear probe, CLIP's protocol (METHODS.md 0.4; Radford et al. 2021, appendix A.3):
+"""Linear probe, CLIP's protocol (Radford et al. 2021, arXiv 2103.00020, appendix A.3):
 image features before the joint projection; scikit-learn's L-BFGS logistic regression
 (max_iter 1000); the L2 strength lambda = 1/C chosen on a validation split carved from
 train by a parametric search that starts on a log grid over [1e-6, 1e6] and halves the
@@ -19,7 +19,7 @@ Two things make the result a property of the features rather than of the optimiz
   about its lambda: the search excludes it (and reports how many were excluded), and a
   final fit that does not converge is an error, not a number.
 
-The starting grid is UNCONFIRMED in METHODS.md; we use lambda in {1e-6, 1e-4, ..., 1e6}.
+The paper does not give the starting grid; we use lambda in {1e-6, 1e-4, ..., 1e6}.
 CLIP_benchmark's own probe (AdamW on a torch linear layer, a weight-decay search) is the
 anchor: on the same features and splits ours reaches at least its accuracy
 (tests/test_eval.py, python -m bench.bench_linear_probe).

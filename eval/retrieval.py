@@ -1,4 +1,5 @@
-"""Image-text retrieval (METHODS.md 2.7): R@1/5/10 both ways and RSUM, where an image
+"""Image-text retrieval (ZeroVL's protocol, zerovl/ZeroVL
+tools/retrieval_evaluation.py): R@1/5/10 both ways and RSUM, where an image
 has several captions. Keys follow CLIP_benchmark: `text_retrieval_recall@k` is
 image->text, `image_retrieval_recall@k` is text->image.
 

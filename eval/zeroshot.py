@@ -1,4 +1,4 @@
-"""Zero-shot classification (METHODS.md 0.3): prompt-ensembled class embeddings, top-1,
+"""Zero-shot classification (Radford et al. 2021, sec. 3.1.4): prompt-ensembled class embeddings, top-1,
 top-5 and mean-per-class recall. Keys follow CLIP_benchmark's output."""
 from __future__ import annotations
 

@@ -44,8 +44,7 @@ class TrainState:
     """Everything a restart needs besides the model and optimizer."""
     step: int = 0
     samples_seen: int = 0
-    epoch_step: int = 0  # batches taken in the current data epoch
-    data: dict = field(default_factory=dict)  # DataStream.state_dict() of this rank
+    data: dict = field(default_factory=dict)  # DataStream.state_dict() of this rank, at the save
     rng: dict = field(default_factory=dict)
     mlflow_run_id: str = ""
     skipped_steps: int = 0  # non-finite losses skipped
@@ -166,11 +165,15 @@ def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
 
 # ---- export for evaluation ----------------------------------------------------------------
 
+ENCODER = "encoder."  # the encoder's weights in the trainer's module (pipeline/objectives.py TrainModule)
+
 def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None, mlflow_run_id: str = "") -> Path:
     """Consolidated fp32 weights + what it takes to rebuild the model, loadable with
     torch.load(weights_only=True). `mlflow_run_id`: the run that trained it, when the
     checkpoint was saved before the tracking store had created the run."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipeline.model.heads import heads_for_export
     ckpt_dir = Path(ckpt_dir)
     tag = tag or (complete_tags(ckpt_dir) or [None])[-1]
     if tag is None or not (ckpt_dir / tag / COMPLETE).is_file():
@@ -180,15 +183,15 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None, mlf
     with safe_torch_load():
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     train_state = json.loads((ckpt_dir / tag / "train_state_rank0.json").read_text())
-    from pipeline.config import ObjectiveConfig, from_dict
-    from pipeline.objectives import exported_heads, trained_similarity, without_objective_heads
-    objective = from_dict(ObjectiveConfig, meta.get("config", {}).get("objective", {}), "objective.")
-    heads = exported_heads(state_dict)  # FILIP's token heads: token-wise evaluation needs them
-    state_dict = without_objective_heads(state_dict)  # otherwise the encoders only
-    payload = {"state_dict": {k: v.float().contiguous() for k, v in state_dict.items()}, **meta,
+    # The trainer's module is the encoder (`encoder.*`) and the objective (`objective.*`):
+    # the export is the encoder, plus the heads model.json names (FILIP's token heads, which
+    # token-wise evaluation needs) under their export names.
+    encoder = {k[len(ENCODER):]: v for k, v in state_dict.items() if k.startswith(ENCODER)}
+    heads = heads_for_export(state_dict, meta.pop("export_heads", {}))
+    payload = {**meta, "state_dict": {k: v.float().contiguous() for k, v in encoder.items()},
                "heads": {k: v.float().contiguous() for k, v in heads.items()},
                # which similarity evaluation measures: what the run trained (FILIP alone: "token")
-               "similarity": trained_similarity(objective),
+               "similarity": meta.get("similarity", "pooled"),
                "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag),
                # lets `python -m eval --training-run` log into the run that trained it
                "mlflow_run_id": mlflow_run_id or train_state.get("mlflow_run_id", "")}
@@ -207,7 +210,7 @@ def load_exported(path: str | Path):
 def model_from_payload(payload: dict):
     """The model of an export payload (a file's, or one `pipeline.interop` just imported)."""
     from pipeline.model import build_model
-    from pipeline.objectives import token_heads
+    from pipeline.model.heads import token_heads
     model = build_model(payload["arch"])
     model.load_state_dict(payload["state_dict"])
     # FILIP's heads ride along when the run trained them; eval picks the similarity by

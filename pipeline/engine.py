@@ -1,5 +1,7 @@
 """DeepSpeed glue: MS-CLIP's optimizer groups, the learning-rate schedule as a pure
-function of the step, and `train_step` (the DeepSpeed JSON itself: pipeline/ds_config.py).
+function of the step, and `train_step`: the plain step and the exact-accumulation step,
+each with its learning-rate set and logit-scale clamp (the loop around it:
+pipeline/trainer.py; the DeepSpeed JSON itself: pipeline/ds_config.py).
 
 Gradient accumulation and the contrastive objective: DeepSpeed's accumulation sums
 the gradients of per-micro-batch losses, so each micro-batch would contrast against
@@ -21,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.config import OptimConfig
-from pipeline.data.loader import pixels_on_device
 from pipeline.model import MAX_LOGIT_SCALE
+from pipeline.pixels import PIXEL_KEYS, pixels_on_device
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ def full_fp32(param: nn.Parameter) -> torch.Tensor:
 
 @torch.no_grad()
 def clamp_logit_scale(param: nn.Parameter, low: float = 0.0, high: float = MAX_LOGIT_SCALE):
-    """Keep a stored log-scale in [low, high] (objectives.logit_scale_bounds: the model's
+    """Keep a stored log-scale in [low, high] (TrainModule.logit_scale_bounds: the model's
     [0 or DeCLIP's 3, ln 100], FILIP's [3, 6]). Under ZeRO the fp32 master copy lives in
     the optimizer, so that is the copy to clamp; the model also clamps its own scale at
     ln 100 in its forward, so that effective scale never exceeds 100 in between."""
@@ -141,65 +143,73 @@ def batch_on_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def model_inputs(batch: dict, dtype: torch.dtype,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch["images"].to(dtype=dtype, memory_format=memory_format), batch["text"]
-
-
-def features_loss(loss_fn, out: dict) -> tuple[torch.Tensor, dict]:
-    """The objective on fp32 copies of the features (logits in bf16 lose too much)."""
-    return loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
-
-
-def train_step(engine, batch: dict, loss_fn, accum: int, nonfinite=nonfinite_on_any_rank) -> dict:
-    """One optimizer step over a local batch of `accum` micro-batches.
-
-    loss_fn: either loss_fn(image_features, text_features, logit_scale) -> (loss, components)
-    (plain CLIP), or a pipeline.objectives.ComposedObjective, which says what else the
-    forward must compute (`model_kwargs`) and scores the whole output. Returns device
-    tensors (no host sync here beyond `nonfinite`, the check every rank must agree on):
-    loss, components, skipped (0/1). Of the engine it uses only `module`, `device`,
-    calling it, `backward` and `step`: the fake-device tests (tests/test_fake_cuda.py)
-    run everything else with tensors that have a device but no values.
-    """
-    module = engine.module
+def model_batch(batch: dict, module: nn.Module) -> dict:
+    """The batch as the encoder takes it: pixels and region features in the parameters'
+    dtype, `images` in the layout the (converted) convolutions prefer (model.channels_last)."""
     dtype = next(module.parameters()).dtype
-    device = engine.device
-    batch = batch_on_device(batch, device)
-    # model.channels_last: the images in the layout the (converted) convolutions prefer
-    layout = torch.channels_last if getattr(module, "channels_last", False) else torch.contiguous_format
-    composed = hasattr(loss_fn, "model_kwargs")
-    if composed and accum == 1:
-        batch = loss_fn.prepare(batch)  # e.g. ZeroVL's pixel mixup
-    score = (lambda out: loss_fn(out, batch)) if composed else (lambda out: features_loss(loss_fn, out))
-    if accum == 1:
-        kwargs = loss_fn.model_kwargs(batch, dtype) if composed else {}
-        loss, components = score(engine(*model_inputs(batch, dtype, layout), **kwargs))
-        if nonfinite(loss):
-            return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
-        engine.backward(loss)
-        engine.step()
-        return {"loss": loss.detach(), "skipped": 0, **{k: v.detach() for k, v in components.items()}}
-    if composed and not loss_fn.features_only:
-        raise ValueError("exact accumulation needs an objective of the pooled features only (clip)")
-    micro = split_batch(batch, accum)
+    layout = torch.channels_last if getattr(module.encoder, "channels_last", False) else torch.contiguous_format
+    return {k: (v.to(dtype=dtype, memory_format=layout) if k == "images" else v.to(dtype=dtype))
+            if torch.is_tensor(v) and k.startswith((*PIXEL_KEYS, "rois")) else v for k, v in batch.items()}
 
-    # Exact accumulation. Pass 1: features of every micro-batch, no grad, BN stats untouched.
+
+def step_result(loss: torch.Tensor, parts: dict, skipped: int) -> dict:
+    """Device tensors (no host sync), and `skipped` as a host int: the agreed check."""
+    return {"loss": loss.detach(), "skipped": skipped, **{k: v.detach() for k, v in parts.items()}}
+
+
+def train_step(engine, batch: dict, objective, accum: int, lr_scale: float, scale_bounds=(),
+               nonfinite=nonfinite_on_any_rank) -> dict:
+    """One optimizer step over a local batch of `accum` micro-batches: the learning rate
+    set to `lr_scale` x each group's base, forward, backward, update, and every learned
+    log-temperature clamped into its bounds (TrainModule.logit_scale_bounds).
+
+    `engine` wraps a pipeline.objectives.TrainModule; `objective` is its objective. Of the
+    engine it uses only `module`, `device`, `optimizer.param_groups`, calling it,
+    `backward` and `step`: the fake-device tests (tests/test_fake_cuda.py) run everything
+    else with tensors that have a device but no values."""
+    set_learning_rates(engine.optimizer, lr_scale)
+    batch = batch_on_device(batch, engine.device)
+    result = (plain_step if accum == 1 else exact_accumulation_step)(engine, batch, objective, accum, nonfinite)
+    if not result["skipped"]:
+        for param, low, high in scale_bounds:
+            clamp_logit_scale(param, low, high)
+    return result
+
+
+def plain_step(engine, batch: dict, objective, accum: int, nonfinite) -> dict:
+    """Accumulation 1: one engine forward scores the whole local batch."""
+    batch = model_batch(objective.prepare(batch), engine.module)  # prepare: e.g. ZeroVL's pixel mixup
+    loss, parts = engine(batch)
+    if nonfinite(loss):
+        return step_result(loss, parts, skipped=1)
+    engine.backward(loss)
+    engine.step()
+    return step_result(loss, parts, skipped=0)
+
+
+def exact_accumulation_step(engine, batch: dict, objective, accum: int, nonfinite) -> dict:
+    """The global-batch loss over `accum` micro-batches with one big batch's gradients
+    (GradCache; the module docstring says why)."""
+    if not objective.features_only:
+        raise ValueError("exact accumulation needs an objective of the pooled features only (clip)")
+    module = engine.module
+    micro = [model_batch(mb, module) for mb in split_batch(batch, accum)]
+    # Pass 1: features of every micro-batch, no grad, BatchNorm statistics untouched.
     with torch.no_grad(), frozen_batchnorm_stats(module):
-        outs = [module(*model_inputs(mb, dtype, layout)) for mb in micro]
+        outs = [module(mb, score=False) for mb in micro]
     image = torch.cat([o["image_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     text = torch.cat([o["text_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
     scale = outs[0]["logit_scale"].float().requires_grad_(True)
     with torch.enable_grad():
-        loss, components = score({"image_features": image, "text_features": text, "logit_scale": scale})
+        loss, parts = objective({"image_features": image, "text_features": text, "logit_scale": scale}, batch)
         if nonfinite(loss):
-            return {"loss": loss.detach(), "skipped": 1, **{k: v.detach() for k, v in components.items()}}
+            return step_result(loss, parts, skipped=1)
         loss.backward()
     # Pass 2: re-run each micro-batch with grad and push the cached feature gradients
     # through it; DeepSpeed sums them and steps at the accumulation boundary.
     B = micro[0]["images"].shape[0]
     for i, mb in enumerate(micro):
-        out = engine(*model_inputs(mb, dtype, layout))
+        out = engine(mb, score=False)
         rows = slice(i * B, (i + 1) * B)
         surrogate = (out["image_features"].float() * image.grad[rows]).sum() + \
                     (out["text_features"].float() * text.grad[rows]).sum()
@@ -207,4 +217,4 @@ def train_step(engine, batch: dict, loss_fn, accum: int, nonfinite=nonfinite_on_
             surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
         engine.backward(surrogate, scale_wrt_gas=False)
         engine.step()
-    return {"loss": loss.detach(), "skipped": 0, **{k: v.detach() for k, v in components.items()}}
+    return step_result(loss, parts, skipped=0)

@@ -36,6 +36,13 @@ from tokenizers.models import BPE
 
 DEFAULT_CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49408
+# CLIP's vocabulary ends with SOT and EOT (tests/test_tokenizer.py checks them against the
+# encoder); DeCLIP appends its mask token after them (id 49408, one more embedding row).
+SOT_ID = 49406
+EOT_ID = 49407
+MASK_ID = 49408
+# The label of a token that is not predicted (MLM): PyTorch cross-entropy's ignore_index.
+IGNORE_INDEX = -100
 SOT_TOKEN = "<start_of_text>"
 EOT_TOKEN = "<end_of_text>"
 

@@ -22,10 +22,10 @@ from pipeline.config import RunConfig, flatten, save_config, to_dict
 from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate, make_stream, shard_losses_over_ranks,
                                   summed_over_ranks)
 from pipeline.ds_config import accumulation_steps, check_against_deepspeed
-from pipeline.engine import clamp_logit_scale, full_fp32, lr_factor, param_groups, set_learning_rates, train_step
+from pipeline.data.recipe import ImageSpec
+from pipeline.engine import clamp_logit_scale, full_fp32, lr_factor, param_groups, train_step
 from pipeline.lifecycle import Preempted, StopRequest, stop_with_launcher
-from pipeline.losses import clip_objective
-from pipeline.objectives import attach_objective, caption_kwargs, logit_scale_bounds, objective_arch
+from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.tracking import MetricsLogger
 
 
@@ -53,14 +53,18 @@ def start_from(model, state_dict: dict):
     model.load_state_dict(state_dict)
 
 
-def prepare_run_dir(cfg: RunConfig, ds_config: dict, model, run_name: str, rank: int) -> Path:
+def prepare_run_dir(cfg: RunConfig, ds_config: dict, module: TrainModule, run_name: str, rank: int) -> Path:
+    """The run folder; model.json says what an export of its checkpoints is (pipeline/checkpoint.py
+    `export` reads it): the encoder's architecture, which similarity the objective trained,
+    and which objective heads evaluation keeps."""
     run_dir = Path(cfg.train.output_dir) / run_name
     if rank == 0:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        (run_dir / "model.json").write_text(json.dumps({"model_name": cfg.model.name, "arch": to_dict(model.arch),
-                                                        "config": to_dict(cfg)}, indent=2))
+        (run_dir / "model.json").write_text(json.dumps({
+            "model_name": cfg.model.name, "arch": to_dict(module.encoder.arch), "config": to_dict(cfg),
+            "similarity": module.similarity, "export_heads": module.export_heads()}, indent=2))
     return run_dir
 
 
@@ -96,19 +100,20 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
         model.use_channels_last()
     flops_per_sample = train_flops_per_sample(model.arch)
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
-    objective = attach_objective(model, cfg.objective)  # heads join the model: DeepSpeed trains and saves them
-    counts["objective_heads"] = sum(p.numel() for p in objective.parameters()) if objective else 0
+    objective = ComposedObjective(cfg.objective, model.arch)  # its heads train and save with the encoder
+    counts["objective_heads"] = sum(p.numel() for p in objective.parameters())
+    module = TrainModule(model, objective)
     run_name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_name = broadcast_str(run_name)
-    run_dir = prepare_run_dir(cfg, ds_config, model, run_name, rank)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config)
+    run_dir = prepare_run_dir(cfg, ds_config, module, run_name, rank)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg.optim),
+                                      config=ds_config)
     if cfg.model.compile:
         engine.compile()  # in place, the forward compiles on the first step (the accelerator's backend: inductor)
-    data = make_stream(cfg.data, batch_size=cfg.train.micro_batch_size * accum, image_size=model.arch.image_size,
-                      normalization=cfg.data.normalization or model.arch.normalization,
-                      context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
-                      uint8=cfg.data.uint8_batches,
-                      **(objective.data_kwargs() if objective else caption_kwargs(cfg.objective)))
+    data = make_stream(cfg.data, objective.recipe(), batch_size=cfg.train.micro_batch_size * accum,
+                       image=ImageSpec(model.arch.image_size, cfg.data.normalization or model.arch.normalization),
+                       context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
+                       uint8=cfg.data.uint8_batches)
     data.local_skip_check = False  # data.max_skip_rate is checked on the sums of all ranks (log_window)
     state = checkpoint.TrainState()
     try:
@@ -143,8 +148,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
                 logger.log_artifact(run_dir / name)
     status = "FAILED"
     try:
-        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, objective or clip_objective,
-              evaluator, stop)
+        train(engine, data, state, logger, cfg, run_dir, accum, flops_per_sample, world, objective, evaluator, stop)
         status = "FINISHED"
     except (FloatingPointError, DataQualityError, checkpoint.CheckpointSaveError) as e:  # one line each
         sys.stderr.write(f"error: {e}\n")  # one write: print's two would interleave with the other ranks'
@@ -204,48 +208,39 @@ def broadcast_str(value: str) -> str:
 
 
 def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path, accum: int,
-          flops_per_sample: float, world: int, loss_fn=clip_objective, evaluator: PeriodicZeroShot | None = None,
-          stop: StopRequest | None = None):
-    """The loop: step, log, save. Everything else lives in functions of its own."""
-    epoch_batches = data.batches_per_epoch()
-    scales = logit_scale_bounds(engine.module, cfg.objective)
+          flops_per_sample: float, world: int, objective: ComposedObjective,
+          evaluator: PeriodicZeroShot | None = None, stop: StopRequest | None = None):
+    """The loop: step, log, evaluate, save. Everything else lives in functions of its own."""
+    scales = engine.module.logit_scale_bounds()
     clamp_logit_scales(scales)  # FILIP's init ln(1/0.07) lies below its floor 3
     window = new_window()
+    batches = data.forever()
     while state.step < cfg.train.steps:
-        for batch in data:
-            set_learning_rates(engine.optimizer, lr_factor(state.step, cfg.optim, cfg.train.steps))
-            out = train_step(engine, batch, loss_fn, accum)
-            clamp_logit_scales(scales)
-            state.step += 1
-            state.epoch_step += 1
-            state.samples_seen += cfg.train.global_batch_size
-            state.data = data.state_dict()
-            add_to_window(window, out)
-            if cfg.train.batch_digests:  # which samples made this step (rank 0's share)
-                logger.event("batch", step=state.step,
-                             keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
-            if out["skipped"]:
-                handle_nonfinite(engine, state, batch, cfg, run_dir, logger, window)
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
-            if evaluator and evaluator.due(state.step):
-                evaluate_now(evaluator, engine, logger, state.step, window)
-            saved = False  # the final step's save is the one after the loop
-            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
-                saved = periodic_save(engine, run_dir, state, cfg, logger)
-            if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
-                preempt(engine, run_dir, state, cfg, logger, stop, saved)
-            if state.step >= cfg.train.steps or state.epoch_step >= epoch_batches:
-                break
-        if state.step < cfg.train.steps:  # the epoch is over (or its data ran out first)
-            data.next_epoch()
-            state.epoch_step = 0
-    save_checkpoint(engine, run_dir, state, cfg)  # the final one: never skipped
+        batch = next(batches)
+        out = train_step(engine, batch, objective, accum, lr_factor(state.step, cfg.optim, cfg.train.steps), scales)
+        state.step += 1
+        state.samples_seen += cfg.train.global_batch_size
+        add_to_window(window, out)
+        if cfg.train.batch_digests:  # which samples made this step (rank 0's share)
+            logger.event("batch", step=state.step,
+                         keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
+        if out["skipped"]:
+            handle_nonfinite(engine, data, state, batch, cfg, run_dir, logger, window)
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
+        if evaluator and evaluator.due(state.step):
+            evaluate_now(evaluator, engine, logger, state.step, window)
+        saved = False  # the final step's save is the one after the loop
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
+            saved = periodic_save(engine, data, run_dir, state, cfg, logger)
+        if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
+            preempt(engine, data, run_dir, state, cfg, logger, stop, saved)
+    save_checkpoint(engine, data, run_dir, state, cfg)  # the final one: never skipped
 
 
-def preempt(engine, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest, saved: bool):
+def preempt(engine, data, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest, saved: bool):
     if not saved:  # not saved at this step already
-        save_checkpoint(engine, run_dir, state, cfg)
+        save_checkpoint(engine, data, run_dir, state, cfg)
     reason = stop.received or "a peer rank's stop request"
     logger.event("preempted", step=state.step, reason=reason)
     raise Preempted(reason, state.step)
@@ -276,12 +271,15 @@ def evaluate_now(evaluator: PeriodicZeroShot, engine, logger, step: int, window:
     window["time"] += time.perf_counter() - started  # evaluation time is not training throughput
 
 
-def save_checkpoint(engine, run_dir: Path, state, cfg: RunConfig):
+def save_checkpoint(engine, data, run_dir: Path, state, cfg: RunConfig):
+    """Everything a resume needs: the engine's state, the data position and the RNGs,
+    captured now (the data position only here, not every step)."""
+    state.data = data.state_dict()
     state.rng = checkpoint.capture_rng()
     checkpoint.save(engine, run_dir / "checkpoints", state, cfg.train.keep_last)
 
 
-def periodic_save(engine, run_dir: Path, state, cfg: RunConfig, logger) -> bool:
+def periodic_save(engine, data, run_dir: Path, state, cfg: RunConfig, logger) -> bool:
     """A save on the train.save_every schedule. With train.save_failure=continue, every rank
     first says whether it sees a reason the save would fail (checkpoint_files.save_blocker);
     if any does, all skip it together (DeepSpeed's save ends in a barrier that a rank whose
@@ -294,7 +292,7 @@ def periodic_save(engine, run_dir: Path, state, cfg: RunConfig, logger) -> bool:
                 print(f"[train] checkpoint at step {state.step} skipped ({blocker}); training goes on, the next "
                       f"save tries again (train.save_failure=continue)", flush=True)
             return False
-    save_checkpoint(engine, run_dir, state, cfg)
+    save_checkpoint(engine, data, run_dir, state, cfg)
     return True
 
 
@@ -313,7 +311,7 @@ def agreed_blocker(local: str, device) -> str:
     return next(f"rank {rank}: {why}" for rank, why in enumerate(reasons) if why)
 
 
-def handle_nonfinite(engine, state, batch, cfg: RunConfig, run_dir: Path, logger, window: dict):
+def handle_nonfinite(engine, data, state, batch, cfg: RunConfig, run_dir: Path, logger, window: dict):
     """Every rank sees the same skips (train_step's check is agreed), so every rank stops
     at the same step."""
     state.skipped_steps += 1
@@ -322,7 +320,7 @@ def handle_nonfinite(engine, state, batch, cfg: RunConfig, run_dir: Path, logger
     logger.event("nonfinite_loss", step=state.step, keys=keys, policy=cfg.train.nan_policy)
     over = over_skip_budget(cfg.train, state.skipped_steps, window["skipped"])
     if cfg.train.nan_policy == "stop" or over:
-        save_checkpoint(engine, run_dir, state, cfg)
+        save_checkpoint(engine, data, run_dir, state, cfg)
         why = over or "train.nan_policy=stop"
         raise FloatingPointError(f"{msg}; stopped ({why}), checkpoint saved at step {state.step}")
     print(f"[train] {msg}: update skipped (train.nan_policy=skip)", flush=True)
@@ -344,7 +342,7 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
     now = time.perf_counter()
     samples_per_s = window["steps"] * cfg.train.global_batch_size / (now - window["time"])
     metrics = {"loss": window["loss"] / window["losses"] if window["losses"] else None, "loss_last": out["loss"],
-               "logit_scale": full_fp32(engine.module.logit_scale).exp(),
+               "logit_scale": full_fp32(engine.module.encoder.logit_scale).exp(),
                "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": state.samples_seen,
                "skipped_steps": state.skipped_steps}
     metrics.update({k: v for k, v in out.items() if k.startswith("loss_")})

@@ -40,6 +40,7 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
     import torch
     from pipeline.config import DataConfig, to_dict
     from pipeline.data.loader import DataStream
+    from pipeline.data.recipe import ImageSpec
     from pipeline.losses import contrastive_loss
     from pipeline.model import build_model
 
@@ -49,7 +50,7 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
     stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True), batch_size=64,
-                        image_size=64, normalization=model.arch.normalization, context_length=32)
+                        image=ImageSpec(64, model.arch.normalization), context_length=32)
     for step, batch in enumerate(stream):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)

@@ -37,3 +37,10 @@ def assert_ranks_make_one_big_batch(results: list[dict], big: dict, batch: int):
                     torch.testing.assert_close(res[name][1][index] / world, g_big[rows], msg=name)
             else:
                 torch.testing.assert_close(sum(r[name][1][index] for r in results) / world, g_big, msg=name)
+
+
+def assert_every_parameter_learns(module):
+    """Every parameter of `module` (encoder, shared blocks and objective heads) got a
+    non-zero gradient from the last backward."""
+    missing = [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == [], missing

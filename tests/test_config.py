@@ -53,7 +53,7 @@ def test_layering_defaults_then_yaml_then_overrides(tmp_path):
     ("optim=3", "optim: expected a mapping"),
     ("objective.weights.declip_typo=1", "objective.weights.declip_typo: unknown objective"),
     ("objective.weights.slip=-1", "objective.weights.slip: -1 is not a non-negative number"),
-    ("objective.filip_top_k=-2", "objective.filip_top_k: -2 must be >= 0"),
+    ("objective.filip.top_k=-2", "objective.filip.top_k: -2 must be >= 0"),
     ("eval.every_steps=10", "eval.dataset: eval.every_steps is set but no dataset is named"),
     # .inf / .nan parse as floats: a setting that means neither is a config error (issue 22)
     ("optim.lr=.inf", "optim.lr: inf is not a finite number"),

@@ -4,9 +4,9 @@ and neighbour-before-enqueue."""
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.declip import (EOT_ID, IGNORE_INDEX, MASK_ID, SOT_ID, FeatureQueue, mlm_loss, mlm_mask,
-                                    simsiam_loss)
-from pipeline.tokenizer import get_tokenizer, tokenize
+from pipeline.data.caption_augment import mlm_mask
+from pipeline.losses.declip import FeatureQueue, mlm_loss, simsiam_loss
+from pipeline.tokenizer import EOT_ID, IGNORE_INDEX, MASK_ID, SOT_ID, get_tokenizer, tokenize
 
 
 def test_special_ids_are_the_tokenizers():

@@ -2,7 +2,6 @@
 exact large-batch accumulation against one big batch, the non-finite policy, the
 logit-scale clamp, checkpoints and weights-only loading."""
 import json
-import math
 import os
 import pickle
 
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
 from pipeline.ds_config import accumulation_steps, check_against_deepspeed, fill_ds_config, read_ds_config
 from pipeline.engine import lr_factor, param_groups
-from pipeline.losses import clip_objective, contrastive_loss
+from pipeline.losses import contrastive_loss
 from pipeline.model import MAX_LOGIT_SCALE, build_model
 from pipeline.tokenizer import tokenize
 
@@ -133,32 +132,37 @@ def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: st
                       WORLD_SIZE=str(world))
     import deepspeed
     import torch.distributed as dist
-    from pipeline.engine import clamp_logit_scale, train_step
+    from pipeline.config import ObjectiveConfig
+    from pipeline.engine import train_step
+    from pipeline.objectives import ComposedObjective, TrainModule
     torch.manual_seed(0)
     model = build_model("msclip-tiny")
+    module = TrainModule(model, ComposedObjective(ObjectiveConfig(), model.arch))  # plain CLIP
     accum = GLOBAL // (MICRO * world)
     ds = fill_ds_config({"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True},
                         TrainConfig(global_batch_size=GLOBAL, micro_batch_size=MICRO),
                         OptimConfig(grad_clip=0.0), world)
     del ds["optimizer"]
     # Plain SGD with lr 1: the update is exactly the averaged gradient (Adam would hide its scale).
-    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config=ds)
+    # the step sets each group's lr to base_lr x the schedule's factor (1 here)
+    sgd = torch.optim.SGD([{"params": list(module.parameters()), "lr": 1.0, "base_lr": 1.0}])
+    engine, *_ = deepspeed.initialize(model=module, optimizer=sgd, config=ds)
     images, text = reference_batch()
     local = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
     batch = {"images": images[local], "text": text[local]}
-    before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     if scenario == "nan":
-        step = train_step(engine, batch, lambda i, t, s: (contrastive_loss(i, t, s) * float("nan"), {}), accum)
-    else:
-        step = train_step(engine, batch, clip_objective, accum)
-    after = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        clip = module.objective.terms["clip"]
+        forward = clip.forward
+        clip.forward = lambda out, batch: (forward(out, batch)[0] * float("nan"), {})
+    if scenario == "clamp":  # a stored scale past ln 100: the step's own clamp brings the master copy back
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        safe_set_full_fp32_param(model.logit_scale, torch.tensor([7.0]))
+    before = {n[len("encoder."):]: p.detach().clone() for n, p in engine.module.named_parameters()}
+    step = train_step(engine, batch, module.objective, accum, 1.0, module.logit_scale_bounds())
+    after = {n[len("encoder."):]: p.detach().clone() for n, p in engine.module.named_parameters()}
     result = {"loss": step["loss"], "skipped": step["skipped"], "delta": {n: before[n] - after[n] for n in before}}
     if scenario == "clamp":
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-        safe_set_full_fp32_param(engine.module.logit_scale, torch.tensor([7.0]))
-        clamp_logit_scale(engine.module.logit_scale)
-        result["clamped"] = safe_get_full_fp32_param(engine.module.logit_scale)
+        result["clamped"] = safe_get_full_fp32_param(model.logit_scale)
     if rank == 0:
         torch.save(result, out_path)
     dist.barrier()

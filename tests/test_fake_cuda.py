@@ -20,6 +20,7 @@ tier passes a stand-in for it too.
 from __future__ import annotations
 
 import functools
+import types
 
 import pytest
 import torch
@@ -27,15 +28,17 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from pipeline.config import DataConfig, ObjectiveConfig
-from pipeline.data.loader import DataStream, PIXEL_KEYS
+from pipeline.config import DataConfig, FilipConfig, NearestNeighbourConfig, ObjectiveConfig, SlipConfig
+from pipeline.data.loader import DataStream
+from pipeline.data.recipe import ImageSpec
 from pipeline.engine import train_step
-from pipeline.losses import clip_objective
 from pipeline.model import build_model
 from pipeline.model.configs import MODEL_CONFIGS
-from pipeline.objectives import attach_objective, objective_arch
+from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
+from pipeline.pixels import PIXEL_KEYS
 
-SMALL = dict(slip_mlp_dim=32, slip_out_dim=16, filip_dim=16, filip_top_k=4, nn_queue_size=64)
+SMALL = dict(slip=SlipConfig(mlp_dim=32, out_dim=16), filip=FilipConfig(dim=16, top_k=4),
+             nn=NearestNeighbourConfig(queue_size=64))
 DECLIP = dict(weights={"clip": 0.4, "nn": 0.2, "simsiam": 0.2, "mlm": 0.2}, image_views=2, view_augment="moco",
               text_eda=True, logit_scale_min=3.0)
 RECIPES = {
@@ -54,10 +57,12 @@ MICRO = 4
 
 class DeviceEngine:
     """What train_step uses of a DeepSpeed engine: `module`, `device`, the call,
-    `backward` and `step` (the optimizer is DeepSpeed's and has nothing to place)."""
+    `backward`, `step`, and the learning rates of `optimizer.param_groups` (the optimizer
+    is DeepSpeed's and has nothing to place)."""
 
     def __init__(self, module: nn.Module, device: torch.device, backward: bool):
         self.module, self.device, self.run_backward = module, device, backward
+        self.optimizer = types.SimpleNamespace(param_groups=[{"base_lr": 1e-3, "lr": 0.0}])
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -104,38 +109,40 @@ def fake_host_batch(batch: dict, mode: FakeTensorMode) -> dict:
 @functools.lru_cache(maxsize=None)
 def loader_batch(shards: str, recipe: str, model_name: str, accum: int) -> dict:
     """One real batch from the demo shards, as the trainer's loader yields it for this recipe."""
-    model, objective = build(model_name, recipe, torch.float32)
-    stream = DataStream(DataConfig(train_shards=shards, workers=0, shuffle_buffer=0), batch_size=MICRO * accum,
-                        image_size=model.arch.image_size, normalization=model.arch.normalization,
-                        context_length=model.arch.context_length, uint8=True,
-                        **(objective.data_kwargs() if objective else {}))
+    module, objective = build(model_name, recipe, torch.float32)
+    model = module.encoder
+    stream = DataStream(DataConfig(train_shards=shards, workers=0, shuffle_buffer=0), objective.recipe(),
+                        batch_size=MICRO * accum, image=ImageSpec(model.arch.image_size, model.arch.normalization),
+                        context_length=model.arch.context_length, uint8=True)
     return next(iter(stream))
 
 
 def build(model_name: str, recipe: str, dtype: torch.dtype):
     cfg = ObjectiveConfig(**RECIPES[recipe], **SMALL)
     torch.manual_seed(0)
-    model = build_model(objective_arch(build_model(model_name).arch, cfg)).to(dtype)
-    objective = attach_objective(model, cfg)
-    if objective is not None and "mixup" in objective.terms:
-        mixup = objective.terms["mixup"]
+    model = build_model(objective_arch(build_model(model_name).arch, cfg))
+    module = TrainModule(model, ComposedObjective(cfg, model.arch)).to(dtype)
+    if "mixup" in module.objective.terms:
+        mixup = module.objective.terms["mixup"]
         mixup._draws = int(mixup.draws)  # the once-per-run host read of the draw counter
-    return model, objective
+    return module, module.objective
 
 
 def run_step(model_name, recipe, dtype, device, accum, shards, mutate=None):
-    model, objective = build(model_name, recipe, dtype)
+    module, objective = build(model_name, recipe, dtype)
     host_batch = loader_batch(shards, recipe, model_name, accum)
     assert host_batch["images"].dtype == torch.uint8 and host_batch["images"].device.type == "cpu"
     mode = fake_mode()
-    to_fake_device(model.train(), mode, device)
+    to_fake_device(module.train(), mode, device)
     batch = fake_host_batch(host_batch, mode)
     if mutate:
         mutate(objective)
-    engine = DeviceEngine(model, torch.device(device), backward=device == "meta")
-    with mode:
-        out = train_step(engine, batch, objective or clip_objective, accum, nonfinite=never_nonfinite)
+    engine = DeviceEngine(module, torch.device(device), backward=device == "meta")
+    with mode:  # the whole step: learning rates, forward, objective, backward, the logit-scale clamps
+        out = train_step(engine, batch, objective, accum, 1.0, module.logit_scale_bounds(),
+                         nonfinite=never_nonfinite)
     assert out["loss"].device.type == device
+    model = module
     if device == "meta" and recipe != "filip":
         # FILIP alone trains no pooled projection or logit scale (issue 14 item 3, open)
         missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -184,11 +191,10 @@ def test_a_host_tensor_in_any_term_fails_the_tier(term, photos):
         forward = module.forward
 
         def on_host(out, batch):
-            value = forward(out, batch)
-            loss = value[0] if isinstance(value, tuple) else value
+            loss, parts = forward(out, batch)
             # a batch tensor back on the host (not 0-dim: those mix with device tensors legally)
             host = batch["text"].cpu().float().mean(dim=1)  # (B,)
-            return (loss + host).mean()
+            return (loss + host).mean(), parts
 
         module.forward = on_host
 
@@ -202,7 +208,7 @@ def test_pixels_on_device_and_the_periodic_evaluator_stay_on_the_device(demo_dat
     from eval.data import image_loader, read_classification
     from eval.during_training import eval_copy
     from eval.features import image_features, model_transform, zeroshot_weights
-    from pipeline.data.loader import pixels_on_device
+    from pipeline.pixels import pixels_on_device
     mode = fake_mode()
     host = fake_host_batch(loader_batch(str(demo_data / "shards" / "photos"), "clip", "msclip-s-tiny", 1), mode)
     with mode:
@@ -214,7 +220,9 @@ def test_pixels_on_device_and_the_periodic_evaluator_stay_on_the_device(demo_dat
     # fake host tensors, and any that is not moved to the device meets a device tensor.
     # (The reader's batches are read first: decoding needs values.)
     mode = fake_mode()
-    trained = to_fake_device(build_model("msclip-s-tiny").to(torch.bfloat16), mode, "cuda")
+    model = build_model("msclip-s-tiny")
+    trained = to_fake_device(TrainModule(model, ComposedObjective(ObjectiveConfig(), model.arch)).to(torch.bfloat16),
+                             mode, "cuda")
     with mode:
         copy = eval_copy(trained)  # as the trainer's rank 0 makes it
     assert {(p.device.type, p.dtype) for p in copy.parameters()} == {("cuda", torch.float32)} and not copy.training

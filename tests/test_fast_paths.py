@@ -12,14 +12,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.data.loader import PIXEL_KEYS, DataStream, StreamSpec, _Reader, decode_sample, pixels_on_device
+from pipeline.config import DataConfig, ObjectiveConfig
+from pipeline.data.loader import DataStream, StreamSpec, _Reader, decode_sample
+from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.data.shards import ShardSet
 from pipeline.data.transforms import eval_transform
-from pipeline.engine import model_inputs
+from pipeline.engine import model_batch
 from pipeline.losses import contrastive_loss
 from pipeline.model import build_model
 from pipeline.model.layers import Attention
+from pipeline.objectives import ComposedObjective, TrainModule
+from pipeline.pixels import PIXEL_KEYS, pixels_on_device
+from pipeline.tokenizer import EOT_ID, SOT_ID
 
 
 def photo_jpeg(size=(1280, 854)) -> bytes:
@@ -46,7 +50,7 @@ def test_draft_size_keeps_full_resolution_for_the_smallest_crop():
     spec = StreamSpec(shards=ShardSet(["x.tar"], [1]), batch_size=1, image_size=224, normalization="clip",
                       context_length=77, rrc_scale=(0.9, 1.0))
     assert _Reader(spec, 0).draft_size == math.ceil(224 / math.sqrt(0.9))
-    slip = StreamSpec(**{**spec.__dict__, "ssl_views": 2})  # SimCLR crops down to 8% of the area
+    slip = StreamSpec(**{**spec.__dict__, "recipe": BatchRecipe(ssl_views=2)})  # SimCLR crops down to 8% of the area
     assert _Reader(slip, 0).draft_size == math.ceil(224 / math.sqrt(0.08))
     off = StreamSpec(**{**spec.__dict__, "jpeg_draft": False})
     assert _Reader(off, 0).draft_size == 0
@@ -61,8 +65,8 @@ def test_uint8_batches_normalized_on_the_device_equal_the_float_batches(demo_dat
     cfg = DataConfig(train_shards=f"{demo_data}/shards/photos", workers=1, shuffle_buffer=20)
 
     def first_batches(uint8):
-        s = DataStream(cfg, batch_size=8, image_size=48, normalization="imagenet", context_length=16, seed=3,
-                       uint8=uint8, **views)
+        s = DataStream(cfg, BatchRecipe(**views), batch_size=8, image=ImageSpec(48, "imagenet"), context_length=16,
+                       seed=3, uint8=uint8)
         return [b for b, _ in zip(s, range(2))]
 
     for packed, plain in zip(first_batches(True), first_batches(False)):
@@ -90,9 +94,9 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
     compiled = copy.deepcopy(eager)
     compiled.compile()
     images = torch.randn(4, 3, 64, 64)
-    text = torch.randint(1, 49405, (4, 32))
+    text = torch.randint(1, SOT_ID - 1, (4, 32))
     text[:, 20:] = 0
-    text[:, 19] = 49407
+    text[:, 19] = EOT_ID
 
     def step(model):
         out = model(images, text)
@@ -111,9 +115,11 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
 def test_channels_last_images_give_the_same_features():
     torch.manual_seed(0)
     model = build_model("msclip-s-tiny").use_channels_last().eval()
-    batch = {"images": torch.randn(3, 3, 64, 64), "text": torch.randint(1, 49405, (3, 32))}
-    batch["text"][:, -1] = 49407
-    images, text = model_inputs(batch, torch.float32, torch.channels_last)
+    batch = {"images": torch.randn(3, 3, 64, 64), "text": torch.randint(1, SOT_ID - 1, (3, 32))}
+    batch["text"][:, -1] = EOT_ID
+    module = TrainModule(model, ComposedObjective(ObjectiveConfig(), model.arch))
+    on_device = model_batch(batch, module)  # what the step hands the engine
+    images, text = on_device["images"], on_device["text"]
     assert images.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         nhwc = model(images, text)["image_features"]
@@ -176,8 +182,8 @@ def test_fused_adamw_steps_equal_the_plain_implementation():
 def test_bf16_autocast_features_agree_with_fp32():
     torch.manual_seed(0)
     model = build_model("clip-tiny").eval()
-    images, text = torch.randn(4, 3, 64, 64), torch.randint(1, 49405, (4, 32))
-    text[:, -1] = 49407
+    images, text = torch.randn(4, 3, 64, 64), torch.randint(1, SOT_ID - 1, (4, 32))
+    text[:, -1] = EOT_ID
     with torch.no_grad():
         fp32 = model(images, text)
         with torch.autocast("cpu", dtype=torch.bfloat16):

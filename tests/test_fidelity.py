@@ -30,30 +30,30 @@ def test_simsiam_projector_last_bn_is_affine():
 
 def test_filip_scale_has_no_forward_clamp_and_is_clamped_to_3_6_between_steps():
     """DeCLIP's FILIP: `logit_scale_dense.exp()` in the forward, unclamped; its runs clamp
-    the stored value to [3, 6] around every step (objective.filip_logit_scale_min/max)."""
+    the stored value to [3, 6] around every step (objective.filip.logit_scale_min/max)."""
+    from pipeline.config import FilipConfig
     from pipeline.engine import clamp_logit_scale
     from pipeline.losses.filip import filip_loss
-    from pipeline.objectives import attach_objective, logit_scale_bounds
+    from pipeline.objectives import ComposedObjective, TrainModule
     from pipeline.tokenizer import tokenize
     torch.manual_seed(0)
     model = build_model("clip-tiny")
-    cfg = ObjectiveConfig(weights={"filip": 1.0}, filip_dim=16, filip_top_k=0)
-    objective = attach_objective(model, cfg).eval()
-    filip = objective.terms["filip"]
+    cfg = ObjectiveConfig(weights={"filip": 1.0}, filip=FilipConfig(dim=16, top_k=0))
+    module = TrainModule(model, ComposedObjective(cfg, model.arch)).eval()
+    filip = module.objective.terms["filip"].heads
     with torch.no_grad():
         filip.logit_scale.fill_(5.5)  # a scale of 245: above CLIP's cap of 100
     images = torch.randn(4, 3, 64, 64)
     text = tokenize(["a dog", "a red car", "two cats on a mat", "seven"], model.arch.context_length)
-    batch = {"images": images, "text": text}
-    out = model(images, text, **objective.model_kwargs(batch, torch.float32))
-    _, parts = objective(out, batch)
-    tokens_i = nn.functional.normalize(filip.image_proj(out["image_tokens"][:, 1:]), dim=-1)
-    tokens_t = nn.functional.normalize(filip.text_proj(out["text_tokens"]), dim=-1)
+    _, parts = module({"images": images, "text": text})
+    with torch.no_grad():
+        tokens_i = nn.functional.normalize(filip.image_proj(model.visual.hidden_tokens(images)[:, 1:]), dim=-1)
+        tokens_t = nn.functional.normalize(filip.text_proj(model.text(text)), dim=-1)
     mask = torch.arange(text.shape[1])[None] <= text.argmax(-1)[:, None]
     expected = filip_loss(tokens_i, tokens_t, mask, torch.tensor(5.5).exp())
-    torch.testing.assert_close(parts["loss_filip"], expected)
+    torch.testing.assert_close(parts["loss_filip"].detach(), expected)
 
-    bounds = logit_scale_bounds(model, cfg)
+    bounds = module.logit_scale_bounds()
     assert [(p is filip.logit_scale, lo, hi) for p, lo, hi in bounds[1:]] == [(True, 3.0, 6.0)]
     assert bounds[0][0] is model.logit_scale and bounds[0][2] == math.log(100)
     for start, clamped in ((math.log(1 / 0.07), 3.0), (7.0, 6.0), (4.0, 4.0)):
@@ -92,7 +92,8 @@ def test_filip_alone_can_train_on_mlm_masked_captions_as_declips_filip_config(de
     objective.mask_captions (off by default: FILIP's paper trains on clean captions)."""
     from pipeline.config import DataConfig
     from pipeline.data.loader import DataStream
-    from pipeline.losses.declip import MASK_ID
+    from pipeline.data.recipe import ImageSpec
+    from pipeline.tokenizer import MASK_ID
     from pipeline.objectives import ComposedObjective, objective_arch
     arch = build_model("clip-tiny").arch
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
@@ -102,8 +103,8 @@ def test_filip_alone_can_train_on_mlm_masked_captions_as_declips_filip_config(de
         objective = ComposedObjective(objective_cfg, trained_arch)
         assert set(objective.terms) == {"filip"}
         assert (trained_arch.vocab_size > MASK_ID) == masked  # the mask token gets an embedding row
-        batch = next(iter(DataStream(cfg, batch_size=16, image_size=32, normalization="clip", context_length=16,
-                                     **objective.data_kwargs())))
+        batch = next(iter(DataStream(cfg, objective.recipe(), batch_size=16, image=ImageSpec(32, "clip"),
+                                     context_length=16)))
         assert bool((batch["text"] == MASK_ID).any()) == masked
 
 
@@ -120,22 +121,21 @@ def test_declip_and_defilip_recipes_clip_no_gradient_norm():
 
 def filip_only_export(tmp_path):
     """A FILIP-only model exported the way pipeline.checkpoint.export writes one (its
-    payload keys, the heads picked by exported_heads), then loaded by load_exported."""
+    payload keys, the heads the trainer's module names), then loaded by load_exported."""
     from pipeline.checkpoint import load_exported
-    from pipeline.config import to_dict
-    from pipeline.objectives import (attach_objective, exported_heads, objective_arch, trained_similarity,
-                                     without_objective_heads)
-    cfg = ObjectiveConfig(weights={"filip": 1.0}, filip_dim=16)
+    from pipeline.config import FilipConfig, to_dict
+    from pipeline.model.heads import heads_for_export
+    from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
+    cfg = ObjectiveConfig(weights={"filip": 1.0}, filip=FilipConfig(dim=16))
     torch.manual_seed(0)
     model = build_model(objective_arch(build_model("clip-tiny").arch, cfg))
-    attach_objective(model, cfg)
+    module = TrainModule(model, ComposedObjective(cfg, model.arch))
     with torch.no_grad():
-        model.objective_heads.terms["filip"].logit_scale.fill_(4.0)
-    state = model.state_dict()
+        module.objective.terms["filip"].heads.logit_scale.fill_(4.0)
     path = tmp_path / "model.pt"
-    torch.save({"state_dict": without_objective_heads(state), "heads": exported_heads(state),
-                "similarity": trained_similarity(cfg), "arch": to_dict(model.arch), "model_name": "clip-tiny"}, path)
-    return model, load_exported(path)[0]
+    torch.save({"state_dict": model.state_dict(), "heads": heads_for_export(module.state_dict(), module.export_heads()),
+                "similarity": module.similarity, "arch": to_dict(model.arch), "model_name": "clip-tiny"}, path)
+    return module, load_exported(path)[0]
 
 
 def test_filip_only_runs_export_their_heads_and_are_evaluated_token_wise(tmp_path, demo_data):
@@ -147,7 +147,7 @@ def test_filip_only_runs_export_their_heads_and_are_evaluated_token_wise(tmp_pat
     from pipeline.objectives import trained_similarity
     trained, model = filip_only_export(tmp_path)
     assert model.similarity == "token"
-    for name, value in trained.objective_heads.terms["filip"].state_dict().items():
+    for name, value in trained.objective.terms["filip"].heads.state_dict().items():
         assert torch.equal(model.token_heads.state_dict()[name], value), name
     assert trained_similarity(ObjectiveConfig(weights={"clip": 1.0, "filip": 0.5})) == "pooled"
     data = read_classification(demo_data / "eval" / "digits", "test")

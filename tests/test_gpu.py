@@ -79,20 +79,19 @@ def test_every_objective_steps_through_deepspeed_on_cuda(recipe, process_group, 
     from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
     from pipeline.ds_config import fill_ds_config
     from pipeline.engine import param_groups, train_step
-    from pipeline.losses import clip_objective
     from pipeline.model import build_model
-    from pipeline.objectives import attach_objective, objective_arch
+    from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
     cfg = ObjectiveConfig(**RECIPES[recipe], **SMALL)
     torch.manual_seed(0)
     model = build_model(objective_arch(build_model("msclip-s-tiny").arch, cfg))
-    objective = attach_objective(model, cfg)
+    module = TrainModule(model, ComposedObjective(cfg, model.arch))
     optim = OptimConfig(lr=1e-3)
     ds = fill_ds_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
                         TrainConfig(global_batch_size=4, micro_batch_size=4), optim, 1)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim), config=ds)
-    before = engine.module.visual.proj.detach().float().clone()
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, optim), config=ds)
+    before = model.visual.proj.detach().float().clone()
     batch = loader_batch(str(demo_data / "shards" / "photos"), recipe, "msclip-s-tiny", 1)
-    out = train_step(engine, batch, objective or clip_objective, 1)
+    out = train_step(engine, batch, module.objective, 1, 1.0, module.logit_scale_bounds())
     assert out["skipped"] == 0 and torch.isfinite(out["loss"]).item()
     assert out["loss"].device.type == "cuda"
-    assert not torch.equal(engine.module.visual.proj.detach().float(), before)
+    assert not torch.equal(model.visual.proj.detach().float(), before)

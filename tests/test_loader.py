@@ -16,6 +16,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataQualityError, DataStream, check_skip_rate
+from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.data.manifest import Manifest, ShardInfo
 from pipeline.data.shards import ShardSet, assign_shards, resolve_shards
 
@@ -26,7 +27,7 @@ def stream(shards: str, *, rank=0, world=1, workers=2, resampled=False, shuffle=
            drop_last=False, max_skip_rate=0.5, keep_captions=False, stall_seconds=600.0) -> DataStream:
     cfg = DataConfig(train_shards=shards, workers=workers, resampled=resampled, shuffle_buffer=shuffle,
                      max_skip_rate=max_skip_rate, stall_seconds=stall_seconds)
-    return DataStream(cfg, batch_size=batch, image_size=32, normalization="clip", context_length=16, seed=seed,
+    return DataStream(cfg, batch_size=batch, image=ImageSpec(32, "clip"), context_length=16, seed=seed,
                       rank=rank, world=world, drop_last=drop_last, keep_captions=keep_captions)
 
 
@@ -330,7 +331,7 @@ def test_missing_shards_fail_before_anything_starts(tmp_path):
 
 def test_batches_carry_what_objectives_ask_for(demo_data):
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0)
-    s = DataStream(cfg, batch_size=4, image_size=32, normalization="imagenet", context_length=16, views=2,
+    s = DataStream(cfg, BatchRecipe(views=2), batch_size=4, image=ImageSpec(32, "imagenet"), context_length=16,
                    keep_captions=True)
     batch = next(iter(s))
     assert batch["images"].shape == batch["images_1"].shape == (4, 3, 32, 32)
@@ -345,7 +346,7 @@ def test_slip_views_are_simclr_augmentations_of_the_same_image(demo_data):
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
 
     def first_batch():
-        s = DataStream(cfg, batch_size=16, image_size=32, normalization="clip", context_length=16, ssl_views=2)
+        s = DataStream(cfg, BatchRecipe(ssl_views=2), batch_size=16, image=ImageSpec(32, "clip"), context_length=16)
         return next(iter(s))
     batch, again = first_batch(), first_batch()
     assert batch["ssl_0"].shape == batch["ssl_1"].shape == batch["images"].shape == (16, 3, 32, 32)
@@ -370,13 +371,13 @@ def test_declip_batches_carry_moco_views_an_eda_text_and_masked_tokens(demo_data
     all reproducible from the seed."""
     from pipeline.data.eda import eda, load_synonyms
     from pipeline.data.loader import sample_seed
-    from pipeline.losses.declip import IGNORE_INDEX, MASK_ID
+    from pipeline.tokenizer import IGNORE_INDEX, MASK_ID
     from pipeline.tokenizer import tokenize
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
 
     def first_batch():
-        s = DataStream(cfg, batch_size=32, image_size=32, normalization="clip", context_length=32, views=2,
-                       view_augment="moco", text_eda=True, mlm_probability=0.15, keep_captions=True)
+        s = DataStream(cfg, BatchRecipe(views=2, view_augment="moco", text_eda=True, mlm_probability=0.15),
+                       batch_size=32, image=ImageSpec(32, "clip"), context_length=32, keep_captions=True)
         return next(iter(s))
     batch, again = first_batch(), first_batch()
     for key in ("images", "images_1", "text", "text_eda", "mlm_labels"):
@@ -406,8 +407,9 @@ def test_an_epoch_still_open_at_exit_does_not_hang_the_interpreter(demo_data):
     child = f"""
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataStream
+from pipeline.data.recipe import ImageSpec
 stream = DataStream(DataConfig(train_shards={str(demo_data / 'shards' / 'digits')!r}, workers=2, resampled=True),
-                    batch_size=8, image_size=32, normalization="clip", context_length=16)
+                    batch_size=8, image=ImageSpec(32, "clip"), context_length=16)
 batches = iter(stream)
 next(batches)
 print("exiting with the epoch open", flush=True)
@@ -533,7 +535,7 @@ def test_a_fuzzed_corpus_trains_on_every_good_sample_once_and_counts_every_bad_o
     good_keys, expected = fuzzed_corpus(tmp_path / "shards", big_member=3 << 20)
     cfg = DataConfig(train_shards=str(tmp_path / "shards"), workers=workers, resampled=False, shuffle_buffer=20,
                      max_skip_rate=1.0, max_member_bytes=2 << 20)
-    s = DataStream(cfg, batch_size=8, image_size=32, normalization="clip", context_length=16, drop_last=False,
+    s = DataStream(cfg, batch_size=8, image=ImageSpec(32, "clip"), context_length=16, drop_last=False,
                    keep_captions=True)
     seen, captions = [], {}
     for batch in s:
@@ -552,10 +554,11 @@ import resource, sys
 sys.path.insert(0, sys.argv[1])
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataStream
+from pipeline.data.recipe import ImageSpec
 
 def epoch(shards):
     cfg = DataConfig(train_shards=shards, workers=0, resampled=False, shuffle_buffer=0, max_skip_rate=1.0)
-    return sum(len(b["keys"]) for b in DataStream(cfg, batch_size=8, image_size=32, normalization="clip",
+    return sum(len(b["keys"]) for b in DataStream(cfg, batch_size=8, image=ImageSpec(32, "clip"),
                                                    context_length=16, drop_last=False))
 
 epoch(sys.argv[2])  # a clean epoch first: the tokenizer, PIL and torch's allocations are in place

@@ -11,7 +11,7 @@ from pipeline.model import MODEL_CONFIGS, SHARED_BLOCK_MODULES, build_model
 from pipeline.model.layers import Attention
 from pipeline.tokenizer import tokenize
 
-# METHODS.md 1.6: counts from instantiating the reference code.
+# Counts from instantiating the reference code (Hxyou/MSCLIP at e25daf3, `CLIP`).
 REFERENCE_PARAMS = {
     "clip-b32": 151.28e6,
     "msclip-b32": 126.29e6,
@@ -52,7 +52,7 @@ def test_parameter_counts_within_half_a_percent_of_reference(name):
 
 
 def test_msclip_s_b32_tower_sizes_match_reference():
-    # METHODS.md 1.6: image tower 86.89 M, text tower 123.45 M (shared weights counted in both).
+    # Hxyou/MSCLIP instantiated: image tower 86.89 M, text tower 123.45 M (shared weights counted in both).
     counts = build_model("msclip-s-b32").parameter_counts()
     assert abs(counts["vision_tower"] - 86.89e6) / 86.89e6 < 0.005
     assert abs(counts["text_tower"] - 123.45e6) / 123.45e6 < 0.005
@@ -79,7 +79,7 @@ def test_sharing_is_by_object_identity_and_only_what_the_mode_says(share, unshar
 
 
 def test_msclip_s_layout_matches_reference():
-    """METHODS.md 1.2: vision block 0 is the stem, text block 0 shares nothing, blocks 1-11
+    """MS-CLIP sec. 3.1 and Hxyou/MSCLIP `CLIP.__init__`: vision block 0 is the stem, text block 0 shares nothing, blocks 1-11
     share QKV/out-proj/MLP, LayerNorms never."""
     model = build_model("msclip-s-b32")
     assert model.visual.first_layer == 1 and len(model.visual.blocks) == 11 and len(model.text.blocks) == 12
@@ -97,7 +97,7 @@ def test_msclip_s_layout_matches_reference():
 
 
 @pytest.mark.parametrize("name,grid,branch_sizes,kernels", [
-    # METHODS.md 1.4-1.5: 7x7 (B/32) / 14x14 (B/16) grids, branch 112..7 / 112..14, adapter kernels.
+    # MS-CLIP sec. 3.2-3.3, Hxyou/MSCLIP EarlyconvRes / Lateral_Adapter: 7x7 (B/32) / 14x14 (B/16) grids, branch 112..7 / 112..14, adapter kernels.
     ("msclip-s-b32", 7, [112, 56, 28, 14, 7], [16, 8, 4, 2, 1]),
     ("msclip-s-b16", 14, [112, 56, 28, 14, 14], [8, 4, 2, 1, 1]),
 ])

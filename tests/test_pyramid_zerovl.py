@@ -3,6 +3,7 @@ source on every rank, chosen in proportion to size), coin-flipping mixup (pixel 
 shared draws that resume), the pyramid's text levels and region features from the shards,
 the ROI path through the last vision blocks, and the composed pyramid loss recomputed from
 the encoders."""
+import dataclasses
 import io
 import json
 import math
@@ -15,12 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.config import DataConfig, ObjectiveConfig
+from loss_reference import assert_every_parameter_learns
+from pipeline.config import DataConfig, FilipConfig, ObjectiveConfig, PyramidConfig
 from pipeline.data.loader import DataStream, DebiasedStream, choose_source
 from pipeline.data.pyramid import summary_text, tags_text
+from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.losses.soft import softened_contrastive_loss
 from pipeline.model import build_model
-from pipeline.objectives import attach_objective, objective_arch
+from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.tokenizer import tokenize
 
 
@@ -43,7 +46,7 @@ def _debiased_worker(rank: int, port: int, shards: str, out_path: str):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         cfg = DataConfig(train_shards=shards, workers=1, shuffle_buffer=0, sampling="debiased")
-        stream = DebiasedStream(cfg, batch_size=8, image_size=32, normalization="clip", context_length=16, seed=3,
+        stream = DebiasedStream(cfg, batch_size=8, image=ImageSpec(32, "clip"), context_length=16, seed=3,
                                 rank=dist.get_rank(), world=dist.get_world_size())
         steps = []
         for batch in stream:
@@ -77,7 +80,8 @@ def test_two_ranks_take_every_step_from_the_same_source(tmp_path, demo_data):
 
 def test_mixup_mixes_pixels_with_the_reversed_batch_and_its_draws_resume():
     cfg = ObjectiveConfig(weights={"mixup": 1.0})
-    objective = attach_objective(build_model("clip-tiny"), cfg)
+    arch = build_model("clip-tiny").arch
+    objective = ComposedObjective(cfg, arch)
     images = torch.randn(6, 3, 64, 64)
     draws = []
     for _ in range(40):
@@ -91,9 +95,9 @@ def test_mixup_mixes_pixels_with_the_reversed_batch_and_its_draws_resume():
     assert ((alphas < 0.1) | (alphas > 0.9)).mean() > 0.5  # Beta(0.1, 0.1) piles up near 0 and 1
 
     # Same seed, same sequence (every rank); a model restored from a state dict continues it.
-    fresh = attach_objective(build_model("clip-tiny"), cfg)
+    fresh = ComposedObjective(cfg, arch)
     assert [fresh.terms["mixup"].draw() for _ in range(25)] == draws[:25]
-    restored = attach_objective(build_model("clip-tiny"), cfg)
+    restored = ComposedObjective(cfg, arch)
     restored.load_state_dict(fresh.state_dict())
     assert [restored.terms["mixup"].draw() for _ in range(15)] == draws[25:]
 
@@ -102,11 +106,10 @@ def test_mixup_composed_with_the_model_scores_text_mixing_on_embeddings():
     from pipeline.losses.soft import mixup_contrastive_loss
     torch.manual_seed(0)
     model = build_model("msclip-s-tiny").eval()
-    objective = attach_objective(model, ObjectiveConfig(weights={"mixup": 1.0}))
+    module = TrainModule(model, ComposedObjective(ObjectiveConfig(weights={"mixup": 1.0}), model.arch))
     captions = [f"a photo of the digit {i}" for i in range(6)]
     batch = {"images": torch.randn(6, 3, 64, 64), "text": tokenize(captions, 32), "mixup": (0.3, "text")}
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
-    total, parts = objective(out, batch)
+    total, parts = module(batch)
     with torch.no_grad():
         text = model.encode_text(batch["text"])
         mixed = F.normalize(0.3 * text + 0.7 * text.flip(0), dim=-1)
@@ -148,8 +151,8 @@ def test_loader_reads_regions_pads_them_and_counts_samples_without_them(tmp_path
     shard = tmp_path / "00000.tar"
     write_roi_shard(shard, [3, 15, None, 1])
     cfg = DataConfig(train_shards=str(shard), workers=0, shuffle_buffer=0, max_skip_rate=0.5, resampled=False)
-    stream = DataStream(cfg, batch_size=3, image_size=32, normalization="clip", context_length=16, views=2,
-                        view_augment="pyramid", text_levels=True, max_rois=10, roi_dim=12, drop_last=False)
+    stream = DataStream(cfg, BatchRecipe(views=2, view_augment="pyramid", text_levels=True, max_rois=10, roi_dim=12),
+                        batch_size=3, image=ImageSpec(32, "clip"), context_length=16, drop_last=False)
     (batch,) = list(stream)
     assert batch["rois"].shape == (3, 10, 12) and batch["roi_mask"].sum(1).tolist() == [3, 10, 1]
     assert batch["rois"][0, :3].eq(1).all() and batch["rois"][0, 3:].eq(0).all() and batch["rois"][2, 0].eq(4).all()
@@ -161,7 +164,7 @@ def test_loader_reads_regions_pads_them_and_counts_samples_without_them(tmp_path
 def test_roi_path_uses_the_last_three_blocks_and_ignores_padding():
     torch.manual_seed(0)
     model = build_model(objective_arch(build_model("msclip-s-tiny").arch, ObjectiveConfig(
-        weights={"pyramid": 1.0}, pyramid_rois=4, roi_dim=12))).eval()
+        weights={"pyramid": 1.0}, pyramid=PyramidConfig(rois=4, roi_dim=12)))).eval()
     rois, mask = torch.randn(2, 4, 12), torch.tensor([[True, True, False, False], [True, True, True, True]])
     base = model.visual.encode_rois(rois, mask)
     padded = rois.clone()
@@ -177,19 +180,18 @@ def test_roi_path_uses_the_last_three_blocks_and_ignores_padding():
 @pytest.mark.parametrize("rois", [0, 4])
 def test_pyramid_loss_is_peer_plus_cross_from_the_encoders(rois):
     torch.manual_seed(0)
-    cfg = ObjectiveConfig(weights={"pyramid": 1.0}, pyramid_rois=rois, roi_dim=12, pyramid_cross_weight=0.5)
+    cfg = ObjectiveConfig(weights={"pyramid": 1.0}, pyramid=PyramidConfig(rois=rois, roi_dim=12, cross_weight=0.5))
     model = build_model(objective_arch(build_model("msclip-s-tiny").arch, cfg)).eval()
-    objective = attach_objective(model, cfg)
-    kwargs = objective.data_kwargs()
-    assert (kwargs["views"], kwargs["view_augment"], kwargs["text_levels"], kwargs["max_rois"]) == (2, "pyramid", True, rois)
+    module = TrainModule(model, ComposedObjective(cfg, model.arch))
+    assert module.objective.recipe() == BatchRecipe(views=2, view_augment="pyramid", text_levels=True, max_rois=rois,
+                                                    roi_dim=12 if rois else 0)
     g = torch.Generator().manual_seed(1)
     batch = {"images": torch.randn(5, 3, 64, 64, generator=g), "images_1": torch.randn(5, 3, 64, 64, generator=g),
              "text": tokenize([f"a photo of the digit {i}" for i in range(5)], 32),
              "text_summary": tokenize([f"digit {i}" for i in range(5)], 32),
              "text_tags": tokenize([f"digit, {i}" for i in range(5)], 32),
              "rois": torch.randn(5, 4, 12, generator=g), "roi_mask": torch.ones(5, 4, dtype=torch.bool)}
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
-    total, parts = objective(out, batch)
+    total, parts = module(batch)
     with torch.no_grad():
         images = {"global": model.encode_image(batch["images"], normalize=True),
                   "local": model.encode_image(batch["images_1"], normalize=True)}
@@ -212,12 +214,14 @@ def test_pyramid_loss_is_peer_plus_cross_from_the_encoders(rois):
 @pytest.mark.parametrize("name", ["clip-tiny", "msclip-tiny", "msclip-s-tiny"])
 def test_pyramid_and_mixup_compose_with_other_objectives_on_every_variant(name):
     """clip + pyramid (with regions) + mixup + filip on one model: the total is the
-    weighted sum of the parts and every parameter, shared ones included, gets a gradient."""
+    weighted sum of each term scored alone (its own objective, on its own encoding of the
+    batch) and every parameter, shared ones included, gets a gradient."""
     torch.manual_seed(0)
-    cfg = ObjectiveConfig(weights={"clip": 1.0, "pyramid": 0.5, "mixup": 0.5, "filip": 0.2}, pyramid_rois=3,
-                          roi_dim=12, filip_dim=16, filip_top_k=4)
+    cfg = ObjectiveConfig(weights={"clip": 1.0, "pyramid": 0.5, "mixup": 0.5, "filip": 0.2},
+                          pyramid=PyramidConfig(rois=3, roi_dim=12), filip=FilipConfig(dim=16, top_k=4))
     model = build_model(objective_arch(build_model(name).arch, cfg))
-    objective = attach_objective(model, cfg)
+    module = TrainModule(model, ComposedObjective(cfg, model.arch))
+    objective = module.objective
     g = torch.Generator().manual_seed(2)
     size = model.arch.image_size
     batch = {"images": torch.randn(6, 3, size, size, generator=g), "images_1": torch.randn(6, 3, size, size, generator=g),
@@ -226,13 +230,18 @@ def test_pyramid_and_mixup_compose_with_other_objectives_on_every_variant(name):
              "text_tags": tokenize([f"digit, {i}" for i in range(6)], 32),
              "rois": torch.randn(6, 3, 12, generator=g), "roi_mask": torch.ones(6, 3, dtype=torch.bool)}
     batch = objective.prepare(batch)
-    out = model(batch["images"], batch["text"], **objective.model_kwargs(batch, torch.float32))
-    total, parts = objective(out, batch)
-    torch.testing.assert_close(total, parts["loss_clip"] + 0.5 * parts["loss_pyramid"] + 0.5 * parts["loss_mixup"]
-                               + 0.2 * parts["loss_filip"])
+    total, parts = module(batch)
+
+    def alone(name):  # the same term module, in an objective of its own
+        single = ComposedObjective(dataclasses.replace(cfg, weights={name: 1.0}), model.arch)
+        single.terms[name] = objective.terms[name]
+        with torch.no_grad():
+            return single(single.encode(model, batch), batch)[0]
+
+    torch.testing.assert_close(total.detach(), alone("clip") + 0.5 * alone("pyramid") + 0.5 * alone("mixup")
+                               + 0.2 * alone("filip"))
     total.backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert missing == [], missing
+    assert_every_parameter_learns(module)
 
 
 def test_debiased_stream_resumes_exactly(demo_data):
@@ -242,7 +251,7 @@ def test_debiased_stream_resumes_exactly(demo_data):
                      shuffle_buffer=20, sampling="debiased")
 
     def stream():
-        return DebiasedStream(cfg, batch_size=8, image_size=32, normalization="clip", context_length=16, seed=3)
+        return DebiasedStream(cfg, batch_size=8, image=ImageSpec(32, "clip"), context_length=16, seed=3)
     straight = []
     for batch in stream():
         straight.append((batch["source"], batch["keys"]))
@@ -269,7 +278,7 @@ def process_caption_on_ids(ids: list[int], draws: list[float], random_ids: list[
     """zerovl/datasets/clip/utils.py::process_caption's loop, token by token, on ids (with
     the draws given): prob < 0.2 selects; prob / 0.2 < 0.5 masks, < 0.6 takes a random
     token, else the token is appended and then deleted."""
-    from pipeline.losses.declip import MASK_ID
+    from pipeline.tokenizer import MASK_ID
     output, deleted = [], []
     for token, prob, random_id in zip(ids, draws, random_ids):
         if prob < 0.20:
@@ -288,8 +297,7 @@ def process_caption_on_ids(ids: list[int], draws: list[float], random_ids: list[
 
 def test_zerovl_caption_augmentation_follows_the_reference_loop_token_by_token():
     from pipeline.data.caption_augment import zerovl_augment
-    from pipeline.losses.declip import MASK_ID, SOT_ID
-    from pipeline.model.text import EOT_ID
+    from pipeline.tokenizer import EOT_ID, MASK_ID, SOT_ID
     captions = [" ".join(f"word{(i * 7 + j) % 50}" for j in range(3 + i % 9)) for i in range(400)]
     text = tokenize(captions, 24)
     out = zerovl_augment(text, torch.Generator().manual_seed(0))
@@ -320,17 +328,15 @@ def test_zerovl_recipe_options_reach_the_loader(demo_data):
     applies ImageNet AutoAugment, and augments the captions (the mask token joins the
     vocabulary), for a composed objective and for plain CLIP alike."""
     from torchvision import transforms as T
-    from pipeline.losses.declip import MASK_ID
+    from pipeline.tokenizer import MASK_ID
     from pipeline.data.loader import _Reader
-    from pipeline.objectives import caption_kwargs
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
     for weights in ({"mixup": 1.0}, {"clip": 1.0}):
         objective_cfg = ObjectiveConfig(weights=weights, view_augment="zerovl", caption_augment="zerovl")
         model = build_model(objective_arch(build_model("clip-tiny").arch, objective_cfg))
         assert model.arch.vocab_size == MASK_ID + 1
-        objective = attach_objective(model, objective_cfg)
-        kwargs = objective.data_kwargs() if objective else caption_kwargs(objective_cfg)  # as launch/train.py
-        stream = DataStream(cfg, batch_size=32, image_size=32, normalization="clip", context_length=16, **kwargs)
+        objective = ComposedObjective(objective_cfg, model.arch)
+        stream = DataStream(cfg, objective.recipe(), batch_size=32, image=ImageSpec(32, "clip"), context_length=16)
         crop, autoaugment = _Reader(stream.base, worker=0).view_transforms[0].transforms[:2]
         assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.6, 1.0)
         assert isinstance(autoaugment, T.AutoAugment) and autoaugment.policy == T.AutoAugmentPolicy.IMAGENET

@@ -1,15 +1,15 @@
 """Every recipe in launch/recipes loads, resolves its batch arithmetic for the world size
-it states, and builds its model; the real-run recipes carry METHODS.md 1.7's settings."""
+it states, and builds its model; the real-run recipes carry MS-CLIP's released settings (Hxyou/MSCLIP experiments/model/*.yaml)."""
 import re
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT
-from pipeline.config import load_config
+from pipeline.config import features_only, load_config
 from pipeline.ds_config import fill_ds_config, read_ds_config
 from pipeline.model import build_model
-from pipeline.objectives import attach_objective, features_only, objective_arch, uses_mask_token
+from pipeline.objectives import ComposedObjective, objective_arch, uses_mask_token
 
 RECIPES = sorted((REPO_ROOT / "launch" / "recipes").glob("*.yaml"))
 
@@ -42,7 +42,8 @@ def test_recipe_loads_resolves_its_batch_and_builds_its_model(recipe):
         ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     model = build_model(objective_arch(cfg.model.arch(), cfg.objective))
     assert model.arch == cfg.model.arch() or uses_mask_token(cfg.objective)  # MLM, ZeroVL's captions
-    attach_objective(model, cfg.objective)  # the objective's heads build on this model
+    objective = ComposedObjective(cfg.objective, model.arch)  # the objective's heads build on this model
+    assert objective.features_only == features_only(cfg.objective)  # the preflight and the step agree
     if not features_only(cfg.objective):  # the trainer refuses these with accumulation
         assert ds["gradient_accumulation_steps"] == 1
     assert cfg.optim.warmup_steps < cfg.train.steps
@@ -51,7 +52,7 @@ def test_recipe_loads_resolves_its_batch_and_builds_its_model(recipe):
 @pytest.mark.parametrize("name,share_lr", [("msclip-s-b32-yfcc", 1e-4), ("msclip-s-b32-laion", 1e-4),
                                            ("msclip-s-b16-yfcc", 1.6e-3)])
 def test_real_msclip_recipes_follow_the_released_configs(name, share_lr):
-    """METHODS.md 1.7: lr 1e-4, wd 0.05, LR_SHARE per config, WD_SHARE 0.2, min_lr 1e-5,
+    """Hxyou/MSCLIP experiments/model/*.yaml: lr 1e-4, wd 0.05, LR_SHARE per config, WD_SHARE 0.2, min_lr 1e-5,
     256 per GPU; 32 epochs at global 8192 on the subset the recipe names."""
     cfg = load_config(REPO_ROOT / "launch" / "recipes" / f"{name}.yaml")
     o = cfg.optim

@@ -1,5 +1,6 @@
-"""ZeroVL's caption augmentation (Cui et al. 2022; zerovl/ZeroVL
-`zerovl/datasets/clip/utils.py::process_caption`, METHODS.md 2.6): every training caption
+"""Caption augmentations on CLIP token ids: DeCLIP's MLM masking (`mlm_mask`, BERT's
+80/10/10) and ZeroVL's caption augmentation (Cui et al. 2022; zerovl/ZeroVL
+`zerovl/datasets/clip/utils.py::process_caption`): every training caption
 has 20% of its tokens selected; of those, 50% become the mask token, 10% a random token,
 and the other 40% are deleted (the reference's comment says "keep"; its code deletes).
 
@@ -15,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.losses.declip import MASK_ID, SOT_ID
-from pipeline.model.text import EOT_ID
+from pipeline.tokenizer import EOT_ID, IGNORE_INDEX, MASK_ID, SOT_ID
 
 SELECT, MASK, RANDOM = 0.20, 0.50, 0.10  # selected; of those, masked and random (the rest deleted)
 
@@ -38,3 +38,22 @@ def zerovl_augment(text: torch.Tensor, generator: torch.Generator | None = None,
         ids = ids[kept]
         closed[row, :len(ids)] = ids
     return closed
+
+
+def mlm_mask(text: torch.Tensor, mask_id: int = MASK_ID, prob: float = 0.15,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking on CLIP token ids: `prob` of the real tokens (never SOT, EOT or the
+    padding after EOT) are selected; of those 80% become `mask_id`, 10% a random
+    ordinary token, 10% stay. Returns the masked ids and the labels (the original id at
+    selected positions, IGNORE_INDEX elsewhere)."""
+    positions = torch.arange(text.shape[1], device=text.device)[None]
+    eot = (text == EOT_ID).int().argmax(dim=1, keepdim=True)  # first EOT; padding lies after it
+    candidates = (positions < eot) & (text != SOT_ID)
+    draw = torch.rand(text.shape, generator=generator, device=text.device)
+    selected = candidates & (draw < prob)
+    action = torch.rand(text.shape, generator=generator, device=text.device)
+    random_ids = torch.randint(0, SOT_ID, text.shape, generator=generator, device=text.device)  # ordinary tokens
+    masked = torch.where(selected & (action < 0.8), torch.full_like(text, mask_id), text)
+    masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    labels = torch.where(selected, text, torch.full_like(text, IGNORE_INDEX))
+    return masked, labels

@@ -1,6 +1,6 @@
 """EDA text augmentation (Wei & Zou 2019) as DeCLIP uses it: for each caption one of
 synonym replacement, random swap or random deletion, chosen uniformly (DeCLIP calls
-`textaugment.EDA`; METHODS.md 3.1). The three operations follow textaugment's defaults:
+`textaugment.EDA`: Sense-GVT/DeCLIP prototype/data/datasets/clip_dataset.py). The three operations follow textaugment's defaults:
 one word type replaced by a synonym, one swap, deletion with p = 0.1.
 
 Synonym source. textaugment and nltk download WordNet at run time, which a cluster node

@@ -43,12 +43,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data import pyramid
-from pipeline.data.caption_augment import zerovl_augment
+from pipeline.data.caption_augment import mlm_mask, zerovl_augment
 from pipeline.data.eda import eda, load_synonyms
+from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, debiased_sources, resolve_shards
-from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, normalize, ssl_transform,
+from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, ssl_transform,
                                       train_transform, zerovl_transform)
-from pipeline.losses.declip import mlm_mask
+from pipeline.pixels import PIXEL_KEYS
 from pipeline.tokenizer import get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_i
                 "oversized_image", "missing_caption", "empty_caption", "missing_roi", "oversized_member",
                 "unsafe_member", "duplicate_member")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-# A batch's image tensors: the augmented views (images, images_1, ...) and SLIP's ssl_0, ...
-PIXEL_KEYS = ("images", "ssl_")
 # The skip-rate ceiling is checked once this many samples have been read, so that one
 # bad sample among the first few does not stop a run.
 MIN_SAMPLES_FOR_SKIP_RATE = 200
@@ -80,18 +79,6 @@ class Stalled(Exception):
     """A reader got no good sample within data.stall_seconds (raised inside its stream)."""
 
 
-def pixels_on_device(batch: dict, device: torch.device) -> dict:
-    """The trainer's half of `data.uint8_batches`: a batch whose image tensors are uint8
-    (it names its normalization) with each copied to `device` (non-blocking: the loader
-    pins its batches when there is a GPU) and normalized there. A float batch is returned
-    as it is."""
-    name = batch.get("normalization")
-    if name is None:
-        return batch
-    return {k: normalize(v.to(device, non_blocking=True), name) if k.startswith(PIXEL_KEYS) else v
-            for k, v in batch.items() if k != "normalization"}
-
-
 @dataclass
 class StreamSpec:
     """Everything a reader process needs (picklable)."""
@@ -109,30 +96,12 @@ class StreamSpec:
     shuffle_buffer: int = 0
     train: bool = True
     rrc_scale: tuple[float, float] = (0.9, 1.0)
-    views: int = 1  # augmented views of each image: images, images_1, ...
-    # self-supervised views for objectives that need them (SLIP): ssl_0, ssl_1, ...
-    ssl_views: int = 0
-    ssl_augment: str = "simclr"
-    # the views' augmentation: "clip" (train RRC), "moco" (DeCLIP's MoCo v2 views),
-    # "pyramid" (PyramidCLIP: view 0 a global crop of 90-100%, view 1 a local one of 50-100%)
-    # or "zerovl" (a crop of 60-100% + AutoAugment)
-    view_augment: str = "clip"
-    # ZeroVL's caption augmentation of `text` ("zerovl": pipeline/data/caption_augment.py)
-    caption_augment: str = "none"
-    # PyramidCLIP: summary and tags text levels (text_summary, text_tags) and region
-    # features (rois, roi_mask: up to max_rois of roi_dim each) (pipeline/data/pyramid.py)
-    text_levels: bool = False
-    max_rois: int = 0
-    roi_dim: int = 0
-    # DeCLIP: an EDA text view (text_eda), and MLM masking of `text` (mlm_labels)
-    text_eda: bool = False
-    eda_synonyms: str = "wordnet"
-    mlm_probability: float = 0.0
+    recipe: BatchRecipe = BatchRecipe()
     keep_captions: bool = False
     drop_last: bool = True
     jpeg_draft: bool = True
     # uint8 pixels in the batch (with its "normalization" name) instead of normalized
-    # floats: the trainer normalizes on its device (pipeline.data.transforms.normalize)
+    # floats: the trainer normalizes on its device (pipeline.pixels.normalize)
     uint8: bool = False
     # a reader with no good sample for this long ends its stream as stalled (0: never)
     stall_seconds: float = 0.0
@@ -255,28 +224,29 @@ class _Reader:
         self.last_good = time.monotonic()
         normalization = None if spec.uint8 else spec.normalization
         if not spec.train:
-            self.view_transforms = [eval_transform(spec.image_size, normalization)] * spec.views
-        elif spec.view_augment == "moco":
-            self.view_transforms = [ssl_transform(spec.image_size, normalization, "moco")] * spec.views
-        elif spec.view_augment == "zerovl":
-            self.view_transforms = [zerovl_transform(spec.image_size, normalization)] * spec.views
-        elif spec.view_augment == "pyramid":
+            self.view_transforms = [eval_transform(spec.image_size, normalization)] * spec.recipe.views
+        elif spec.recipe.view_augment == "moco":
+            self.view_transforms = [ssl_transform(spec.image_size, normalization, "moco")] * spec.recipe.views
+        elif spec.recipe.view_augment == "zerovl":
+            self.view_transforms = [zerovl_transform(spec.image_size, normalization)] * spec.recipe.views
+        elif spec.recipe.view_augment == "pyramid":
             self.view_transforms = [train_transform(spec.image_size, normalization, scale)
-                                    for scale in PYRAMID_CROP_SCALES[:spec.views]]
+                                    for scale in PYRAMID_CROP_SCALES[:spec.recipe.views]]
         else:
-            self.view_transforms = [train_transform(spec.image_size, normalization, spec.rrc_scale)] * spec.views
-        self.synonyms = load_synonyms(spec.eda_synonyms) if spec.text_eda else None
+            self.view_transforms = ([train_transform(spec.image_size, normalization, spec.rrc_scale)]
+                                    * spec.recipe.views)
+        self.synonyms = load_synonyms(spec.recipe.eda_synonyms) if spec.recipe.text_eda else None
         # The smallest short side every transform here can use at full resolution: a crop of
         # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
         scales = [1.0]
         if spec.train:
             scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES),
-                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(spec.view_augment, spec.rrc_scale[0]))
-            if spec.ssl_views:
-                scales.append(SSL_CROP_SCALES[spec.ssl_augment][0])
+                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(spec.recipe.view_augment, spec.rrc_scale[0]))
+            if spec.recipe.ssl_views:
+                scales.append(SSL_CROP_SCALES[spec.recipe.ssl_augment][0])
         self.draft_size = math.ceil(spec.image_size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
-        self.ssl_transform = (ssl_transform(spec.image_size, normalization, spec.ssl_augment)
-                              if spec.ssl_views else None)
+        self.ssl_transform = (ssl_transform(spec.image_size, normalization, spec.recipe.ssl_augment)
+                              if spec.recipe.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
 
     def count(self, reason: str, url: str, samples: int = 1):
@@ -387,7 +357,7 @@ class _Reader:
             self.truncated += 1
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
         views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
-        views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.ssl_views)]
+        views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.recipe.ssl_views)]
         for index, (name, transform) in enumerate(views):
             # Seed each augmentation from the sample's position: a resumed stream that skipped
             # the prefix without decoding it still draws the same crops.
@@ -400,11 +370,11 @@ class _Reader:
             cpu_rng.set_state(saved)
         if self.synonyms is not None:
             out["caption_eda"] = eda(caption, random.Random(sample_seed(*self.ids, self.raw, -1)), self.synonyms)
-        if self.spec.text_levels:
+        if self.spec.recipe.text_levels:
             meta = pyramid.metadata(sample)
             out["caption_summary"], out["caption_tags"] = pyramid.summary_text(caption, meta), pyramid.tags_text(caption, meta)
-        if self.spec.max_rois:
-            rois = pyramid.read_rois(sample, self.spec.max_rois, self.spec.roi_dim)
+        if self.spec.recipe.max_rois:
+            rois = pyramid.read_rois(sample, self.spec.recipe.max_rois, self.spec.recipe.roi_dim)
             if rois is None:
                 raise BadSample("missing_roi")
             out["rois"], out["roi_mask"] = rois
@@ -415,19 +385,20 @@ class _Reader:
         out = {key: torch.stack([it[key] for it in items]) for key in items[0]
                if key.startswith((*PIXEL_KEYS, "roi"))}
         out["text"] = get_tokenizer()(captions, self.spec.context_length)
-        if self.spec.text_eda:
+        if self.spec.recipe.text_eda:
             out["text_eda"] = get_tokenizer()([it["caption_eda"] for it in items], self.spec.context_length)
-        if self.spec.text_levels:
+        if self.spec.recipe.text_levels:
             for level in ("summary", "tags"):
                 out[f"text_{level}"] = get_tokenizer()([it[f"caption_{level}"] for it in items], self.spec.context_length)
-        if self.spec.caption_augment == "zerovl":
+        if self.spec.recipe.caption_augment == "zerovl":
             generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -3))
             out["text"] = zerovl_augment(out["text"], generator)
-        if self.spec.mlm_probability:
+        if self.spec.recipe.mlm_probability:
             # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
-            # contrastive terms (METHODS.md 3.1); seeded by the position, like the crops.
+            # contrastive terms (Sense-GVT/DeCLIP prototype/model/declip.py); seeded by the position, like the crops.
             generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -2))
-            out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.spec.mlm_probability, generator=generator)
+            out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.spec.recipe.mlm_probability,
+                                                      generator=generator)
         if self.spec.uint8:
             out["normalization"] = self.spec.normalization  # what the trainer applies to the pixels
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
@@ -534,27 +505,23 @@ class DataStream:
     """The trainer's view of the data: epochs of batches, skip counters, and a position
     (`state_dict`) that a resumed run continues from exactly."""
 
-    def __init__(self, cfg: DataConfig, *, batch_size: int, image_size: int, normalization: str,
-                 context_length: int, seed: int = 0, rank: int = 0, world: int = 1, train: bool = True,
-                 views: int = 1, ssl_views: int = 0, ssl_augment: str = "simclr", view_augment: str = "clip",
-                 caption_augment: str = "none", text_eda: bool = False, eda_synonyms: str = "wordnet", mlm_probability: float = 0.0,
-                 text_levels: bool = False, max_rois: int = 0, roi_dim: int = 0, keep_captions: bool = False,
-                 drop_last: bool = True, uint8: bool = False, shards: ShardSet | None = None):
+    def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, batch_size: int,
+                 image: ImageSpec, context_length: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 train: bool = True, keep_captions: bool = False, drop_last: bool = True, uint8: bool = False,
+                 shards: ShardSet | None = None):
         self.cfg = cfg
         self.shards = shards or resolve_shards(cfg.train_shards)
-        self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image_size,
-                               normalization=normalization, context_length=context_length, seed=seed, rank=rank,
-                               world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
+        self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image.size,
+                               normalization=image.normalization, context_length=context_length, seed=seed,
+                               rank=rank, world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
                                shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
-                               rrc_scale=cfg.rrc_scale, views=views, ssl_views=ssl_views, ssl_augment=ssl_augment,
-                               view_augment=view_augment, caption_augment=caption_augment, text_eda=text_eda, eda_synonyms=eda_synonyms,
-                               mlm_probability=mlm_probability, text_levels=text_levels, max_rois=max_rois,
-                               roi_dim=roi_dim,
-                               keep_captions=keep_captions, drop_last=drop_last, jpeg_draft=cfg.jpeg_draft,
-                               uint8=uint8, stall_seconds=cfg.stall_seconds if train else 0.0,
+                               rrc_scale=cfg.rrc_scale, recipe=recipe, keep_captions=keep_captions,
+                               drop_last=drop_last, jpeg_draft=cfg.jpeg_draft, uint8=uint8,
+                               stall_seconds=cfg.stall_seconds if train else 0.0,
                                max_image_pixels=cfg.max_image_pixels, max_caption_bytes=cfg.max_caption_bytes,
                                max_member_bytes=cfg.max_member_bytes)
         self.epoch = 0
+        self.epoch_step = 0  # batches taken this epoch through `forever`
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log
         # steps (pipeline/trainer.py), so that every rank stops together, on the whole picture.
@@ -566,13 +533,15 @@ class DataStream:
 
     # ---- position ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "workers": {int(w): dict(s) for w, s in self.workers.items()},
+        return {"epoch": self.epoch, "epoch_step": self.epoch_step,
+                "workers": {int(w): dict(s) for w, s in self.workers.items()},
                 "next_worker": self.next_worker,
                 "done": {"good": self.done["good"], "truncated": self.done["truncated"],
                          "skipped": dict(self.done["skipped"])}}
 
     def load_state_dict(self, state: dict):
         self.epoch = int(state["epoch"])
+        self.epoch_step = int(state["epoch_step"])
         self.workers = {int(w): dict(s) for w, s in state["workers"].items()}
         self.next_worker = int(state["next_worker"])
         self.done = {"good": int(state["done"]["good"]), "truncated": int(state["done"].get("truncated", 0)),
@@ -604,6 +573,25 @@ class DataStream:
     def batches_per_epoch(self) -> int:
         b = self.base
         return batches_per_epoch(self.shards, self.cfg, b.batch_size, b.world, b.seed, self.epoch)
+
+    def forever(self):
+        """The trainer's batches: endless, epoch after epoch. An epoch ends after
+        `batches_per_epoch` batches (a resampled stream never runs out by itself) or when
+        its data does; the position, `epoch_step` included, is `state_dict` at any point
+        (a stream saved right after an epoch's last batch starts the next one)."""
+        while True:
+            per_epoch = self.batches_per_epoch()
+            if self.epoch_step < per_epoch:
+                epoch = iter(self)
+                try:
+                    for batch in epoch:
+                        self.epoch_step += 1
+                        yield batch
+                        if self.epoch_step >= per_epoch:
+                            break
+                finally:  # the epoch's readers end here, not when the generator is collected
+                    epoch.close()
+            self.next_epoch()
 
     def __iter__(self):
         """Batches of the current epoch, from where the stream stands.
@@ -667,6 +655,7 @@ class DataStream:
         self.done["skipped"] = self.skipped()
         self.workers = {}
         self.next_worker = 0
+        self.epoch_step = 0
         self.epoch += 1
 
 
@@ -719,9 +708,10 @@ def choose_source(seed: int, step: int, sizes: list[int]) -> int:
     return int(np.random.default_rng([seed, step]).choice(len(sizes), p=weights / weights.sum()))
 
 
-def make_stream(cfg: DataConfig, **kwargs) -> "DataStream | DebiasedStream":
+def make_stream(cfg: DataConfig, recipe: BatchRecipe, **kwargs) -> "DataStream | DebiasedStream":
     """The trainer's stream for data.sampling."""
-    return DebiasedStream(cfg, **kwargs) if cfg.sampling == "debiased" else DataStream(cfg, **kwargs)
+    return (DebiasedStream(cfg, recipe, **kwargs) if cfg.sampling == "debiased"
+            else DataStream(cfg, recipe, **kwargs))
 
 
 class DebiasedStream:
@@ -731,10 +721,10 @@ class DebiasedStream:
     a trainer's "epoch" is the sum of the sources' epochs in batches. Same interface as
     DataStream (iteration, position, counters)."""
 
-    def __init__(self, cfg: DataConfig, *, seed: int = 0, **stream_kwargs):
+    def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, seed: int = 0, **stream_kwargs):
         self.cfg, self.seed = cfg, seed
         sources = debiased_sources(cfg)
-        self.sources = [DataStream(cfg, seed=seed, shards=shards, **stream_kwargs) for shards in sources]
+        self.sources = [DataStream(cfg, recipe, seed=seed, shards=shards, **stream_kwargs) for shards in sources]
         self.sizes = [shards.total_samples for shards in sources]
         self.step = 0
 
@@ -774,8 +764,9 @@ class DebiasedStream:
     def batches_per_epoch(self) -> int:
         return sum(s.batches_per_epoch() for s in self.sources)
 
-    def next_epoch(self):
-        """Sources roll over on their own when they run out."""
+    def forever(self):
+        """Endless already: sources roll over on their own when they run out."""
+        return iter(self)
 
     def __iter__(self):
         iterators = {}

@@ -1,4 +1,5 @@
-"""PyramidCLIP's input pyramid from what the shards carry (METHODS.md 4).
+"""PyramidCLIP's input pyramid from what the shards carry (PyramidCLIP, Gao et al., NeurIPS
+2022, arXiv 2204.14095, sec. 3.1).
 
 Text levels, from the sample's `.json` (img2dataset's extra parquet columns):
 * `summary`: a summarizer's caption. PyramidCLIP runs an offline summarizer; when the

@@ -3,7 +3,7 @@ training, resize + centre-crop for evaluation, both bicubic, then normalization.
 
 normalization=None ends a transform at uint8 CHW pixels instead (`data.uint8_batches`):
 the loader ships a quarter of the bytes and the trainer normalizes on its device with
-`normalize`, the same arithmetic as ToTensor + Normalize."""
+`pipeline.pixels.normalize`, the same arithmetic as ToTensor + Normalize."""
 from __future__ import annotations
 
 import torch
@@ -17,14 +17,6 @@ def to_tensor(normalization: str | None) -> list:
         return [T.PILToTensor()]
     mean, std = NORMALIZATION[normalization]
     return [T.ToTensor(), T.Normalize(mean, std)]
-
-
-def normalize(pixels: torch.Tensor, normalization: str) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32, bit for bit what ToTensor + Normalize give on the
-    same pixels (same operations in the same order), on whatever device `pixels` is."""
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
-                 for v in NORMALIZATION[normalization])
-    return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
 
 def train_transform(image_size: int, normalization: str | None, rrc_scale: tuple[float, float] = (0.9, 1.0)):
@@ -66,7 +58,8 @@ def ssl_transform(image_size: int, normalization: str | None, kind: str = "simcl
     """The self-supervised views: SimCLR's recipe as SLIP uses it (`datasets.py`:
     RandomResizedCrop scale (0.08, 1)) or MoCo v2's as DeCLIP uses it (scale (0.2, 1));
     both then colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, Gaussian
-    blur sigma in [0.1, 2] with p 0.5 and a horizontal flip (METHODS.md 3.1, 3.2)."""
+    blur sigma in [0.1, 2] with p 0.5 and a horizontal flip (DeCLIP's MoCo v2 views, Sense-GVT/DeCLIP
+    prototype/data/datasets/clip_dataset.py; SLIP's SimCLR views, facebookresearch/SLIP main.py)."""
     scale = SSL_CROP_SCALES[kind]
     blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)  # odd, ~10% of the side (SimCLR)
     return T.Compose([

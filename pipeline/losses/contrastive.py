@@ -37,9 +37,3 @@ def gathered_contrastive_loss(image_features, text_features, all_image, all_text
         logits_per_text = logits_per_image.T
         labels = torch.arange(all_image.shape[0], device=image_features.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-
-
-def clip_objective(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor):
-    """The plain CLIP objective in the trainer's form: (loss, {component name: value})."""
-    loss = contrastive_loss(image_features, text_features, logit_scale)
-    return loss, {"loss_clip": loss}

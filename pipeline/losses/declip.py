@@ -1,5 +1,5 @@
 """DeCLIP's extra supervision (Li et al. 2022; Sense-GVT/DeCLIP `prototype/model/declip.py`,
-METHODS.md 3.1): masked language modelling on the text tower, SimSiam on image
+ICLR 2022, arXiv 2110.05208, sec. 3.2): masked language modelling on the text tower, SimSiam on image
 embeddings, and nearest-neighbour supervision from a FIFO text-feature queue.
 
 Building blocks only; the trainer composes them through pipeline/objectives.py.
@@ -10,37 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.text import EOT_ID
+from pipeline.tokenizer import IGNORE_INDEX
 
 from .gather import all_gather_with_grad, world
 
-IGNORE_INDEX = -100
-# CLIP's standard vocabulary ends with SOT, EOT (tests check them against the tokenizer);
-# DeCLIP appends its mask token after them (id 49408, the text tower's vocabulary + 1).
-SOT_ID = 49406
-MASK_ID = 49408
-
-
-# ---- masked language modelling --------------------------------------------------------
-
-def mlm_mask(text: torch.Tensor, mask_id: int = MASK_ID, prob: float = 0.15,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's masking on CLIP token ids: `prob` of the real tokens (never SOT, EOT or the
-    padding after EOT) are selected; of those 80% become `mask_id`, 10% a random
-    ordinary token, 10% stay. Returns the masked ids and the labels (the original id at
-    selected positions, IGNORE_INDEX elsewhere)."""
-    positions = torch.arange(text.shape[1], device=text.device)[None]
-    eot = (text == EOT_ID).int().argmax(dim=1, keepdim=True)  # first EOT; padding lies after it
-    candidates = (positions < eot) & (text != SOT_ID)
-    draw = torch.rand(text.shape, generator=generator, device=text.device)
-    selected = candidates & (draw < prob)
-    action = torch.rand(text.shape, generator=generator, device=text.device)
-    random_ids = torch.randint(0, SOT_ID, text.shape, generator=generator, device=text.device)  # ordinary tokens
-    masked = torch.where(selected & (action < 0.8), torch.full_like(text, mask_id), text)
-    masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
-    labels = torch.where(selected, text, torch.full_like(text, IGNORE_INDEX))
-    return masked, labels
-
+# ---- masked language modelling (the masking itself: pipeline/data/caption_augment.py) ----
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the selected positions; logits (..., V), labels (...).

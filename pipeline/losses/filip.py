@@ -1,6 +1,6 @@
 """FILIP's token-wise late interaction (Yao et al. 2022), with the token selection of the
 CLIP-Benchmark re-implementation (Sense-GVT/DeCLIP `prototype/model/filip.py`):
-METHODS.md 3.3.
+FILIP (Yao et al., ICLR 2022, arXiv 2111.07783), sec. 3.1.
 
 similarity image i -> text j: mean over i's tokens of the max over j's tokens of the dot
 product; text j -> image i: mean over j's (non-padding) tokens of the max over i's

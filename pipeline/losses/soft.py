@@ -1,5 +1,7 @@
 """Contrastive losses with other targets than the identity: PyramidCLIP's softened
-negatives and ZeroVL's two-target mixup (METHODS.md 4 and 2.3). Both are local rows
+negatives and ZeroVL's two-target mixup (PyramidCLIP, Gao et al., NeurIPS 2022,
+arXiv 2204.14095, sec. 3.3; ZeroVL, Cui et al., ECCV 2022, arXiv 2112.09331, sec. 3.3 and
+zerovl/ZeroVL zerovl/models/criteria/losses/mml_loss.py). Both are local rows
 against all-gathered columns (gradient through the gather), like `contrastive_loss`,
 and both reduce to it exactly (epsilon 0; mixup weight 1).
 """
@@ -28,8 +30,9 @@ def softened_contrastive_loss(image_features: torch.Tensor, text_features: torch
                               epsilon: float) -> torch.Tensor:
     """PyramidCLIP's softened negatives as a label-smoothing form: the paired sample gets
     target 1 - epsilon, each of the N - 1 negatives epsilon / (N - 1) (N = global batch),
-    cross-entropy both ways, averaged. Decision (METHODS.md 4: form and epsilon are
-    UNCONFIRMED): this is the form METHODS.md names; epsilon is a config value."""
+    cross-entropy both ways, averaged. Decision (PyramidCLIP's released code has no
+    loss, and the paper does not give epsilon): this is the form its sec. 3.3 describes;
+    epsilon is a config value."""
     logits_i, logits_t, labels = _global_logits(image_features, text_features, logit_scale)
     n = logits_i.shape[1]
     off = epsilon / (n - 1) if n > 1 else 0.0

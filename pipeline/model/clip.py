@@ -96,16 +96,18 @@ class SharedCLIP(nn.Module):
         x = self._pool_text(self.text(text), text)  # (B, E)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False,
-                ssl_images: list[torch.Tensor] | None = None, extra_images: list[torch.Tensor] | None = None,
-                extra_texts: list[torch.Tensor] | None = None, rois: torch.Tensor | None = None,
-                roi_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Normalized joint-space features, the (clamped) logit scale, and on request
-        the per-token features of both towers (before projection) for token-level
-        objectives (image tokens before ln_post, as FILIP takes them: DeCLIP's
-        visual_transformer `return_dense`; text tokens after ln_final, which MLM's head reads), the pooled trunk features of extra self-supervised views (SLIP), and
-        the joint-space embeddings (before normalization) of every image and text view,
-        the first being `image`/`text` (DeCLIP's multi-view terms and SimSiam)."""
+    def encode_rois(self, rois: torch.Tensor, roi_mask: torch.Tensor) -> torch.Tensor:
+        """PyramidCLIP's region level in the joint space (B, E), before normalization."""
+        return self.visual.encode_rois(rois, roi_mask) @ self.visual.proj
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor]:
+        """Normalized joint-space features, the (clamped) logit scale, the joint-space
+        embeddings before normalization (SimSiam's and mixup's input), and on request the
+        per-token features of both towers (before projection) for token-level objectives:
+        image tokens before ln_post, as FILIP takes them (DeCLIP's visual_transformer
+        `return_dense`), text tokens after ln_final, which MLM's head reads. What else an
+        objective needs (more views, SLIP's trunk features, regions) it asks of
+        `encode_image`, `encode_text`, `image_trunk` and `encode_rois` (pipeline/objectives.py)."""
         image_hidden = self.visual.hidden_tokens(image)  # (B, N, Dv), before ln_post
         text_tokens = self.text(text)  # (B, L, Dt)
         image_embedding = self._pool_image(self.visual.ln_post(image_hidden))  # (B, E)
@@ -116,16 +118,11 @@ class SharedCLIP(nn.Module):
             # Clamped in the forward too (DeCLIP does this), so a scale that drifted past
             # 100 between the trainer's post-step clamps cannot blow up the logits.
             "logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp(),
+            "image_embedding": image_embedding,
+            "text_embedding": text_embedding,
         }
         if return_tokens:
             out["image_tokens"], out["text_tokens"] = image_hidden, text_tokens
-        if ssl_images:
-            out["ssl_trunk"] = [self.image_trunk(view) for view in ssl_images]  # each (B, Dv)
-        if extra_images is not None or extra_texts is not None:
-            out["image_views"] = [image_embedding, *(self.encode_image(v) for v in extra_images or [])]
-            out["text_views"] = [text_embedding, *(self.encode_text(t) for t in extra_texts or [])]
-        if rois is not None:  # PyramidCLIP's region level, in the joint space (B, E)
-            out["roi_embedding"] = self.visual.encode_rois(rois, roi_mask) @ self.visual.proj
         return out
 
     def _pool_image(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Architecture description and the named model sizes.
 
-Reference numbers come from METHODS.md sections 0.1 and 1.3-1.6 (OpenAI CLIP and
-Hxyou/MSCLIP at e25daf3). Decisions where the reference is silent are written
+Reference numbers come from OpenAI CLIP (Radford et al. 2021, arXiv 2103.00020, sec. 2.4
+and Table 19-20; openai/CLIP clip/model.py) and MS-CLIP (You et al., ECCV 2022, arXiv
+2207.12661, sec. 3; Hxyou/MSCLIP at e25daf3: experiments/model/b32.yaml and the
+*-msclips.yaml configs, parameter counts from instantiating its `CLIP`). Decisions where the reference is silent are written
 next to the field.
 """
 from __future__ import annotations

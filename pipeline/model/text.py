@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.tokenizer import EOT_ID
+
 from .configs import ModelArch
 from .layers import Block, LayerNorm, checkpointed
-
-EOT_ID = 49407  # CLIP's end-of-text token (tests/test_declip_parts.py checks it against the tokenizer)
 
 
 class TextTower(nn.Module):

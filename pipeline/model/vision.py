@@ -4,7 +4,7 @@ Efficient Parallel Branch.
 References: openai/CLIP:clip/model.py (VisionTransformer) and
 Hxyou/MSCLIP:lib/models/clip_openai_pe_res_v1.py (`EarlyconvRes`,
 `ResBasicBlock_v0`, `Resnet_Stage`/`ConvResBlock`, `Lateral_Adapter`), as
-METHODS.md 1.4-1.5 describe them.
+MS-CLIP's sec. 3.2-3.3 (Early Specialization, Efficient Parallel Branch) describe them.
 """
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
 
 def best_ms(fns: dict, repeats: int, inner: int = 1) -> dict:
@@ -48,7 +47,7 @@ def jpeg_draft(repeats: int) -> dict:
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from pipeline.data.loader import decode_sample
+    from pipeline.data.decode import decode_sample
     from pipeline.data.transforms import eval_transform
     buf = io.BytesIO()
     Image.fromarray(load_sample_image("china.jpg")).resize((1280, 854)).save(buf, format="JPEG", quality=95)

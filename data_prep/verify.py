@@ -20,7 +20,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.loader import BadSample, decode_sample
+from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
-from pipeline.data.loader import tar_members
+from pipeline.data.decode import tar_members
 
 # The training reader's limits (pipeline.config.DataConfig), as refusals: an evaluation
 # set is curated, so a sample over a limit is an error naming it, not a silent skip that

@@ -19,7 +19,8 @@ import torch
 from eval.during_training import PeriodicZeroShot
 from pipeline import checkpoint
 from pipeline.config import RunConfig, flatten, save_config, to_dict
-from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate, make_stream, shard_losses_over_ranks,
+from pipeline.data.debiased import make_stream
+from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate, shard_losses_over_ranks,
                                   summed_over_ranks)
 from pipeline.ds_config import accumulation_steps, check_against_deepspeed
 from pipeline.data.recipe import ImageSpec

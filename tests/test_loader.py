@@ -370,7 +370,7 @@ def test_declip_batches_carry_moco_views_an_eda_text_and_masked_tokens(demo_data
     caption (tokenized as text_eda), and the caption's tokens MLM-masked with labels,
     all reproducible from the seed."""
     from pipeline.data.eda import eda, load_synonyms
-    from pipeline.data.loader import sample_seed
+    from pipeline.data.samples import sample_seed
     from pipeline.tokenizer import IGNORE_INDEX, MASK_ID
     from pipeline.tokenizer import tokenize
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
@@ -451,7 +451,7 @@ def test_images_declaring_too_many_pixels_are_skipped_before_decoding(tmp_path):
     """Issue 18: a few hundred bytes of PNG can declare gigabytes of pixels. Above
     data.max_image_pixels (40 MP) the sample is skipped as oversized_image from its header;
     above Pillow's own bomb limit too (it used to count as undecodable)."""
-    from pipeline.data.loader import BadSample, decode_sample
+    from pipeline.data.decode import BadSample, decode_sample
     for width, height in ((8000, 8000), (20000, 20000)):
         with pytest.raises(BadSample) as bad:
             decode_sample({"png": png_declaring(width, height), "txt": b"x"}, max_pixels=40_000_000)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from loss_reference import assert_every_parameter_learns
 from pipeline.config import DataConfig, FilipConfig, ObjectiveConfig, PyramidConfig
-from pipeline.data.loader import DataStream, DebiasedStream, choose_source
+from pipeline.data.debiased import DebiasedStream, choose_source
+from pipeline.data.loader import DataStream
 from pipeline.data.pyramid import summary_text, tags_text
 from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.losses.soft import softened_contrastive_loss
@@ -329,7 +330,7 @@ def test_zerovl_recipe_options_reach_the_loader(demo_data):
     vocabulary), for a composed objective and for plain CLIP alike."""
     from torchvision import transforms as T
     from pipeline.tokenizer import MASK_ID
-    from pipeline.data.loader import _Reader
+    from pipeline.data.samples import BatchMaker
     cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
     for weights in ({"mixup": 1.0}, {"clip": 1.0}):
         objective_cfg = ObjectiveConfig(weights=weights, view_augment="zerovl", caption_augment="zerovl")
@@ -337,7 +338,7 @@ def test_zerovl_recipe_options_reach_the_loader(demo_data):
         assert model.arch.vocab_size == MASK_ID + 1
         objective = ComposedObjective(objective_cfg, model.arch)
         stream = DataStream(cfg, objective.recipe(), batch_size=32, image=ImageSpec(32, "clip"), context_length=16)
-        crop, autoaugment = _Reader(stream.base, worker=0).view_transforms[0].transforms[:2]
+        crop, autoaugment = BatchMaker(stream.base, (0, 0, 0, 0)).view_transforms[0].transforms[:2]
         assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.6, 1.0)
         assert isinstance(autoaugment, T.AutoAugment) and autoaugment.policy == T.AutoAugmentPolicy.IMAGENET
         assert (next(iter(stream))["text"] == MASK_ID).any()

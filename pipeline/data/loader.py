@@ -1,5 +1,11 @@
 """Streaming webdataset loader: shards -> decoded, augmented, tokenized batches.
 
+The data package, by concern: decode.py (one raw sample -> image and caption, or why it
+is skipped), samples.py (per-sample views and collation, as the objective's BatchRecipe
+asks), this module (readers over the shards, the stream the trainer iterates, its
+position and its skip counters), debiased.py (ZeroVL's debiased stream over several
+sources, and `make_stream`), shards.py (which reader reads which shard).
+
 Properties the trainer relies on:
 
 * **Split by rank and worker.** Without resampling each shard goes to exactly one
@@ -22,10 +28,7 @@ Properties the trainer relies on:
 from __future__ import annotations
 
 import atexit
-import contextlib
-import io
 import logging
-import math
 import multiprocessing.util  # noqa: F401 (its exit function is registered before ours)
 import random
 import tarfile
@@ -33,44 +36,22 @@ import time
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
-from pipeline.data import pyramid
-from pipeline.data.caption_augment import mlm_mask, zerovl_augment
-from pipeline.data.eda import eda, load_synonyms
+from pipeline.data.decode import SKIP_REASONS, BadSample, tar_members
 from pipeline.data.recipe import BatchRecipe, ImageSpec
-from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, debiased_sources, resolve_shards
-from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, ssl_transform,
-                                      train_transform, zerovl_transform)
-from pipeline.pixels import PIXEL_KEYS
-from pipeline.tokenizer import get_tokenizer
+from pipeline.data.samples import BatchMaker
+from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, resolve_shards
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
-                "oversized_image", "missing_caption", "empty_caption", "missing_roi", "oversized_member",
-                "unsafe_member", "duplicate_member")
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # The skip-rate ceiling is checked once this many samples have been read, so that one
 # bad sample among the first few does not stop a run.
 MIN_SAMPLES_FOR_SKIP_RATE = 200
-# PyramidCLIP's image pyramid: a global crop (90-100% of the image), a local one (50-100%).
-PYRAMID_CROP_SCALES = ((0.9, 1.0), (0.5, 1.0))
-
-
-class BadSample(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 class DataQualityError(RuntimeError):
     pass
 
@@ -115,96 +96,9 @@ class StreamSpec:
     resume: dict[int, dict] = field(default_factory=dict)
 
 
-def decode_sample(sample: dict, draft_size: int = 0, max_pixels: int = 0,
-                  max_caption_bytes: int = 0) -> tuple[Image.Image, str]:
-    """Raw webdataset sample -> (RGB image, caption), or BadSample(reason).
-
-    max_caption_bytes > 0: the caption's bytes are cut there before decoding (a character
-    split by the cut is dropped).
-
-    max_pixels > 0: an image whose header declares more pixels is skipped as
-    oversized_image before anything is decoded (a few hundred bytes of PNG can declare
-    gigabytes of pixels); above twice Pillow's own limit Image.open refuses it first.
-
-    draft_size > 0: JPEGs whose short side is at least twice that are decoded at a reduced
-    scale (libjpeg's DCT scaling, 1/2 .. 1/8, PIL's `draft`) that keeps the short side >=
-    draft_size: most of the decode is skipped when the shards are much larger than what
-    the transform keeps."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise BadSample("missing_image")
-    data = sample[key]
-    if not data:
-        raise BadSample("empty_image")
-    if "txt" not in sample:
-        raise BadSample("missing_caption")
-    raw_caption = sample["txt"][:max_caption_bytes] if max_caption_bytes else sample["txt"]
-    caption = raw_caption.decode("utf-8", errors="replace")
-    if len(raw_caption) < len(sample["txt"]):
-        caption = caption.rstrip("\ufffd")  # the cut's half character
-    caption = caption.strip()
-    if not caption:
-        raise BadSample("empty_caption")
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-        if max_pixels and image.size[0] * image.size[1] > max_pixels:
-            raise BadSample("oversized_image")
-        if draft_size and image.format == "JPEG" and min(image.size) >= 2 * draft_size:
-            scale = min(image.size) / draft_size
-            image.draft("RGB", (math.ceil(image.size[0] / scale), math.ceil(image.size[1] / scale)))
-        image = image.convert("RGB")  # forces a full decode: truncated files fail here
-    except BadSample:
-        raise
-    except Image.DecompressionBombError:
-        raise BadSample("oversized_image") from None
-    except Exception:  # PIL raises many types for corrupt data
-        raise BadSample("undecodable_image") from None
-    return image, caption
-
-
-def tar_members(sources, max_member_bytes: int, reject, handler):
-    """webdataset's tar_file_expander, with what it would read blindly refused first: a
-    member larger than `max_member_bytes` (0: no limit) is never read (webdataset reads a
-    member whole into memory), and a member that is not a regular file (a link, a device)
-    or whose name climbs out of the shard ("../", an absolute path) is not read either;
-    both are reported as `reject(url, member name, "oversized_member" | "unsafe_member")`
-    and yielded empty, so that their sample still arrives to be counted. Directories are
-    structure, not data. Gzip'd tars read as plain ones (mode r|*). A shard that fails
-    goes to `handler(exception)` with its url last in the exception's args (webdataset's
-    convention); False stops."""
-    for source in sources:
-        url = source["url"]
-        try:
-            tar = tarfile.open(fileobj=source["stream"], mode="r|*")
-            for info in tar:
-                tar.members = []  # a stream: keep no TarInfo of what was read
-                name = info.name
-                if info.isdir() or name.startswith("__"):  # webdataset's own metadata members
-                    continue
-                unsafe = not info.isreg() or name.startswith("/") or ".." in PurePosixPath(name).parts
-                if unsafe or (max_member_bytes and info.size > max_member_bytes):
-                    reject(url, name, "unsafe_member" if unsafe else "oversized_member")
-                    data = b""
-                else:
-                    data = tar.extractfile(info).read()
-                yield {"fname": name, "data": data, "__url__": url, "url": url}
-        except Exception as exn:  # noqa: BLE001 (what webdataset's expander hands its handler)
-            exn.args = (*exn.args, url)
-            if not handler(exn):
-                break
-        finally:
-            with contextlib.suppress(Exception):
-                source["stream"].close()
-
-
-def sample_seed(*parts: int) -> int:
-    # Python's hash of a tuple of ints is deterministic across processes and runs
-    # (only str/bytes hashing is randomized), and ~100x cheaper than a SeedSequence.
-    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 class _Reader:
-    """One worker's pass: tar stream -> shuffle -> skip -> decode -> batches."""
+    """One worker's pass: tar stream -> shuffle -> skip -> samples -> batches (the per-sample
+    work and collation: pipeline/data/samples.py), counting what is lost and why."""
 
     def __init__(self, spec: StreamSpec, worker: int):
         self.spec, self.worker = spec, worker
@@ -222,32 +116,8 @@ class _Reader:
         self.flagged: set[str] = set()
         self.lost_by_shard: Counter = Counter()  # which shards cost the most, for the messages
         self.last_good = time.monotonic()
-        normalization = None if spec.uint8 else spec.normalization
-        if not spec.train:
-            self.view_transforms = [eval_transform(spec.image_size, normalization)] * spec.recipe.views
-        elif spec.recipe.view_augment == "moco":
-            self.view_transforms = [ssl_transform(spec.image_size, normalization, "moco")] * spec.recipe.views
-        elif spec.recipe.view_augment == "zerovl":
-            self.view_transforms = [zerovl_transform(spec.image_size, normalization)] * spec.recipe.views
-        elif spec.recipe.view_augment == "pyramid":
-            self.view_transforms = [train_transform(spec.image_size, normalization, scale)
-                                    for scale in PYRAMID_CROP_SCALES[:spec.recipe.views]]
-        else:
-            self.view_transforms = ([train_transform(spec.image_size, normalization, spec.rrc_scale)]
-                                    * spec.recipe.views)
-        self.synonyms = load_synonyms(spec.recipe.eda_synonyms) if spec.recipe.text_eda else None
-        # The smallest short side every transform here can use at full resolution: a crop of
-        # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
-        scales = [1.0]
-        if spec.train:
-            scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES),
-                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(spec.recipe.view_augment, spec.rrc_scale[0]))
-            if spec.recipe.ssl_views:
-                scales.append(SSL_CROP_SCALES[spec.recipe.ssl_augment][0])
-        self.draft_size = math.ceil(spec.image_size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
-        self.ssl_transform = (ssl_transform(spec.image_size, normalization, spec.recipe.ssl_augment)
-                              if spec.recipe.ssl_views else None)
         self.ids = (spec.seed, spec.epoch, spec.rank, worker)
+        self.maker = BatchMaker(spec, self.ids)
 
     def count(self, reason: str, url: str, samples: int = 1):
         if self.raw >= self.skip:  # the skipped prefix was counted before the checkpoint
@@ -350,63 +220,6 @@ class _Reader:
             stream = wds.shuffle(self.spec.shuffle_buffer, initial=self.spec.shuffle_buffer // 2, rng=rng)(stream)
         return stream
 
-    def process(self, sample: dict) -> dict:
-        image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels,
-                                       self.spec.max_caption_bytes)
-        if self.spec.max_caption_bytes and len(sample["txt"]) > self.spec.max_caption_bytes:
-            self.truncated += 1
-        out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
-        views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
-        views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.spec.recipe.ssl_views)]
-        for index, (name, transform) in enumerate(views):
-            # Seed each augmentation from the sample's position: a resumed stream that skipped
-            # the prefix without decoding it still draws the same crops.
-            # The CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU/MTIA
-            # seeding calls, each capturing a stack trace (a third of the loader's time).
-            cpu_rng = torch.default_generator
-            saved = cpu_rng.get_state()
-            cpu_rng.manual_seed(sample_seed(*self.ids, self.raw, index))
-            out[name] = transform(image)
-            cpu_rng.set_state(saved)
-        if self.synonyms is not None:
-            out["caption_eda"] = eda(caption, random.Random(sample_seed(*self.ids, self.raw, -1)), self.synonyms)
-        if self.spec.recipe.text_levels:
-            meta = pyramid.metadata(sample)
-            out["caption_summary"], out["caption_tags"] = pyramid.summary_text(caption, meta), pyramid.tags_text(caption, meta)
-        if self.spec.recipe.max_rois:
-            rois = pyramid.read_rois(sample, self.spec.recipe.max_rois, self.spec.recipe.roi_dim)
-            if rois is None:
-                raise BadSample("missing_roi")
-            out["rois"], out["roi_mask"] = rois
-        return out
-
-    def batch(self, items: list[dict]) -> dict:
-        captions = [it["caption"] for it in items]
-        out = {key: torch.stack([it[key] for it in items]) for key in items[0]
-               if key.startswith((*PIXEL_KEYS, "roi"))}
-        out["text"] = get_tokenizer()(captions, self.spec.context_length)
-        if self.spec.recipe.text_eda:
-            out["text_eda"] = get_tokenizer()([it["caption_eda"] for it in items], self.spec.context_length)
-        if self.spec.recipe.text_levels:
-            for level in ("summary", "tags"):
-                out[f"text_{level}"] = get_tokenizer()([it[f"caption_{level}"] for it in items], self.spec.context_length)
-        if self.spec.recipe.caption_augment == "zerovl":
-            generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -3))
-            out["text"] = zerovl_augment(out["text"], generator)
-        if self.spec.recipe.mlm_probability:
-            # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
-            # contrastive terms (Sense-GVT/DeCLIP prototype/model/declip.py); seeded by the position, like the crops.
-            generator = torch.Generator().manual_seed(sample_seed(*self.ids, self.raw, -2))
-            out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.spec.recipe.mlm_probability,
-                                                      generator=generator)
-        if self.spec.uint8:
-            out["normalization"] = self.spec.normalization  # what the trainer applies to the pixels
-        out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
-        if self.spec.keep_captions:
-            out["captions"] = captions
-        out["meta"] = self.meta()
-        return out
-
     def meta(self, end: bool = False) -> dict:
         return {"worker": self.worker, "raw": self.raw, "good": self.good, "truncated": self.truncated,
                 "skipped": dict(self.skipped), "end": end,
@@ -424,14 +237,16 @@ class _Reader:
                 try:
                     if rejected:
                         raise BadSample(rejected)
-                    items.append(self.process(sample))
+                    items.append(self.maker.sample(sample, self.raw))
+                    if self.spec.max_caption_bytes and len(sample["txt"]) > self.spec.max_caption_bytes:
+                        self.truncated += 1  # cut, and used
                 except BadSample as bad:
                     self.count(bad.reason, sample["__url__"])
                     continue
                 self.good += 1
                 self.last_good = time.monotonic()
                 if len(items) == self.spec.batch_size:
-                    yield self.batch(items)
+                    yield {**self.maker.batch(items, self.raw), "meta": self.meta()}
                     items = []
                     # the consumer asked for more: time it spent elsewhere (a long evaluation,
                     # a checkpoint) is not a stall of this reader
@@ -440,7 +255,7 @@ class _Reader:
             yield {"meta": {**self.meta(end=True), "stalled": str(stalled)}}
             return
         if items and not self.spec.drop_last:
-            yield self.batch(items)
+            yield {**self.maker.batch(items, self.raw), "meta": self.meta()}
         # An end marker: the stream knows at once that this worker is done (and its final
         # counters, including bad samples after its last batch).
         yield {"meta": self.meta(end=True)}
@@ -697,90 +512,3 @@ def shard_losses_over_ranks(local: Counter) -> Counter:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, dict(local))
     return sum((Counter(g) for g in gathered), Counter())
-
-
-def choose_source(seed: int, step: int, sizes: list[int]) -> int:
-    """ZeroVL's debiased sampling: the source of step `step`'s whole global batch, with
-    probability proportional to its size. A pure function of (seed, step), so every rank
-    draws the same source without communicating (ZeroVL's DGA runner uses a shared
-    default_rng(2021) for the same reason)."""
-    weights = np.asarray(sizes, dtype=np.float64)
-    return int(np.random.default_rng([seed, step]).choice(len(sizes), p=weights / weights.sum()))
-
-
-def make_stream(cfg: DataConfig, recipe: BatchRecipe, **kwargs) -> "DataStream | DebiasedStream":
-    """The trainer's stream for data.sampling."""
-    return (DebiasedStream(cfg, recipe, **kwargs) if cfg.sampling == "debiased"
-            else DataStream(cfg, recipe, **kwargs))
-
-
-class DebiasedStream:
-    """`data.sampling: debiased`: one DataStream per "::"-separated source of
-    data.train_shards; each step takes its batch from the source `choose_source` names, so
-    the global batch never mixes sources. A source that runs out starts its next epoch;
-    a trainer's "epoch" is the sum of the sources' epochs in batches. Same interface as
-    DataStream (iteration, position, counters)."""
-
-    def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, seed: int = 0, **stream_kwargs):
-        self.cfg, self.seed = cfg, seed
-        sources = debiased_sources(cfg)
-        self.sources = [DataStream(cfg, recipe, seed=seed, shards=shards, **stream_kwargs) for shards in sources]
-        self.sizes = [shards.total_samples for shards in sources]
-        self.step = 0
-
-    @property
-    def epoch(self) -> int:
-        return min(s.epoch for s in self.sources)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "sources": [s.state_dict() for s in self.sources]}
-
-    def load_state_dict(self, state: dict):
-        self.step = int(state["step"])
-        for source, source_state in zip(self.sources, state["sources"]):
-            source.load_state_dict(source_state)
-
-    def skipped(self) -> Counter:
-        return sum((s.skipped() for s in self.sources), Counter())
-
-    @property
-    def local_skip_check(self) -> bool:
-        return self.sources[0].local_skip_check
-
-    @local_skip_check.setter
-    def local_skip_check(self, value: bool):
-        for source in self.sources:
-            source.local_skip_check = value
-
-    def good(self) -> int:
-        return sum(s.good() for s in self.sources)
-
-    def truncated(self) -> int:
-        return sum(s.truncated() for s in self.sources)
-
-    def shard_losses(self) -> Counter:
-        return sum((s.shard_losses() for s in self.sources), Counter())
-
-    def batches_per_epoch(self) -> int:
-        return sum(s.batches_per_epoch() for s in self.sources)
-
-    def forever(self):
-        """Endless already: sources roll over on their own when they run out."""
-        return iter(self)
-
-    def __iter__(self):
-        iterators = {}
-        while True:
-            index = choose_source(self.seed, self.step, self.sizes)
-            batch = None
-            while batch is None:
-                if index not in iterators:
-                    iterators[index] = iter(self.sources[index])
-                # this source's epoch is over: its next one (a new epoch with no batch raises)
-                batch = next(iterators[index], None)
-                if batch is None:
-                    self.sources[index].next_epoch()
-                    del iterators[index]
-            self.step += 1
-            batch["source"] = index
-            yield batch

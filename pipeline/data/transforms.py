@@ -6,7 +6,6 @@ the loader ships a quarter of the bytes and the trainer normalizes on its device
 `pipeline.pixels.normalize`, the same arithmetic as ToTensor + Normalize."""
 from __future__ import annotations
 
-import torch
 from torchvision import transforms as T
 
 from pipeline.model.configs import NORMALIZATION

@@ -1,0 +1,125 @@
+"""Per-sample work and collation, as a batch recipe asks (pipeline/data/recipe.py): decode,
+every image view with its augmentation, the EDA caption, PyramidCLIP's text levels and
+regions per sample; tokenizing, ZeroVL's caption augmentation and MLM masking per batch.
+
+Every random draw is seeded from the sample's position in its reader's stream
+(`sample_seed`), so a resumed stream that skipped a prefix without decoding it draws the
+same crops and masks as the straight run.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.data import pyramid
+from pipeline.data.caption_augment import mlm_mask, zerovl_augment
+from pipeline.data.decode import BadSample, decode_sample
+from pipeline.data.eda import eda, load_synonyms
+from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, ssl_transform,
+                                      train_transform, zerovl_transform)
+from pipeline.pixels import PIXEL_KEYS
+from pipeline.tokenizer import get_tokenizer
+
+if TYPE_CHECKING:
+    from pipeline.data.loader import StreamSpec
+
+# PyramidCLIP's image pyramid: a global crop (90-100% of the image), a local one (50-100%).
+PYRAMID_CROP_SCALES = ((0.9, 1.0), (0.5, 1.0))
+
+
+def sample_seed(*parts: int) -> int:
+    # Python's hash of a tuple of ints is deterministic across processes and runs
+    # (only str/bytes hashing is randomized), and ~100x cheaper than a SeedSequence.
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class BatchMaker:
+    """One reader's samples -> batches. `ids` (seed, epoch, rank, worker) and a sample's
+    position in the reader's stream seed its draws."""
+
+    def __init__(self, spec: "StreamSpec", ids: tuple[int, ...]):
+        self.spec, self.recipe, self.ids = spec, spec.recipe, ids
+        recipe, size = spec.recipe, spec.image_size
+        normalization = None if spec.uint8 else spec.normalization
+        if not spec.train:
+            self.view_transforms = [eval_transform(size, normalization)] * recipe.views
+        elif recipe.view_augment == "moco":
+            self.view_transforms = [ssl_transform(size, normalization, "moco")] * recipe.views
+        elif recipe.view_augment == "zerovl":
+            self.view_transforms = [zerovl_transform(size, normalization)] * recipe.views
+        elif recipe.view_augment == "pyramid":
+            self.view_transforms = [train_transform(size, normalization, scale)
+                                    for scale in PYRAMID_CROP_SCALES[:recipe.views]]
+        else:
+            self.view_transforms = [train_transform(size, normalization, spec.rrc_scale)] * recipe.views
+        self.ssl_transform = ssl_transform(size, normalization, recipe.ssl_augment) if recipe.ssl_views else None
+        self.synonyms = load_synonyms(recipe.eda_synonyms) if recipe.text_eda else None
+        # The smallest short side every transform here can use at full resolution: a crop of
+        # area fraction s needs sqrt(1/s) x image_size pixels of source to be upscaled from.
+        scales = [1.0]
+        if spec.train:
+            scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES),
+                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(recipe.view_augment, spec.rrc_scale[0]))
+            if recipe.ssl_views:
+                scales.append(SSL_CROP_SCALES[recipe.ssl_augment][0])
+        self.draft_size = math.ceil(size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
+
+    def sample(self, sample: dict, position: int) -> dict:
+        """A raw webdataset sample -> its views and captions, or BadSample(reason)."""
+        image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels,
+                                       self.spec.max_caption_bytes)
+        out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
+        views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
+        views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.recipe.ssl_views)]
+        for index, (name, transform) in enumerate(views):
+            # The CPU generator only: torch.manual_seed would also queue lazy CUDA/XPU/MTIA
+            # seeding calls, each capturing a stack trace (a third of the loader's time).
+            cpu_rng = torch.default_generator
+            saved = cpu_rng.get_state()
+            cpu_rng.manual_seed(sample_seed(*self.ids, position, index))
+            out[name] = transform(image)
+            cpu_rng.set_state(saved)
+        if self.synonyms is not None:
+            out["caption_eda"] = eda(caption, random.Random(sample_seed(*self.ids, position, -1)), self.synonyms)
+        if self.recipe.text_levels:
+            meta = pyramid.metadata(sample)
+            out["caption_summary"] = pyramid.summary_text(caption, meta)
+            out["caption_tags"] = pyramid.tags_text(caption, meta)
+        if self.recipe.max_rois:
+            rois = pyramid.read_rois(sample, self.recipe.max_rois, self.recipe.roi_dim)
+            if rois is None:
+                raise BadSample("missing_roi")
+            out["rois"], out["roi_mask"] = rois
+        return out
+
+    def batch(self, items: list[dict], position: int) -> dict:
+        """Samples -> one batch: stacked views, tokenized (and augmented or masked) captions,
+        the sample keys. `position`: the reader's position after the last sample."""
+        spec, tokenize = self.spec, get_tokenizer()
+        captions = [it["caption"] for it in items]
+        out = {key: torch.stack([it[key] for it in items]) for key in items[0]
+               if key.startswith((*PIXEL_KEYS, "roi"))}
+        out["text"] = tokenize(captions, spec.context_length)
+        if self.recipe.text_eda:
+            out["text_eda"] = tokenize([it["caption_eda"] for it in items], spec.context_length)
+        if self.recipe.text_levels:
+            for level in ("summary", "tags"):
+                out[f"text_{level}"] = tokenize([it[f"caption_{level}"] for it in items], spec.context_length)
+        if self.recipe.caption_augment == "zerovl":
+            generator = torch.Generator().manual_seed(sample_seed(*self.ids, position, -3))
+            out["text"] = zerovl_augment(out["text"], generator)
+        if self.recipe.mlm_probability:
+            # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
+            # contrastive terms (Sense-GVT/DeCLIP prototype/model/declip.py).
+            generator = torch.Generator().manual_seed(sample_seed(*self.ids, position, -2))
+            out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.recipe.mlm_probability,
+                                                      generator=generator)
+        if spec.uint8:
+            out["normalization"] = spec.normalization  # what the trainer applies to the pixels
+        out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
+        if spec.keep_captions:
+            out["captions"] = captions
+        return out

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.ranks import world
+
 # the files of a checkpoint (also used before torch is imported: launch/train.py)
 from pipeline.checkpoint_files import (COMPLETE, TAG_RE, check_world_size, checksums, complete_tags,  # noqa: F401
                                        damage, prune, resolve_resume, save_blocker, tag_for, write_json_atomic)
@@ -119,17 +121,11 @@ def safe_torch_load():
 
 # ---- save / find / load ---------------------------------------------------------------------
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Path:
     """Save on every rank; returns the tag directory. Rank 0 marks it complete once all
     ranks are done, then prunes old checkpoints."""
     ckpt_dir = Path(ckpt_dir)
-    rank, world = _rank_world()
+    rank, size = world()
     tag = tag_for(state.step)
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": state.step}, save_latest=False)
@@ -141,20 +137,20 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Pat
         raise CheckpointSaveError(f"checkpoint {ckpt_dir / tag} could not be written on rank {rank} ({reason}); "
                                   f"{free / 1e6:,.0f} MB free there; the previous complete checkpoints are kept") \
             from None
-    if world > 1:
+    if size > 1:
         dist.barrier()
     if rank == 0:
-        write_json_atomic(ckpt_dir / tag / COMPLETE, {"step": state.step, "world_size": world, "time": time.time(),
+        write_json_atomic(ckpt_dir / tag / COMPLETE, {"step": state.step, "world_size": size, "time": time.time(),
                                                        "sha256": checksums(ckpt_dir / tag)})
         prune(ckpt_dir, keep_last)
-    if world > 1:
+    if size > 1:
         dist.barrier()
     return ckpt_dir / tag
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
-    rank, world = _rank_world()
-    check_world_size(ckpt_dir, tag, world)
+    rank, size = world()
+    check_world_size(ckpt_dir, tag, size)
     with safe_torch_load():
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
     if path is None:

@@ -25,6 +25,7 @@ from torch import nn
 from pipeline.config import OptimConfig
 from pipeline.model import MAX_LOGIT_SCALE
 from pipeline.pixels import PIXEL_KEYS, pixels_on_device
+from pipeline.ranks import world
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
 
 def any_rank(flag: bool) -> bool:
     """True if `flag` is true on any rank (every rank must take the same branch)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if world()[1] == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0])
     if dist.get_backend() == "nccl":

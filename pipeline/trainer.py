@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from eval.during_training import PeriodicZeroShot
-from pipeline import checkpoint
+from pipeline import checkpoint, ranks
 from pipeline.config import RunConfig, flatten, save_config, to_dict
 from pipeline.data.debiased import make_stream
 from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate, shard_losses_over_ranks,
@@ -301,13 +301,13 @@ def agreed_blocker(local: str, device) -> str:
     """The first reason any rank has ("rank r: ..."), known to every rank; "" if none has
     one. Every rank calls it at the same step."""
     import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if ranks.world()[1] == 1:
         return local
     flag = torch.tensor([1.0 if local else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if not flag.item():
         return ""
-    reasons = [""] * dist.get_world_size()
+    reasons = [""] * ranks.world()[1]
     dist.all_gather_object(reasons, local)
     return next(f"rank {rank}: {why}" for rank, why in enumerate(reasons) if why)
 

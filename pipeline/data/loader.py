@@ -46,6 +46,7 @@ from pipeline.data.decode import SKIP_REASONS, BadSample, tar_members
 from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.data.samples import BatchMaker
 from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, resolve_shards
+from pipeline.ranks import world
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +496,7 @@ def summed_over_ranks(good: int, truncated: int, skipped: Counter, device) -> tu
     all-reduce, so call it on every rank at the same point (the trainer's log steps). Each
     rank alone saw ~1/N of the bad samples (issue 22)."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world()[1] == 1:
         return good, truncated, skipped
     counts = torch.tensor([good, truncated, *(skipped.get(r, 0) for r in SKIP_REASONS)], dtype=torch.float64,
                           device=device)
@@ -507,8 +508,8 @@ def summed_over_ranks(good: int, truncated: int, skipped: Counter, device) -> tu
 def shard_losses_over_ranks(local: Counter) -> Counter:
     """Every rank's samples lost per shard, summed (a collective: all ranks call it)."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world()[1] == 1:
         return local
-    gathered = [None] * dist.get_world_size()
+    gathered = [None] * world()[1]
     dist.all_gather_object(gathered, dict(local))
     return sum((Counter(g) for g in gathered), Counter())

@@ -1,5 +1,7 @@
 """Training objectives: small pure functions over model outputs."""
 from .contrastive import contrastive_loss
-from .gather import all_gather_with_grad, world
+from pipeline.ranks import world
 
-__all__ = ["all_gather_with_grad", "contrastive_loss", "world"]
+from .gather import all_gather_with_grad, local_labels
+
+__all__ = ["all_gather_with_grad", "contrastive_loss", "local_labels", "world"]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gather import all_gather_with_grad, world
+from pipeline.ranks import world
+
+from .gather import all_gather_with_grad
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -17,10 +19,10 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     local_loss: each rank scores only its own B rows against all W*B columns, so memory
         is O(B x W*B) rather than O((W*B)^2); the averaged gradient is the same.
     """
-    rank, _ = world()
     all_image = all_gather_with_grad(image_features)  # (W*B, E)
     all_text = all_gather_with_grad(text_features)  # (W*B, E)
-    return gathered_contrastive_loss(image_features, text_features, all_image, all_text, logit_scale, rank, local_loss)
+    return gathered_contrastive_loss(image_features, text_features, all_image, all_text, logit_scale, world()[0],
+                                     local_loss)
 
 
 def gathered_contrastive_loss(image_features, text_features, all_image, all_text, logit_scale, rank: int,

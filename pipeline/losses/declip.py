@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.tokenizer import IGNORE_INDEX
 
-from .gather import all_gather_with_grad, world
+from .gather import all_gather_with_grad, local_labels
 
 # ---- masked language modelling (the masking itself: pipeline/data/caption_augment.py) ----
 
@@ -63,10 +63,9 @@ def nn_loss(image_features: torch.Tensor, neighbours: torch.Tensor, logit_scale:
     """Image -> nearest-neighbour text InfoNCE (DeCLIP's L_NN for one (image view, text
     view) pair): each local image against every rank's neighbours, its own as the positive.
     image_features (B, E) and neighbours (B, E) normalized; the neighbours carry no gradient."""
-    rank, _ = world()
     all_neighbours = all_gather_with_grad(neighbours.detach())  # (W*B, E)
     logits = logit_scale * image_features @ all_neighbours.T  # (B, W*B)
-    labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+    labels = local_labels(image_features.shape[0], image_features.device)
     return F.cross_entropy(logits, labels)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .gather import all_gather_with_grad, world
+from .gather import all_gather_with_grad, local_labels
 
 
 def token_similarity(queries: torch.Tensor, query_mask: torch.Tensor, keys: torch.Tensor,
@@ -48,7 +48,6 @@ def filip_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask:
     """image_tokens (B, n, D), text_tokens (B, m, D): L2-normalized local token embeddings;
     text_mask (B, m) True on real tokens (padding excluded); logit_scale: FILIP's own
     (exp'd) scale. Symmetric InfoNCE over the global batch on the token-wise similarities."""
-    rank, _ = world()
     B = image_tokens.shape[0]
     image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=image_tokens.device)
     image_keys, image_key_mask, text_keys, text_key_mask = image_tokens, image_mask, text_tokens, text_mask
@@ -61,5 +60,5 @@ def filip_loss(image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask:
     all_text_mask = all_gather_with_grad(text_key_mask.float()).bool()
     logits_i2t = logit_scale * token_similarity(image_tokens, image_mask, all_text, all_text_mask)  # (B, W*B)
     logits_t2i = logit_scale * token_similarity(text_tokens, text_mask, all_image, all_image_mask)  # (B, W*B)
-    labels = torch.arange(B, device=image_tokens.device) + rank * B
+    labels = local_labels(B, image_tokens.device)
     return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2

@@ -11,12 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when no process group is running."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from pipeline.ranks import world
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -49,3 +44,9 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world()[1] == 1:
         return x
     return _AllGatherWithGrad.apply(x)
+
+
+def local_labels(batch_size: int, device: torch.device) -> torch.Tensor:
+    """(B,) the columns of this rank's own rows among the gathered W*B (rank order): the
+    positives of every loss that scores local rows against all-gathered columns."""
+    return torch.arange(batch_size, device=device) + world()[0] * batch_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .gather import all_gather_with_grad, world
+from .gather import all_gather_with_grad, local_labels
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -18,11 +18,10 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def _global_logits(image_features, text_features, logit_scale):
     """(B, W*B) logits both ways and each local row's global column index."""
-    rank, _ = world()
     B = image_features.shape[0]
     all_image = all_gather_with_grad(image_features)
     all_text = all_gather_with_grad(text_features)
-    labels = torch.arange(B, device=image_features.device) + rank * B
+    labels = local_labels(B, image_features.device)
     return logit_scale * image_features @ all_text.T, logit_scale * text_features @ all_image.T, labels
 
 

@@ -1,6 +1,9 @@
 """Helpers for checking losses against naive references: value and input gradients on one
-process, and the per-rank results of a gathered loss against one big batch."""
+process, the per-rank results of a gathered loss against one big batch (and the
+two-process harness that computes them), and that every parameter learns."""
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def grads_of(fn, *tensors):
@@ -44,3 +47,20 @@ def assert_every_parameter_learns(module):
     non-zero gradient from the last backward."""
     missing = [n for n, p in module.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == [], missing
+
+
+def on_ranks(fn, world: int, tmp_path, *args) -> list:
+    """fn(rank, *args) on `world` processes of one gloo group (fn: a module-level function,
+    its result tensors and containers of them); the results in rank order."""
+    from conftest import free_port
+    out = str(tmp_path / "rank_results")
+    mp.spawn(_rank_entry, args=(fn, world, free_port(), out, args), nprocs=world, join=True)
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(world)]
+
+
+def _rank_entry(rank: int, fn, world: int, port: int, out: str, args: tuple):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, *args), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()

@@ -5,11 +5,9 @@ NN) also in 2 processes on gloo, where the per-rank results must add up to one b
 import math
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from loss_reference import assert_ranks_make_one_big_batch, assert_same, grads_of
+from loss_reference import assert_ranks_make_one_big_batch, assert_same, grads_of, on_ranks
 from pipeline.config import ObjectiveConfig
 from pipeline.losses.declip import mlm_loss, nn_loss, simsiam_loss
 from pipeline.tokenizer import IGNORE_INDEX
@@ -113,28 +111,18 @@ def test_simsiam_gradient_matches_naive_loop():
     assert_same(grads_of(simsiam_loss, *tensors), grads_of(naive, *tensors))
 
 
-def _worker(rank: int, port: int, out_path: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        local = slice(rank * B, (rank + 1) * B)
-        views, neighbours, log_scale = make(WORLD * B)
-        results = {
-            "multiview": grads_of(multiview_loss, *(v[local] for v in views), log_scale),
-            "nn": grads_of(lambda i, s: nn_pair_loss(i, s, neighbours[local]), views[0][local], log_scale),
-        }
-        torch.save(results, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    local = slice(rank * B, (rank + 1) * B)
+    views, neighbours, log_scale = make(WORLD * B)
+    return {"multiview": grads_of(multiview_loss, *(v[local] for v in views), log_scale),
+            "nn": grads_of(lambda i, s: nn_pair_loss(i, s, neighbours[local]), views[0][local], log_scale)}
 
 
 def test_two_processes_equal_one_big_batch(tmp_path):
     """The mean of the per-rank losses is the big-batch loss; each rank's input gradient
     is world x the big-batch gradient of its rows (the gather's backward sums every
     rank's share); the logit scale's gradient averages to the big-batch one."""
-    from conftest import free_port
-    out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
-    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    results = on_ranks(_rank_results, WORLD, tmp_path)
     views, neighbours, log_scale = make(WORLD * B)
     big = {
         "multiview": grads_of(lambda i1, i2, t1, t2, s: naive_multiview([i1, i2], [t1, t2], s.exp()[0]),

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from loss_reference import on_ranks
 from pipeline.losses import all_gather_with_grad, contrastive_loss
 
 B, E, WORLD = 6, 16, 2
@@ -52,27 +51,18 @@ def test_single_process_matches_open_clip_and_naive_loop(local_loss):
         torch.testing.assert_close(a, c)
 
 
-def _worker(rank: int, port: int, out_path: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        img, txt, scale = make_inputs(WORLD * B)
-        local = slice(rank * B, (rank + 1) * B)
-        ours, ours_g = grads_of(lambda i, t, s: contrastive_loss(i, t, s, local_loss=True),
-                                img[local], txt[local], scale)
-        ref, ref_g = grads_of(lambda i, t, s: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
-                                                       world_size=WORLD)(i, t, s), img[local], txt[local], scale)
-        full, full_g = grads_of(lambda i, t, s: contrastive_loss(i, t, s, local_loss=False),
-                                img[local], txt[local], scale)
-        torch.save({"ours": (ours, ours_g), "ref": (ref, ref_g), "full": (full, full_g)}, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    img, txt, scale = make_inputs(WORLD * B)
+    local = slice(rank * B, (rank + 1) * B)
+    ours, ours_g = grads_of(lambda i, t, s: contrastive_loss(i, t, s, local_loss=True), img[local], txt[local], scale)
+    ref, ref_g = grads_of(lambda i, t, s: ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
+                                                   world_size=WORLD)(i, t, s), img[local], txt[local], scale)
+    full, full_g = grads_of(lambda i, t, s: contrastive_loss(i, t, s, local_loss=False), img[local], txt[local], scale)
+    return {"ours": (ours, ours_g), "ref": (ref, ref_g), "full": (full, full_g)}
 
 
 def test_two_processes_match_open_clip_and_one_big_batch(tmp_path):
-    from conftest import free_port
-    out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
-    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    results = on_ranks(_rank_results, WORLD, tmp_path)
 
     img, txt, scale = make_inputs(WORLD * B)
     big, big_g = grads_of(contrastive_loss, img, txt, scale)

@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from loss_reference import assert_ranks_make_one_big_batch, grads_of
+from loss_reference import assert_ranks_make_one_big_batch, grads_of, on_ranks
 from pipeline.losses.filip import filip_loss, select_tokens
 from pipeline.losses.slip import simclr_loss
 
@@ -101,29 +99,22 @@ def test_filip_ignores_padding_and_selection_never_picks_it():
     assert short < N_TXT
 
 
-def _worker(rank: int, port: int, out_path: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        local = slice(rank * B, (rank + 1) * B)
-        a, b = make_views(WORLD * B)
-        img, txt, mask, _, scale = make_tokens(WORLD * B)
-        results = {"simclr": grads_of(lambda x, y: simclr_loss(x, y, TAU), a[local], b[local])}
-        for k in (None, 3):
-            results[f"filip_{k}"] = grads_of(lambda i, t, s: filip_loss(i, t, mask[local], s, top_k=k),
-                                             img[local], txt[local], scale)
-        torch.save(results, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    local = slice(rank * B, (rank + 1) * B)
+    a, b = make_views(WORLD * B)
+    img, txt, mask, _, scale = make_tokens(WORLD * B)
+    results = {"simclr": grads_of(lambda x, y: simclr_loss(x, y, TAU), a[local], b[local])}
+    for k in (None, 3):
+        results[f"filip_{k}"] = grads_of(lambda i, t, s: filip_loss(i, t, mask[local], s, top_k=k),
+                                         img[local], txt[local], scale)
+    return results
 
 
 def test_two_processes_equal_one_big_batch(tmp_path):
     """Each rank's loss is a mean over its rows against all gathered keys: the mean of the
     per-rank losses is the big-batch loss, and each rank's input gradient (the gather's
     backward sums every rank's share) is world x the big-batch gradient of its rows."""
-    from conftest import free_port
-    out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
-    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    results = on_ranks(_rank_results, WORLD, tmp_path)
     a, b = make_views(WORLD * B)
     img, txt, mask, lengths, scale = make_tokens(WORLD * B)
     big = {"simclr": grads_of(lambda x, y: naive_simclr(x, y, TAU), a, b)}

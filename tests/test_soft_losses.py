@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from loss_reference import assert_ranks_make_one_big_batch, assert_same, grads_of
+from loss_reference import assert_ranks_make_one_big_batch, assert_same, grads_of, on_ranks
 from pipeline.losses import contrastive_loss
 from pipeline.losses.soft import mixup_contrastive_loss, softened_contrastive_loss
 
@@ -79,18 +77,11 @@ def test_without_softening_or_mixing_both_are_exactly_the_clip_loss(loss):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 
-def _worker(rank: int, port: int, out_path: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        local = slice(rank * B, (rank + 1) * B)
-        img, txt, scale = make(WORLD * B)
-        results = {"softened": grads_of(lambda i, t, s: softened_contrastive_loss(i, t, s, EPS),
-                                        img[local], txt[local], scale),
-                   "mixup": grads_of(lambda i, t, s: mixup_contrastive_loss(i, t, s, ALPHA),
-                                     img[local], txt[local], scale)}
-        torch.save(results, f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int) -> dict:
+    local = slice(rank * B, (rank + 1) * B)
+    img, txt, scale = make(WORLD * B)
+    return {"softened": grads_of(lambda i, t, s: softened_contrastive_loss(i, t, s, EPS), img[local], txt[local], scale),
+            "mixup": grads_of(lambda i, t, s: mixup_contrastive_loss(i, t, s, ALPHA), img[local], txt[local], scale)}
 
 
 def test_two_processes_equal_one_big_batch(tmp_path):
@@ -98,10 +89,7 @@ def test_two_processes_equal_one_big_batch(tmp_path):
     losses is the big-batch loss (mixup: each rank flips its own local batch), each rank's
     input gradient is world x the big-batch gradient of its rows (the gather's backward
     sums every rank's share), and the scale's gradients average to the big one."""
-    from conftest import free_port
-    out = str(tmp_path / "grads")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
-    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    results = on_ranks(_rank_results, WORLD, tmp_path)
     img, txt, scale = make(WORLD * B)
     blocks = [list(range(r * B, (r + 1) * B)) for r in range(WORLD)]
     big = {"softened": grads_of(lambda i, t, s: naive_softened(i, t, s, EPS), img, txt, scale),

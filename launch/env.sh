@@ -9,7 +9,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_BIN" -m venv "$VENV"
 fi
 stamp="$VENV/.requirements.sha256"
-want="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+want="$(cat "$REPO_ROOT/requirements.txt" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements.txt into $VENV (first time: a few minutes)"
   # The local package mirrors make pip print a warning per package it does not hold.
@@ -28,10 +28,11 @@ for name in ("ShareMemCommBuilder", "FusedAdamBuilder"):
         builder.load()
         print(f"{builder.NAME} built successfully")
 PY
+  # The project itself, editable (pyproject.toml): every process imports it from this checkout.
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO_ROOT" 2> >(grep -v "^WARNING: Location" >&2)
   echo "$want" > "$stamp"
 fi
 # img2dataset imports albumentations, which otherwise phones home for updates on import.
 export NO_ALBUMENTATIONS_UPDATE=1
 export PATH="$VENV/bin:$PATH"
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$REPO_ROOT"

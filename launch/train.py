@@ -14,12 +14,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.config import ConfigError  # noqa: E402
-from pipeline.preflight import check_run  # noqa: E402
+from pipeline.config import ConfigError
+from pipeline.preflight import check_run
 
 
 def parse_args(argv=None):

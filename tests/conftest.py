@@ -1,11 +1,9 @@
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the project is installed (pyproject.toml, launch/env.sh)
 
 
 def pytest_configure(config):

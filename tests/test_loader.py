@@ -551,7 +551,6 @@ def test_a_fuzzed_corpus_trains_on_every_good_sample_once_and_counts_every_bad_o
 
 MEASURE_RSS = """
 import resource, sys
-sys.path.insert(0, sys.argv[1])
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataStream
 from pipeline.data.recipe import ImageSpec
@@ -561,9 +560,9 @@ def epoch(shards):
     return sum(len(b["keys"]) for b in DataStream(cfg, batch_size=8, image=ImageSpec(32, "clip"),
                                                    context_length=16, drop_last=False))
 
-epoch(sys.argv[2])  # a clean epoch first: the tokenizer, PIL and torch's allocations are in place
+epoch(sys.argv[1])  # a clean epoch first: the tokenizer, PIL and torch's allocations are in place
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-epoch(sys.argv[3])
+epoch(sys.argv[2])
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MB (ru_maxrss is in kB)
 """
 
@@ -574,7 +573,7 @@ def test_reading_the_fuzzed_corpus_takes_bounded_memory(tmp_path, demo_data):
     read members whole): the reader's peak memory grows by less than the member alone
     would cost. Measured here: 0 MB; with the member limit lifted, 260 MB."""
     fuzzed_corpus(tmp_path / "shards", big_member=96 << 20)
-    done = subprocess.run([sys.executable, "-c", MEASURE_RSS, str(REPO_ROOT), f"{demo_data}/shards/photos",
+    done = subprocess.run([sys.executable, "-c", MEASURE_RSS, f"{demo_data}/shards/photos",
                            str(tmp_path / "shards")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     grown_mb = int(done.stdout.split()[-1])

@@ -13,12 +13,11 @@ from conftest import REPO_ROOT, free_port
 
 TRAIN_THREE_TIMES = """
 import sys
-sys.path.insert(0, sys.argv[1])
 from pipeline.config import load_config
 from pipeline.ds_config import fill_ds_config, read_ds_config
 from pipeline.trainer import prepare, run
 
-ds_path, common = sys.argv[2], sys.argv[3:]
+ds_path, common = sys.argv[1], sys.argv[2:]
 for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3"],
                      ["split", "train.steps=6", "train.resume=latest"]):
     cfg = load_config(None, [*common, f"train.run_name={name}", *extra])
@@ -35,7 +34,7 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
               "train.batch_digests=true"]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    done = subprocess.run([sys.executable, "-c", TRAIN_THREE_TIMES, str(REPO_ROOT),
+    done = subprocess.run([sys.executable, "-c", TRAIN_THREE_TIMES,
                            str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), *common],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

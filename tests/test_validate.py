@@ -77,15 +77,14 @@ IMPORTS_WATCHED = ("torch", "deepspeed", "mlflow")
 
 CHECK_IN_A_FRESH_INTERPRETER = """
 import contextlib, io, json, sys
-sys.path.insert(0, sys.argv[1])
 from launch.train import main, parse_args, validate
-cases, watched, results = json.loads(sys.argv[2]), sys.argv[4].split(","), []
+cases, watched, results = json.loads(sys.argv[1]), sys.argv[3].split(","), []
 for argv in cases:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         rc = main(argv)
     results.append({"rc": rc, "stderr": err.getvalue(), "loaded": [m for m in watched if m in sys.modules]})
-validate(parse_args(json.loads(sys.argv[3])))  # a good config goes on to the checks that need them
+validate(parse_args(json.loads(sys.argv[2])))  # a good config goes on to the checks that need them
 results.append({"loaded": [m for m in watched if m in sys.modules]})
 print(json.dumps(results))
 """
@@ -131,7 +130,7 @@ def test_bad_configs_fail_in_one_line_before_torch_deepspeed_or_mlflow_is_import
             argvs.append(argv)
         else:
             argvs.append(base + extra)
-    done = subprocess.run([sys.executable, "-c", CHECK_IN_A_FRESH_INTERPRETER, str(REPO_ROOT), json.dumps(argvs),
+    done = subprocess.run([sys.executable, "-c", CHECK_IN_A_FRESH_INTERPRETER, json.dumps(argvs),
                            json.dumps(base), ",".join(IMPORTS_WATCHED)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "WORLD_SIZE": "2"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,0 +1,128 @@
+"""LAION metadata filtering: ours (data_prep.laion, DuckDB) against a bare DuckDB query of the
+same rules and against the earlier pandas implementation (data_prep.laion_pandas), in one run.
+
+    python -m bench.bench_data_prep [--rows 2000000] [--files 2] [--threads 0] [--memory-limit ""]
+        [--sample 0] [--skip-pandas]
+
+Generates --rows seeded synthetic LAION-400M-style rows (SAMPLE_ID, URL, TEXT, WIDTH,
+HEIGHT, NSFW, similarity; ~10% repeated URLs, a few captions with HTML tags and entities)
+in --files parquet files, then runs each implementation in its own process (so that each
+one's peak RSS is its own) and prints rows/s, the ratios and the peak RSS. The bare query
+applies the same thresholds, strips tags and collapses ASCII whitespace in SQL, decodes no
+entities and keeps one row per URL with DISTINCT ON: the engine's speed with no Python at
+all, the bound for ours.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WORDS = ("a photo of the red car dog cat on in at beach mountain city night with two small big old new "
+         "man woman child house tree river sky blue green yellow").split()
+
+RUN = """
+import json, sys, time
+kind, pattern, output, threads, limit, sample = sys.argv[1:7]
+sample = int(sample) or None
+import duckdb
+from data_prep import laion, laion_pandas  # imports are not the work being timed
+started = time.perf_counter()
+if kind == "ours":
+    laion.convert(pattern, output, min_similarity=0.28, min_side=64, sample=sample, threads=int(threads),
+                  memory_limit=limit)
+elif kind == "pandas":
+    laion_pandas.convert(pattern, output, min_similarity=0.28, min_side=64, sample=sample)
+else:
+    con = duckdb.connect()
+    if int(threads):
+        con.execute(f"SET threads = {int(threads)}")
+    if limit:
+        con.execute(f"SET memory_limit = '{limit}'")
+    con.execute("SET preserve_insertion_order = false")
+    con.execute(f'''COPY (SELECT DISTINCT ON (url) key, url, caption FROM (
+        SELECT SAMPLE_ID::VARCHAR AS key, URL AS url,
+               trim(regexp_replace(regexp_replace(TEXT, '<[^>]{0,500}>', ' ', 'g'), '\\s+', ' ', 'g')) AS caption
+        FROM read_parquet('{pattern}')
+        WHERE URL IS NOT NULL AND URL <> '' AND coalesce(similarity, -1) >= 0.28 AND coalesce(WIDTH, 0) >= 64
+          AND coalesce(HEIGHT, 0) >= 64 AND upper(coalesce(NSFW, '')) = 'UNLIKELY')
+        WHERE caption <> '') TO '{output}' (FORMAT parquet)''')
+seconds = time.perf_counter() - started
+# VmHWM, not ru_maxrss: Linux carries a parent's peak across exec into ru_maxrss
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024}))
+"""
+
+
+def caption(rng: random.Random) -> str:
+    text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14)))
+    draw = rng.random()
+    if draw < 0.03:
+        return f"<b>{text}</b> &amp; more"
+    if draw < 0.05:
+        return f"{text}  <br/>\n{text}"
+    return text
+
+
+def generate(root: Path, rows: int, files: int, seed: int = 0) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = random.Random(seed)
+    distinct = int(rows * 0.9)
+    per_file = rows // files
+    for f in range(files):
+        ids = range(f * per_file, (f + 1) * per_file)
+        urls = [f"https://img{rng.randint(0, 99)}.example.com/{rng.randrange(distinct):010d}/photo.jpg" for _ in ids]
+        pq.write_table(pa.table({
+            "SAMPLE_ID": list(ids), "URL": urls, "TEXT": [caption(rng) for _ in ids],
+            "HEIGHT": [rng.choice([32, 256, 512]) for _ in ids], "WIDTH": [rng.choice([48, 256, 640]) for _ in ids],
+            "LICENSE": ["?"] * per_file, "NSFW": [rng.choice(["UNLIKELY"] * 8 + ["UNSURE", "NSFW"]) for _ in ids],
+            "similarity": [rng.uniform(0.2, 0.45) for _ in ids]}), root / f"part-{f:05d}.parquet")
+    return str(root / "part-*.parquet")
+
+
+def run(kind: str, pattern: str, output: Path, args) -> dict:
+    done = subprocess.run([sys.executable, "-c", RUN, kind, pattern, str(output), str(args.threads),
+                           args.memory_limit, str(args.sample)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{kind} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_data_prep", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--files", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="DuckDB threads (0: every core)")
+    parser.add_argument("--memory-limit", default="", help="DuckDB memory limit for ours and the bare query")
+    parser.add_argument("--sample", type=int, default=0, help="--sample for ours and pandas (the bare query: none)")
+    parser.add_argument("--skip-pandas", action="store_true", help="the earlier implementation is slow at scale")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        pattern = generate(root, args.rows, args.files)
+        results = {}
+        for kind in ("bare", "ours") + (() if args.skip_pandas else ("pandas",)):
+            results[kind] = run(kind, pattern, root / f"{kind}.parquet", args)
+            results[kind]["rows_per_s"] = args.rows / results[kind]["seconds"]
+    print(f"{args.rows:,} rows in {args.files} files, threads {args.threads or 'all'}, "
+          f"memory limit {args.memory_limit or 'DuckDB default'}")
+    print(f"{'implementation':<16}{'rows/s':>12}{'seconds':>10}{'peak RSS MB':>13}")
+    for kind, r in results.items():
+        print(f"{kind:<16}{r['rows_per_s']:>12,.0f}{r['seconds']:>10.1f}{r['peak_rss_mb']:>13.0f}")
+    ratios = {"ours_vs_bare": results["ours"]["rows_per_s"] / results["bare"]["rows_per_s"]}
+    if "pandas" in results:
+        ratios["ours_vs_pandas"] = results["ours"]["rows_per_s"] / results["pandas"]["rows_per_s"]
+    print("  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + "  (targets: >= 0.9x bare, >= 2x pandas)")
+    summary = {"rows": args.rows, **{k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()},
+               **{k: round(v, 3) for k, v in ratios.items()}}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -223,7 +223,9 @@ def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path):
 def test_a_server_outage_mid_run_loses_no_step_and_stalls_no_step(tmp_path, demo_data):
     """The server is stopped after step 2 and restarted while the run trains on: every
     logged step reaches MLflow, in order, and training went on through the outage (the
-    trainer only appends to its JSONL; the replay thread does the waiting)."""
+    trainer only appends to its JSONL; the replay thread does the waiting). The run is
+    long and is stopped (SIGTERM, a preemption) a few steps after the replay has recovered:
+    a fixed length raced the server's restart on a busy machine."""
     import time
 
     from conftest import MlflowServer
@@ -232,9 +234,7 @@ def test_a_server_outage_mid_run_loses_no_step_and_stalls_no_step(tmp_path, demo
     server = MlflowServer(tmp_path / "server")
     (tmp_path / "server").mkdir()
     server.start()
-    # ~0.2 s a step here, and a restart of the server takes ~30 s on 2 busy cores: 240 steps
-    # leave it time to come back while the run still trains
-    steps = 240
+    steps = 5000  # ~0.2 s a step here; stopped once the replay has recovered
     config = run_config(tmp_path, demo_data, "outage", train={"steps": steps, "log_every": 1, "save_every": 1000,
                                                               "global_batch_size": 16, "micro_batch_size": 8},
                         tracking={"tracking_uri": server.uri, "experiment": "outage", "flush_seconds": 300})
@@ -258,12 +258,17 @@ def test_a_server_outage_mid_run_loses_no_step_and_stalls_no_step(tmp_path, demo
         wait_for(lambda: any(r.get("event") == "mlflow_unavailable" for r in jsonl_so_far(run_dir)), "the outage")
         wait_for(lambda: len(logged()) >= down_at + 10, "10 steps during the outage")
         server.start()
+        wait_for(lambda: any(r.get("event") == "mlflow_recovered" for r in jsonl_so_far(run_dir)), "the recovery")
+        recovered_at = len(logged())
+        wait_for(lambda: len(logged()) >= recovered_at + 5, "5 steps after the recovery")
+        os.killpg(proc.pid, signal.SIGTERM)  # a preemption: the run stops at a step boundary
         output = proc.communicate(timeout=600)[0]
     finally:
         server.stop()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-4000:]
+    # the trainers stopped cleanly (the deepspeed launcher itself exits -15 on SIGTERM)
+    assert "checkpoint saved; resume with train.resume=latest" in output, output[-4000:]
     records = jsonl_so_far(run_dir)
     events = [r["event"] for r in records if r.get("event", "").startswith("mlflow_") or r.get("event") == "run_end"]
     # the server was back while the run still trained (not only for the final flush)
@@ -275,11 +280,12 @@ def test_a_server_outage_mid_run_loses_no_step_and_stalls_no_step(tmp_path, demo
         client = MlflowClient(tracking_uri=server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "KILLED"  # preempted, as it was
     finally:
         server.stop()
     assert losses == [(r["step"], r["loss"]) for r in records if "loss" in r]  # every step, once
-    assert [s for s, _ in losses] == list(range(1, steps + 1))
+    last = max(r["step"] for r in records if "loss" in r)
+    assert last < steps and [s for s, _ in losses] == list(range(1, last + 1))
     # No step waited on the network: training went on through the outage (the wait_for
     # above needed 10 steps of it). The step rates are printed for the log, not asserted
     # (the server's restart competes for the same 2 cores).

@@ -183,6 +183,9 @@ def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None, mlf
     # the export is the encoder, plus the heads model.json names (FILIP's token heads, which
     # token-wise evaluation needs) under their export names.
     encoder = {k[len(ENCODER):]: v for k, v in state_dict.items() if k.startswith(ENCODER)}
+    if not encoder:  # the model itself was the engine's module before (commit 9ebeef0)
+        raise ValueError(f"{ckpt_dir / tag}: written before the trainer wrapped the encoder (no 'encoder.*' "
+                         f"weights); export it with a checkout before commit 9ebeef0")
     heads = heads_for_export(state_dict, meta.pop("export_heads", {}))
     payload = {**meta, "state_dict": {k: v.float().contiguous() for k, v in encoder.items()},
                "heads": {k: v.float().contiguous() for k, v in heads.items()},
@@ -248,7 +251,7 @@ def main(argv=None):
                   f"pretrained={args.output!r})")
         else:
             print(f"wrote {export(args.checkpoint, args.output, args.tag)}")
-    except (InteropError, FileNotFoundError) as e:
+    except (InteropError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,8 +8,12 @@ Defaults fit CLIP training: images resized so the short side is 256 px with the 
 kept (only shrunk, never enlarged), JPEG quality 95, 10,000 samples per shard, the
 caption stored as `.txt`, extra parquet columns (e.g. YFCC `tags`) stored in `.json`.
 Incremental: re-running the same command resumes, skipping shards img2dataset already
-finished. On a cluster pass `--distributor pyspark` inside a Spark session, and any
-fsspec path (s3://...) as --output.
+finished. `--distributor pyspark` runs img2dataset's pyspark distributor: in an active
+Spark session when there is one (a cluster's: submit this command with spark-submit or
+run it where the session is), else on a local one it starts (`source launch/env_spark.sh`
+installs Java and the pinned pyspark); --output may be any fsspec path (s3://..., hdfs://...)
+that every executor can write. Both distributors write the same manifest and samples
+(tests/test_data_prep.py).
 
 PyramidCLIP's extra levels (pipeline/data/pyramid.py): a `tags` column (YFCC user tags,
 comma-separated) and a `summary` column (a summarizer's caption) end up in each sample's
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -51,6 +56,8 @@ def run_img2dataset(input_path: str, output: str, image_size: int = 256, samples
     # img2dataset imports albumentations, which phones home on import unless told not to;
     # its workers are spawned processes and inherit this.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if distributor == "pyspark":  # Spark's Python workers: this interpreter, unless the cluster says otherwise
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     from img2dataset import download  # heavy import; only here
 
     columns = pq.ParquetFile(input_path).schema_arrow.names

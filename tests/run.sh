@@ -2,6 +2,7 @@
 # The README's test command: installs what it needs, then runs the whole suite
 # (slow end-to-end tests included). Extra arguments go to pytest.
 source "$(dirname "$0")/../launch/env.sh"
+source "$(dirname "$0")/../launch/env_spark.sh"  # the one Spark test (tests/test_data_prep.py)
 set +e
 python -m pytest tests "$@"
 rc=$?

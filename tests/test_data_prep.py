@@ -276,3 +276,52 @@ def test_laion_dedup_and_sample_run_in_bounded_memory(tmp_path, sample):
         assert int(duplicates) == rows - distinct
     assert int(grown_mb) < 260, (grown_mb, seconds)
     assert not list(tmp_path.glob(".duckdb-spill-*"))  # the scratch directory goes with the run
+
+
+# ---- the download step on a real local Spark session ------------------------------------------
+
+@pytest.mark.slow
+def test_shard_on_pyspark_gives_the_manifest_and_samples_of_multiprocessing(tmp_path):
+    """`data_prep.shard --distributor pyspark` runs img2dataset's pyspark distributor on a
+    local Spark session (a JVM: launch/env_spark.sh installs Java and pyspark) against the
+    loopback server, and writes the manifest and samples the multiprocessing path writes."""
+    import tarfile
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from data_prep.serve import serve_directory
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+
+    def samples(shards):
+        found = set()
+        for tar in sorted(shards.glob("*.tar")):
+            with tarfile.open(tar) as t:
+                found |= {(m.name, t.extractfile(m).read()) for m in t if m.name.endswith(".txt")}
+        return found
+
+    with serve_directory(str(images)) as base:
+        urls = [f"{base}/{i}.png" for i in range(40)] + [f"{base}/missing-{i}.png" for i in range(3)]
+        pq.write_table(pa.table({"url": urls, "caption": [f"image number {i}" for i in range(len(urls))]}),
+                       tmp_path / "urls.parquet")
+        manifests = {}
+        for distributor in ("multiprocessing", "pyspark"):
+            out = tmp_path / distributor
+            done = subprocess.run([sys.executable, "-m", "data_prep.shard", "--input", str(tmp_path / "urls.parquet"),
+                                   "--output", str(out), "--distributor", distributor, "--samples-per-shard", "16",
+                                   "--processes", "2", "--threads", "4", "--image-size", "32"],
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+            # img2dataset's pyspark distributor says so when it starts its local session
+            assert ("No pyspark session found, creating a new one!" in done.stdout) == (distributor == "pyspark")
+            manifests[distributor] = yaml.safe_load((out / "manifest.yaml").read_text())
+            manifests[distributor].pop("source")
+    assert manifests["pyspark"] == manifests["multiprocessing"]
+    assert manifests["pyspark"]["total_samples"] == 40
+    assert sum(manifests["pyspark"]["failures"]["failed_to_download"].values()) == 3
+    assert samples(tmp_path / "pyspark") == samples(tmp_path / "multiprocessing")

@@ -156,9 +156,9 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
         stats["input_rows"] = sum(stats.values())
         passed_rules = stats.pop("passed_rules", 0)
         # The first occurrence of each URL, with how many rows had that URL: a hash
-        # aggregate, which spills beyond the memory limit. Straight from the parquet scan
-        # it is ~1.5x faster (2 M rows: 1.2 s against 1.8 s) but needs ~128 MB per thread (at 64 MB it
-        # ran out of memory instead of spilling); below that it reads a stored table.
+        # aggregate, which spills beyond the memory limit. Straight from the parquet scan it
+        # is ~1.5x faster (2 M rows: 1.2 s against 1.8 s) but needs ~128 MB per thread (at
+        # 64 MB it ran out of memory instead of spilling); below that it reads a stored table.
         source = f"({passed}) WHERE caption <> ''"
         if memory_per_thread(con) < 128 << 20:
             con.execute(f"CREATE TABLE passed AS SELECT * FROM {source}")

@@ -37,9 +37,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from data_prep.laion_pandas import column_map, resolve_inputs, url_priority
+from data_prep.laion_pandas import OUTPUT_COLUMNS, column_map, resolve_inputs, url_priority
 
-OUTPUT_COLUMNS = ["key", "url", "caption"]
 # Python's `\s` (str.isspace) but the space, as an RE2 class: what clean_text collapses
 WHITESPACE = (r"[\t\n\x{0b}\x{0c}\r\x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}"
               r"\x{202f}\x{205f}\x{3000}]")
@@ -157,8 +156,9 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
         passed_rules = stats.pop("passed_rules", 0)
         # The first occurrence of each URL, with how many rows had that URL: a hash
         # aggregate, which spills beyond the memory limit. Straight from the parquet scan it
-        # is ~1.5x faster (2 M rows: 1.2 s against 1.8 s) but needs ~128 MB per thread (at
-        # 64 MB it ran out of memory instead of spilling); below that it reads a stored table.
+        # saves a table write but needs ~128 MB per thread (at 64 MB per thread it ran out
+        # of memory instead of spilling: tests/test_data_prep.py's 128 MB case on 2 threads
+        # takes the stored-table path); below that it reads a stored table.
         source = f"({passed}) WHERE caption <> ''"
         if memory_per_thread(con) < 128 << 20:
             con.execute(f"CREATE TABLE passed AS SELECT * FROM {source}")
@@ -177,7 +177,7 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
                                         ).fetchone()[0]
                 where = f"WHERE p <= {threshold}"
         sampled, kept = con.execute(f"SELECT coalesce(sum(n), 0), count(*) FROM urls {where}").fetchone()
-        con.execute(f"COPY (SELECT key, url, caption FROM urls {where}) TO {sql_string(str(partial))} "
+        con.execute(f"COPY (SELECT {', '.join(OUTPUT_COLUMNS)} FROM urls {where}) TO {sql_string(str(partial))} "
                     f"(FORMAT parquet)")
         con.close()
         stats.update(kept=kept, dropped_not_sampled=candidates - sampled, dropped_duplicate_url=sampled - kept)

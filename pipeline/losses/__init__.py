@@ -1,7 +1,5 @@
 """Training objectives: small pure functions over model outputs."""
 from .contrastive import contrastive_loss
-from pipeline.ranks import world
-
 from .gather import all_gather_with_grad, local_labels
 
-__all__ = ["all_gather_with_grad", "contrastive_loss", "local_labels", "world"]
+__all__ = ["all_gather_with_grad", "contrastive_loss", "local_labels"]

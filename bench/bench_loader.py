@@ -45,8 +45,8 @@ def rate(batches, n: int, batch_size: int, consume=lambda batch: batch) -> float
 
 
 def our_stream(shards: str, batch_size: int, workers: int, image_size: int, uint8: bool = True,
-               context_length: int = 77) -> DataStream:
-    cfg = DataConfig(train_shards=shards, workers=workers, resampled=True, shuffle_buffer=1000)
+               context_length: int = 77, readers: int = 64) -> DataStream:
+    cfg = DataConfig(train_shards=shards, workers=workers, resampled=True, shuffle_buffer=1000, readers=readers)
     return DataStream(cfg, batch_size=batch_size, image=ImageSpec(image_size, "clip"),
                       context_length=context_length, uint8=uint8)
 
@@ -62,7 +62,7 @@ def open_clip_loader(shards: str, batch_size: int, workers: int, image_size: int
 
 
 def ours(shards: str, args, uint8: bool = True) -> float:
-    stream = our_stream(shards, args.batch_size, args.workers, args.image_size, uint8)
+    stream = our_stream(shards, args.batch_size, args.workers, args.image_size, uint8, readers=args.readers)
     return rate(stream, args.batches, args.batch_size, lambda batch: pixels_on_device(batch, torch.device("cpu")))
 
 
@@ -74,6 +74,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="data/demo/shards/digits")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--readers", type=int, default=64,
+                        help="data.readers (virtual readers); --readers WORKERS is one reader per worker")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=60)

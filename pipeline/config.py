@@ -75,6 +75,12 @@ class DataConfig:
     # Samples per epoch across all ranks; None reads it from the shards' manifest.
     train_num_samples: Optional[int] = None
     resampled: bool = True
+    # Virtual readers: the data order is a function of (seed, epoch, readers, global batch)
+    # only, so a run can move to another number of processes or loader workers and go on
+    # with the same batches (pipeline/data/loader.py). Every world size must divide it.
+    readers: int = 64
+    # Samples shuffled in memory, in all: each virtual reader buffers its share
+    # (shuffle_buffer / readers), and the readers' samples interleave on top of that.
     shuffle_buffer: int = 2000
     workers: int = 2
     rrc_scale: tuple[float, float] = (0.9, 1.0)
@@ -112,6 +118,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check_range("data.workers", self.workers, 0)
+        _check_range("data.readers", self.readers, 0, exclusive=True)
         _check_range("data.stall_seconds", self.stall_seconds, 0, exclusive=True)
         _check_range("data.max_image_pixels", self.max_image_pixels, 0, exclusive=True)
         _check_range("data.max_caption_bytes", self.max_caption_bytes, 0, exclusive=True)

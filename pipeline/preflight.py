@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import checkpoint_files
 from pipeline.config import ConfigError, RunConfig, features_only, load_config
-from pipeline.data.shards import batches_per_epoch, debiased_sources, resolve_shards
+from pipeline.data.shards import batches_per_epoch, check_readers, debiased_sources, resolve_shards
 from pipeline.ds_config import accumulation_steps, fill_ds_config, read_ds_config
 
 
@@ -28,11 +28,11 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     check_output_dir(Path(cfg.train.output_dir))
     if cfg.train.resume == "latest" and not cfg.train.run_name:
         raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
-    if cfg.train.resume:  # a path that is no checkpoint, or one from another world size
+    if cfg.train.resume:  # a path that is no checkpoint, or one this run cannot continue
         found = checkpoint_files.resolve_resume(cfg.train.resume,
                                                 Path(cfg.train.output_dir) / cfg.train.run_name / "checkpoints")
         if found:
-            checkpoint_files.check_world_size(*found, world)
+            checkpoint_files.check_resumable(*found, world, zero_stage(ds_config), cfg)
     if not features_only(cfg.objective) and accumulation_steps(cfg.train, world) > 1:
         raise ConfigError(f"objective.weights: {', '.join(cfg.objective.weights)} (with its views) use more than one "
                           f"view's pooled features, so they cannot run exact accumulation: set "
@@ -61,20 +61,29 @@ def check_output_dir(output_dir: Path):
         raise ConfigError(f"train.output_dir: {problem}")
 
 
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
 def check_shards(cfg: RunConfig, world: int):
-    """The shards exist (and the debiased sources have manifests). Without resampling a
-    rank's workers read only their share of them: a batch larger than that share is never
-    filled (it passed validation and hung: issue 22)."""
+    """The shards exist (and the debiased sources have manifests); data.readers suits the
+    world size. Without resampling an epoch lasts as long as the least-fed virtual reader:
+    a global batch larger than the readers can fill together is never filled (it passed
+    validation and hung: issue 22)."""
     sources = (debiased_sources(cfg.data) if cfg.data.sampling == "debiased"
                else [resolve_shards(cfg.data.train_shards)])
+    for shards in sources:
+        try:
+            check_readers(cfg.data, world, shards)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.data.resampled:
         return
-    batch = cfg.train.micro_batch_size * accumulation_steps(cfg.train, world)
     for shards in sources:
-        if batches_per_epoch(shards, cfg.data, batch, world, cfg.train.seed) == 0:
+        if batches_per_epoch(shards, cfg.data, cfg.train.global_batch_size, cfg.train.seed) == 0:
             raise ConfigError(
-                f"train.micro_batch_size: a batch of {batch} per rank cannot be filled from one rank's share of "
-                f"{shards.urls[0]} ... ({len(shards.urls)} shards, {shards.total_samples} samples) with data.resampled"
-                f"=false, {world} rank(s) x {max(1, cfg.data.workers)} worker(s) and data.max_skip_rate="
-                f"{cfg.data.max_skip_rate:g} held back: use fewer ranks, workers or a smaller batch, or "
+                f"train.global_batch_size: a global batch of {cfg.train.global_batch_size} cannot be filled from "
+                f"{shards.urls[0]} ... ({len(shards.urls)} shards, {shards.total_samples} samples) with data."
+                f"resampled=false, {cfg.data.readers} virtual readers (data.readers) and data.max_skip_rate="
+                f"{cfg.data.max_skip_rate:g} held back: use fewer readers or a smaller batch, or "
                 f"data.resampled: true")

@@ -48,7 +48,8 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
     lr, warmup = 5e-4, 50
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
-    stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True), batch_size=64,
+    stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True, readers=1),
+                        batch_size=64,
                         image=ImageSpec(64, model.arch.normalization), context_length=32)
     for step, batch in enumerate(stream):
         for group in opt.param_groups:

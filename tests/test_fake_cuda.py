@@ -111,7 +111,7 @@ def loader_batch(shards: str, recipe: str, model_name: str, accum: int) -> dict:
     """One real batch from the demo shards, as the trainer's loader yields it for this recipe."""
     module, objective = build(model_name, recipe, torch.float32)
     model = module.encoder
-    stream = DataStream(DataConfig(train_shards=shards, workers=0, shuffle_buffer=0), objective.recipe(),
+    stream = DataStream(DataConfig(train_shards=shards, workers=0, shuffle_buffer=0, readers=1), objective.recipe(),
                         batch_size=MICRO * accum, image=ImageSpec(model.arch.image_size, model.arch.normalization),
                         context_length=model.arch.context_length, uint8=True)
     return next(iter(stream))

@@ -51,11 +51,11 @@ def test_jpeg_draft_decodes_smaller_and_the_crop_stays_the_same():
 def test_draft_size_keeps_full_resolution_for_the_smallest_crop():
     spec = StreamSpec(shards=ShardSet(["x.tar"], [1]), batch_size=1, image_size=224, normalization="clip",
                       context_length=77, rrc_scale=(0.9, 1.0))
-    assert BatchMaker(spec, (0, 0, 0, 0)).draft_size == math.ceil(224 / math.sqrt(0.9))
+    assert BatchMaker(spec).draft_size == math.ceil(224 / math.sqrt(0.9))
     slip = StreamSpec(**{**spec.__dict__, "recipe": BatchRecipe(ssl_views=2)})  # SimCLR crops down to 8% of the area
-    assert BatchMaker(slip, (0, 0, 0, 0)).draft_size == math.ceil(224 / math.sqrt(0.08))
+    assert BatchMaker(slip).draft_size == math.ceil(224 / math.sqrt(0.08))
     off = StreamSpec(**{**spec.__dict__, "jpeg_draft": False})
-    assert BatchMaker(off, (0, 0, 0, 0)).draft_size == 0
+    assert BatchMaker(off).draft_size == 0
 
 
 @pytest.mark.parametrize("views", [dict(views=1), dict(views=2, view_augment="moco", ssl_views=2)],

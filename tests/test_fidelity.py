@@ -96,7 +96,7 @@ def test_filip_alone_can_train_on_mlm_masked_captions_as_declips_filip_config(de
     from pipeline.tokenizer import MASK_ID
     from pipeline.objectives import ComposedObjective, objective_arch
     arch = build_model("clip-tiny").arch
-    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0)
+    cfg = DataConfig(train_shards=str(demo_data / "shards" / "photos"), workers=0, shuffle_buffer=0, readers=1)
     for masked in (False, True):
         objective_cfg = ObjectiveConfig(weights={"filip": 1.0}, mask_captions=masked)
         trained_arch = objective_arch(arch, objective_cfg)

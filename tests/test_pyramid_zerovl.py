@@ -338,7 +338,7 @@ def test_zerovl_recipe_options_reach_the_loader(demo_data):
         assert model.arch.vocab_size == MASK_ID + 1
         objective = ComposedObjective(objective_cfg, model.arch)
         stream = DataStream(cfg, objective.recipe(), batch_size=32, image=ImageSpec(32, "clip"), context_length=16)
-        crop, autoaugment = BatchMaker(stream.base, (0, 0, 0, 0)).view_transforms[0].transforms[:2]
+        crop, autoaugment = BatchMaker(stream.base).view_transforms[0].transforms[:2]
         assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.6, 1.0)
         assert isinstance(autoaugment, T.AutoAugment) and autoaugment.policy == T.AutoAugmentPolicy.IMAGENET
         assert (next(iter(stream))["text"] == MASK_ID).any()

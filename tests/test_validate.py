@@ -17,7 +17,7 @@ from conftest import REPO_ROOT
 
 def args_for(tmp_path, demo_data, *overrides):
     cfg = {"model": {"name": "msclip-s-tiny"},
-           "data": {"train_shards": f"{demo_data}/shards/digits", "workers": 2, "resampled": False},
+           "data": {"train_shards": f"{demo_data}/shards/digits", "workers": 2, "resampled": False, "readers": 4},
            "train": {"global_batch_size": 32, "micro_batch_size": 16, "steps": 4,
                      "output_dir": str(tmp_path / "runs"), "run_name": "r"}}
     path = tmp_path / "run.yaml"
@@ -36,14 +36,19 @@ def test_a_valid_config_passes(tmp_path, demo_data, two_ranks):
     assert world == 2 and cfg.data.resampled is False and initial is None
 
 
-def test_a_batch_that_a_ranks_share_of_the_epoch_cannot_fill(tmp_path, demo_data, two_ranks):
-    """It passed validation and the run hung: without resampling a rank reads only its
-    shards (the digits: 6 shards of up to 250 samples over 2 ranks x 2 workers)."""
-    with pytest.raises(ConfigError, match=r"^train.micro_batch_size: a batch of 256 per rank cannot be filled .*"
-                                          r"2 rank\(s\) x 2 worker\(s\)"):
-        validate(args_for(tmp_path, demo_data, "train.micro_batch_size=256", "train.global_batch_size=512"))
-    validate(args_for(tmp_path, demo_data, "train.micro_batch_size=256", "train.global_batch_size=512",
+def test_a_batch_that_the_readers_of_an_epoch_cannot_fill(tmp_path, demo_data, two_ranks):
+    """It passed validation and the run hung: without resampling an epoch lasts as long as
+    its least-fed virtual reader (the digits: 6 shards of up to 250 samples over 4 readers;
+    the least-fed holds 250, 237 usable: 4 x 237 < 1024)."""
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size: a global batch of 1024 cannot be filled .*"
+                                          r"4 virtual readers"):
+        validate(args_for(tmp_path, demo_data, "train.micro_batch_size=512", "train.global_batch_size=1024"))
+    validate(args_for(tmp_path, demo_data, "train.micro_batch_size=512", "train.global_batch_size=1024",
                       "data.resampled=true"))  # resampled readers draw from every shard: fine
+    with pytest.raises(ConfigError, match=r"^data.readers=8 virtual readers but 6 shards"):
+        validate(args_for(tmp_path, demo_data, "data.readers=8"))
+    with pytest.raises(ConfigError, match=r"^data.readers=3 is not a multiple of the world size 2: it runs on 1, 3"):
+        validate(args_for(tmp_path, demo_data, "data.readers=3"))
 
 
 def test_an_unwritable_output_dir(tmp_path, demo_data, two_ranks):
@@ -58,17 +63,27 @@ def test_a_resume_path_that_is_no_checkpoint_or_one_of_another_world_size(tmp_pa
         validate(args_for(tmp_path, demo_data, f"train.resume={tmp_path}/nowhere"))
     tag = tmp_path / "runs" / "r" / "checkpoints" / "step_00000004"
     tag.mkdir(parents=True)
-    (tag / "COMPLETE.json").write_text(json.dumps({"world_size": 4, "step": 4}))
-    with pytest.raises(ValueError, match="^train.resume: .*step_00000004 was written by 4 ranks, this run has 2"):
+    (tag / "COMPLETE.json").write_text(json.dumps({"world_size": 4, "step": 4}))  # written before data.readers
+    with pytest.raises(ValueError, match="^train.resume: .*step_00000004 was written by 4 ranks, this run has 2: "
+                                         "checkpoints saved before data.readers"):
         validate(args_for(tmp_path, demo_data, "train.resume=latest"))
+    facts = {"model.name": "msclip-s-tiny", "model.overrides": {}, "objective.weights": ["clip"],
+             "data.readers": 8, "train.global_batch_size": 32, "zero_optimization.stage": 2}
+    (tag / "COMPLETE.json").write_text(json.dumps({"world_size": 4, "step": 4, "facts": facts}))
+    with pytest.raises(ValueError, match="^train.resume: .*step_00000004 was written with data.readers=8, this run "
+                                         "has data.readers=4"):
+        validate(args_for(tmp_path, demo_data, "train.resume=latest"))
+    (tag / "COMPLETE.json").write_text(json.dumps({"world_size": 4, "step": 4,
+                                                   "facts": {**facts, "data.readers": 4}}))
+    validate(args_for(tmp_path, demo_data, "train.resume=latest"))  # 4 ranks -> 2: converted at load
 
 
 def test_main_says_it_in_one_line_and_returns_2(tmp_path, demo_data, two_ranks, capsys):
     assert main(["--deepspeed_config", str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"),
-                 "--config", str(args_for(tmp_path, demo_data).config), "train.micro_batch_size=256",
-                 "train.global_batch_size=512"]) == 2
+                 "--config", str(args_for(tmp_path, demo_data).config), "train.micro_batch_size=512",
+                 "train.global_batch_size=1024"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: train.micro_batch_size:") and "\n" not in err
+    assert err.startswith("error: train.global_batch_size:") and "\n" not in err
 
 
 # ---- the bad-config corpus: one line, rc 2, before torch / DeepSpeed / MLflow load --------

@@ -52,6 +52,11 @@ class DebiasedStream:
         return {"step": self.step, "sources": [s.state_dict() for s in self.sources]}
 
     def load_state_dict(self, state: dict):
+        if "from_ranks" in state:  # saved on another number of processes: each source's, joined
+            ranks = state["from_ranks"]
+            state = {"step": ranks[0]["step"],
+                     "sources": [DataStream.merge_states([r["sources"][i] for r in ranks])
+                                 for i in range(len(self.sources))]}
         self.step = int(state["step"])
         for source, source_state in zip(self.sources, state["sources"]):
             source.load_state_dict(source_state)

@@ -8,17 +8,19 @@ sources, and `make_stream`), shards.py (which reader reads which shard).
 
 Properties the trainer relies on:
 
-* **Split by rank and worker.** Without resampling each shard goes to exactly one
-  (rank, worker) per epoch (`assign_shards`), so an epoch reads every sample once.
-  With resampling each reader draws shards with replacement (weighted by their
-  sample counts) from its own seeded stream.
+* **Topology-free.** The shards belong to `data.readers` virtual readers, not to ranks or
+  workers; step s's global batch is the same set of samples, with the same augmentations,
+  on any number of processes and loader workers (`DataStream.__iter__` says why).
+  Without resampling each shard goes to exactly one reader per epoch (`assign_shards`),
+  so an epoch reads every sample once. With resampling each reader draws shards with
+  replacement (weighted by their sample counts) from its own seeded stream.
 * **Deterministic.** Shard order, the shuffle buffer and every augmentation are seeded
-  from (seed, epoch, rank, worker, sample index), so the same seed and epoch give the
+  from (seed, epoch, virtual reader, sample index), so the same seed and epoch give the
   same batches, whatever the process timing.
-* **Resumable.** Each batch carries, per worker, how many raw samples that worker has
+* **Resumable.** Each batch carries, per virtual reader, how many raw samples it has
   pulled from its shuffled stream. `DataStream.state_dict()` holds these; a resumed
-  stream skips exactly that many raw samples per worker before decoding anything, so
-  no sample is seen twice or skipped.
+  stream skips exactly that many raw samples per reader before decoding anything, so
+  no sample is seen twice or skipped, on the same or another number of processes.
 * **Bad data is skipped and counted, never fatal.** Unreadable or truncated tars,
   missing/empty/undecodable images, missing/empty captions: each is counted by reason
   (`SKIP_REASONS`) and the stream goes on. (webdataset's `warn_and_continue` is not
@@ -45,7 +47,7 @@ from pipeline.config import DataConfig
 from pipeline.data.decode import SKIP_REASONS, BadSample, tar_members
 from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.data.samples import BatchMaker
-from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, resolve_shards
+from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, check_readers, resolve_shards
 from pipeline.ranks import world
 
 log = logging.getLogger(__name__)
@@ -65,17 +67,18 @@ class Stalled(Exception):
 class StreamSpec:
     """Everything a reader process needs (picklable)."""
     shards: ShardSet
-    batch_size: int
+    batch_size: int  # this rank's samples per step (micro batch x accumulation)
     image_size: int
     normalization: str
     context_length: int
+    readers: int = 1  # data.readers: the virtual readers of all ranks together
     seed: int = 0
     epoch: int = 0
     rank: int = 0
     world: int = 1
     num_workers: int = 1
     resampled: bool = False
-    shuffle_buffer: int = 0
+    shuffle_buffer: int = 0  # per virtual reader
     train: bool = True
     rrc_scale: tuple[float, float] = (0.9, 1.0)
     recipe: BatchRecipe = BatchRecipe()
@@ -91,23 +94,40 @@ class StreamSpec:
     max_image_pixels: int = 0
     # captions are cut to this many bytes before tokenizing (0: no limit); tar members
     # larger than max_member_bytes are never read (0: no limit)
-    max_caption_bytes: int = 0
     max_member_bytes: int = 0
-    # worker -> {"raw": n, "good": n, "truncated": n, "skipped": {reason: n}} already consumed this epoch
+    max_caption_bytes: int = 0
+    # where this epoch stands: batches this rank already took, and per virtual reader
+    # {"raw": n, "good": n, "truncated": n, "skipped": {reason: n}, "end": bool}
+    start_batch: int = 0
     resume: dict[int, dict] = field(default_factory=dict)
 
+    @property
+    def local_readers(self) -> int:
+        return self.readers // self.world
 
-class _Reader:
-    """One worker's pass: tar stream -> shuffle -> skip -> samples -> batches (the per-sample
-    work and collation: pipeline/data/samples.py), counting what is lost and why."""
+    @property
+    def active_workers(self) -> int:
+        """Loader workers that own readers (workers beyond the rank's readers would idle)."""
+        return max(1, min(self.num_workers, self.local_readers))
 
-    def __init__(self, spec: StreamSpec, worker: int):
-        self.spec, self.worker = spec, worker
-        state = spec.resume.get(worker, {})
+    def worker_of(self, position: int) -> int:
+        """The worker that serves this rank's `position`-th sample of the epoch (see DataStream)."""
+        return position % self.local_readers % self.active_workers
+
+
+class _VirtualReader:
+    """One virtual reader's samples: its shards (or its seeded resampled draw) -> tar stream ->
+    shuffle -> skip what a resumed run already consumed -> decoded samples, counting what is
+    lost and why. Its order and draws depend on (seed, epoch, reader) only."""
+
+    def __init__(self, spec: StreamSpec, reader: int, maker: BatchMaker):
+        self.spec, self.reader, self.maker = spec, reader, maker
+        state = spec.resume.get(reader, {})
         self.skip = int(state.get("raw", 0))
         self.raw = 0
         self.good = int(state.get("good", 0))
         self.truncated = int(state.get("truncated", 0))  # captions cut at max_caption_bytes
+        self.ended = bool(state.get("end", False))
         # (shard url, sample key) -> why the sample is skipped, found while reading its tar
         # members (the sample itself arrives later, from webdataset's grouping)
         self.rejected: dict[tuple[str, str], str] = {}
@@ -117,8 +137,12 @@ class _Reader:
         self.flagged: set[str] = set()
         self.lost_by_shard: Counter = Counter()  # which shards cost the most, for the messages
         self.last_good = time.monotonic()
-        self.ids = (spec.seed, spec.epoch, spec.rank, worker)
-        self.maker = BatchMaker(spec, self.ids)
+        self.ids = (spec.seed, spec.epoch, reader)
+        self.samples = None  # opened at the reader's first turn
+
+    def state(self) -> dict:
+        return {"raw": max(self.raw, self.skip), "good": self.good, "truncated": self.truncated,
+                "skipped": dict(self.skipped), "end": self.ended}
 
     def count(self, reason: str, url: str, samples: int = 1):
         if self.raw >= self.skip:  # the skipped prefix was counted before the checkpoint
@@ -133,8 +157,8 @@ class _Reader:
         if self.spec.stall_seconds and waited > self.spec.stall_seconds:
             reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.most_common()) or "none"
             raise Stalled(f"no good sample in {waited:.0f} s, over data.stall_seconds={self.spec.stall_seconds:g} "
-                          f"(rank {self.spec.rank}, worker {self.worker}); skipped: {reasons}; shards that cost "
-                          f"the most: {costliest(self.lost_by_shard)}. Check the shards with "
+                          f"(virtual reader {self.reader}, rank {self.spec.rank}); skipped: {reasons}; shards "
+                          f"that cost the most: {costliest(self.lost_by_shard)}. Check the shards with "
                           f"`python -m data_prep.verify`.")
 
     def lost_samples(self, url: str) -> int:
@@ -172,14 +196,13 @@ class _Reader:
     def urls(self):
         spec = self.spec
         if spec.resampled:
-            rng = random.Random(f"resample:{spec.seed}:{spec.epoch}:{spec.rank}:{self.worker}")
+            rng = random.Random(f"resample:{spec.seed}:{spec.epoch}:{self.reader}")
             weights = spec.shards.samples if spec.shards.total_samples else None
             while True:
                 self.check_stall()
                 yield dict(url=rng.choices(spec.shards.urls, weights=weights)[0])
         else:
-            for i in assign_shards(spec.shards, spec.epoch, spec.seed, spec.rank, spec.world, self.worker,
-                                   spec.num_workers):
+            for i in assign_shards(spec.shards, spec.epoch, spec.seed, self.reader, spec.readers):
                 self.check_stall()
                 yield dict(url=spec.shards.urls[i])
 
@@ -221,45 +244,90 @@ class _Reader:
             stream = wds.shuffle(self.spec.shuffle_buffer, initial=self.spec.shuffle_buffer // 2, rng=rng)(stream)
         return stream
 
-    def meta(self, end: bool = False) -> dict:
-        return {"worker": self.worker, "raw": self.raw, "good": self.good, "truncated": self.truncated,
-                "skipped": dict(self.skipped), "end": end,
-                "costly": dict(self.lost_by_shard.most_common(3))}
+    def next_sample(self) -> dict | None:
+        """This reader's next good sample (decoded, augmented), or None once it has none left."""
+        if self.ended:
+            return None
+        if self.samples is None:
+            self.samples = iter(self.raw_samples())
+        # the wait starts now: time the consumer spent elsewhere (a long evaluation, a
+        # checkpoint, other readers' turns) is not a stall of this reader
+        self.last_good = time.monotonic()
+        for sample in self.samples:
+            self.raw += 1
+            rejected = self.rejected.pop((sample["__url__"], sample["__key__"]), None)
+            if self.raw <= self.skip:
+                self.last_good = time.monotonic()  # a resumed stream's fast-forward is progress
+                continue
+            try:
+                if rejected:
+                    raise BadSample(rejected)
+                item = self.maker.sample(sample, self.ids, self.raw)
+                if self.spec.max_caption_bytes and len(sample["txt"]) > self.spec.max_caption_bytes:
+                    self.truncated += 1  # cut, and used
+            except BadSample as bad:
+                self.count(bad.reason, sample["__url__"])
+                continue
+            self.good += 1
+            return item
+        self.ended = True
+        return None
+
+
+class _Worker:
+    """One loader worker: its share of this rank's virtual readers, and for every batch of
+    the rank its part of it (the samples at the batch positions `worker_of` gives it), in
+    position order. A reader that has run out passes its turn to the worker's next one; a
+    worker whose readers have all run out sends what it has and ends."""
+
+    def __init__(self, spec: StreamSpec, worker: int):
+        self.spec, self.worker = spec, worker
+        maker = BatchMaker(spec)
+        # local reader j is global reader rank + world * j (so rank = reader % world)
+        self.local = [j for j in range(spec.local_readers) if j % spec.active_workers == worker]
+        self.readers = {j: _VirtualReader(spec, spec.rank + spec.world * j, maker) for j in self.local}
+        self.maker = maker
+
+    def take(self, j: int) -> dict | None:
+        """Local reader j's next sample; if j has run out, the next of this worker's readers
+        (in turn after j) that has one."""
+        at = self.local.index(j)
+        for k in self.local[at:] + self.local[:at]:
+            item = self.readers[k].next_sample()
+            if item is not None:
+                return item
+        return None
+
+    def meta(self, end: bool) -> dict:
+        lost = sum((r.lost_by_shard for r in self.readers.values()), Counter())
+        return {"worker": self.worker, "readers": {r.reader: r.state() for r in self.readers.values()},
+                "end": end, "costly": dict(lost.most_common(3))}
 
     def __iter__(self):
-        items = []
+        spec, batch = self.spec, self.spec.batch_size
+        n = spec.local_readers
         try:
-            for sample in self.raw_samples():
-                self.raw += 1
-                rejected = self.rejected.pop((sample["__url__"], sample["__key__"]), None)
-                if self.raw <= self.skip:
-                    self.last_good = time.monotonic()  # a resumed stream's fast-forward is progress
-                    continue
-                try:
-                    if rejected:
-                        raise BadSample(rejected)
-                    items.append(self.maker.sample(sample, self.raw))
-                    if self.spec.max_caption_bytes and len(sample["txt"]) > self.spec.max_caption_bytes:
-                        self.truncated += 1  # cut, and used
-                except BadSample as bad:
-                    self.count(bad.reason, sample["__url__"])
-                    continue
-                self.good += 1
-                self.last_good = time.monotonic()
-                if len(items) == self.spec.batch_size:
-                    yield {**self.maker.batch(items, self.raw), "meta": self.meta()}
-                    items = []
-                    # the consumer asked for more: time it spent elsewhere (a long evaluation,
-                    # a checkpoint) is not a stall of this reader
-                    self.last_good = time.monotonic()
+            if not self.local:  # more workers than readers: nothing to serve
+                yield {"meta": self.meta(end=True)}
+                return
+            u = spec.start_batch
+            while True:
+                items, end = [], False
+                for m in range(u * batch, (u + 1) * batch):
+                    if spec.worker_of(m) != self.worker:
+                        continue
+                    item = self.take(m % n)
+                    if item is None:
+                        end = True
+                        break
+                    items.append(item)
+                chunk = self.maker.batch(items) if items else {}
+                yield {**chunk, "meta": {**self.meta(end), "count": len(items)}}
+                if end:
+                    return
+                u += 1
         except Stalled as stalled:  # the trainer's process raises it (DataStream), with this message
-            yield {"meta": {**self.meta(end=True), "stalled": str(stalled)}}
-            return
-        if items and not self.spec.drop_last:
-            yield {**self.maker.batch(items, self.raw), "meta": self.meta()}
-        # An end marker: the stream knows at once that this worker is done (and its final
-        # counters, including bad samples after its last batch).
-        yield {"meta": self.meta(end=True)}
+            yield {"meta": {**self.meta(end=True), "count": 0, "stalled": str(stalled)}}
 
 
 class ShardStream(IterableDataset):
@@ -269,7 +337,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        return iter(_Reader(self.spec, info.id if info else 0))
+        return iter(_Worker(self.spec, info.id if info else 0))
 
 
 # Loader workers ignore SIGTERM (below), and SIGTERM-then-join-without-timeout is how
@@ -319,7 +387,7 @@ def leave_stop_signals_to_the_trainer(worker_id: int):
 
 class DataStream:
     """The trainer's view of the data: epochs of batches, skip counters, and a position
-    (`state_dict`) that a resumed run continues from exactly."""
+    (`state_dict`) that a resumed run continues from exactly, on any number of processes."""
 
     def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, batch_size: int,
                  image: ImageSpec, context_length: int, seed: int = 0, rank: int = 0, world: int = 1,
@@ -327,55 +395,89 @@ class DataStream:
                  shards: ShardSet | None = None):
         self.cfg = cfg
         self.shards = shards or resolve_shards(cfg.train_shards)
+        # a training stream's epoch is as long as its least-fed reader can make it: every
+        # reader needs a shard then (a stream read to its end, drop_last=False, does not)
+        check_readers(cfg, world, self.shards if drop_last else None)
         self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image.size,
-                               normalization=image.normalization, context_length=context_length, seed=seed,
-                               rank=rank, world=world, num_workers=max(1, cfg.workers), resampled=cfg.resampled,
-                               shuffle_buffer=cfg.shuffle_buffer if train else 0, train=train,
+                               normalization=image.normalization, context_length=context_length,
+                               readers=cfg.readers, seed=seed, rank=rank, world=world,
+                               num_workers=max(1, cfg.workers), resampled=cfg.resampled,
+                               shuffle_buffer=-(-cfg.shuffle_buffer // cfg.readers) if train else 0, train=train,
                                rrc_scale=cfg.rrc_scale, recipe=recipe, keep_captions=keep_captions,
                                drop_last=drop_last, jpeg_draft=cfg.jpeg_draft, uint8=uint8,
                                stall_seconds=cfg.stall_seconds if train else 0.0,
                                max_image_pixels=cfg.max_image_pixels, max_caption_bytes=cfg.max_caption_bytes,
                                max_member_bytes=cfg.max_member_bytes)
+        self.global_batch = batch_size * world
         self.epoch = 0
-        self.epoch_step = 0  # batches taken this epoch through `forever`
+        self.epoch_step = 0  # batches taken this epoch: the same count on every rank
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log
         # steps (pipeline/trainer.py), so that every rank stops together, on the whole picture.
         self.local_skip_check = True
-        self.workers: dict[int, dict] = {}  # this epoch's per-worker position
-        self.next_worker = 0  # whose batch comes next in the round-robin
+        self.readers: dict[int, dict] = {}  # this epoch's position, per virtual reader of this rank
         self.done = {"good": 0, "truncated": 0, "skipped": Counter()}  # finished epochs
         self.costly: dict[int, dict] = {}  # per worker: the shards that lost the most samples
 
     # ---- position ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "epoch_step": self.epoch_step,
-                "workers": {int(w): dict(s) for w, s in self.workers.items()},
-                "next_worker": self.next_worker,
+        """This rank's position. Every field means the same on any topology: readers are
+        global ids, steps are global batches; `merge_states` joins every rank's."""
+        return {"epoch": self.epoch, "epoch_step": self.epoch_step, "readers_total": self.base.readers,
+                "global_batch": self.global_batch,
+                "readers": {int(r): dict(s) for r, s in self.readers.items()},
                 "done": {"good": self.done["good"], "truncated": self.done["truncated"],
                          "skipped": dict(self.done["skipped"])}}
 
     def load_state_dict(self, state: dict):
+        """A position saved by this rank, or {"from_ranks": [every rank's]} from a run on
+        another number of processes (this rank takes its own readers' part; rank 0 the
+        finished epochs' totals)."""
+        if "from_ranks" in state:
+            state = self.merge_states(state["from_ranks"])
+        if "readers_total" not in state:
+            raise ValueError("train.resume: the checkpoint's data position is per (rank, worker): it was written "
+                             "before data.readers existed (commit 'virtual readers'); resume it with an earlier "
+                             "checkout, or start a new run with model.init_from")
+        for key, ours in (("readers_total", self.base.readers), ("global_batch", self.global_batch)):
+            if int(state[key]) != ours:
+                name = "data.readers" if key == "readers_total" else "train.global_batch_size"
+                raise ValueError(f"train.resume: the checkpoint's data order was made with {name}={state[key]}, "
+                                 f"this run has {ours}; keep {name} to resume (it fixes which samples make each "
+                                 f"step)")
         self.epoch = int(state["epoch"])
         self.epoch_step = int(state["epoch_step"])
-        self.workers = {int(w): dict(s) for w, s in state["workers"].items()}
-        self.next_worker = int(state["next_worker"])
-        self.done = {"good": int(state["done"]["good"]), "truncated": int(state["done"].get("truncated", 0)),
-                     "skipped": Counter(state["done"]["skipped"])}
+        b = self.base
+        self.readers = {int(r): dict(s) for r, s in state["readers"].items() if int(r) % b.world == b.rank}
+        done = state["done"]
+        if state.get("merged") and b.rank != 0:  # the totals are counted once, on rank 0
+            done = {"good": 0, "truncated": 0, "skipped": {}}
+        self.done = {"good": int(done["good"]), "truncated": int(done.get("truncated", 0)),
+                     "skipped": Counter(done["skipped"])}
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """Every rank's `state_dict` at one save -> one position for any number of processes."""
+        first = states[0]
+        skipped = sum((Counter(s["done"]["skipped"]) for s in states), Counter())
+        return {**first, "merged": True, "readers": {int(r): v for s in states for r, v in s["readers"].items()},
+                "done": {"good": sum(s["done"]["good"] for s in states),
+                         "truncated": sum(s["done"].get("truncated", 0) for s in states),
+                         "skipped": dict(skipped)}}
 
     # ---- counters ------------------------------------------------------------------
     def skipped(self) -> Counter:
         total = Counter(self.done["skipped"])
-        for s in self.workers.values():
+        for s in self.readers.values():
             total.update(s["skipped"])
         return total
 
     def good(self) -> int:
-        return self.done["good"] + sum(s["good"] for s in self.workers.values())
+        return self.done["good"] + sum(s["good"] for s in self.readers.values())
 
     def truncated(self) -> int:
         """Captions cut at data.max_caption_bytes (the samples were used: not a skip)."""
-        return self.done["truncated"] + sum(s.get("truncated", 0) for s in self.workers.values())
+        return self.done["truncated"] + sum(s.get("truncated", 0) for s in self.readers.values())
 
     def shard_losses(self) -> Counter:
         """Samples lost per shard on this rank (each worker reports its own top few)."""
@@ -387,8 +489,7 @@ class DataStream:
 
     # ---- iteration -----------------------------------------------------------------
     def batches_per_epoch(self) -> int:
-        b = self.base
-        return batches_per_epoch(self.shards, self.cfg, b.batch_size, b.world, b.seed, self.epoch)
+        return batches_per_epoch(self.shards, self.cfg, self.global_batch, self.base.seed, self.epoch)
 
     def forever(self):
         """The trainer's batches: endless, epoch after epoch. An epoch ends after
@@ -401,7 +502,6 @@ class DataStream:
                 epoch = iter(self)
                 try:
                     for batch in epoch:
-                        self.epoch_step += 1
                         yield batch
                         if self.epoch_step >= per_epoch:
                             break
@@ -412,67 +512,119 @@ class DataStream:
     def __iter__(self):
         """Batches of the current epoch, from where the stream stands.
 
-        The order is a strict round-robin over the workers that still have data, starting
-        at `next_worker`: the DataLoader's own order, but one a resumed stream can restart
-        in the middle of (the DataLoader always starts at worker 0)."""
-        spec = StreamSpec(**{**self.base.__dict__, "epoch": self.epoch, "resume": dict(self.workers)})
-        num_workers = self.cfg.workers
+        Why the order does not depend on the topology: global sample i of an epoch is the
+        next sample of virtual reader i mod R (R = data.readers), and step s is samples
+        [sG, (s+1)G) (G = the global batch). Rank k of W takes the samples i = k + W m,
+        m = 0, 1, ... (W divides G and R): so its m-th sample comes from reader
+        k + W (m mod R/W), one of its own, and what step s holds is the same set for every W.
+        Each reader's order and draws are seeded by (seed, epoch, reader) and its position
+        is saved per reader, so a run saved on W processes resumes on any W' dividing R.
+        Loader workers split a rank's readers (local reader j: worker j mod workers) and
+        `_assemble` puts their parts back in m order, so the workers do not change a batch
+        either. (Once a non-resampled reader has run out, its turns pass to a sibling on
+        the same worker: the epoch's tail past `batches_per_epoch`, or a reader that lost
+        more samples than data.max_skip_rate allows, is the one place topology shows.)"""
+        b = self.base
+        spec = StreamSpec(**{**b.__dict__, "epoch": self.epoch, "start_batch": self.epoch_step,
+                             "resume": dict(self.readers)})
+        num_workers = min(self.cfg.workers, b.local_readers)
         loader = iter(DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,
                                  worker_init_fn=leave_stop_signals_to_the_trainer if num_workers else None))
         _live_workers.update(getattr(loader, "_workers", ()))
         try:
-            yield from self._round_robin(loader, max(1, num_workers))
+            yield from self._assemble(loader, spec)
         finally:  # an error, the end, or an abandoned epoch: the workers go now, not at exit
             end_workers(loader)
 
-    def _round_robin(self, loader, num_workers: int):
-        queues = {w: deque() for w in range(num_workers)}
-        active = [w for w in queues if not self.workers.get(w, {}).get("end")]
-        fresh, delivered = not self.workers, 0
+    def _assemble(self, loader, spec: StreamSpec):
+        """Workers' parts -> this rank's batches, in position order. Every worker sends one
+        part per batch (maybe empty) until it ends; parts are matched by worker, not by
+        arrival (the DataLoader skips a worker that has ended)."""
+        queues = {w: deque() for w in range(spec.active_workers)}
+        active = list(queues)
+        fresh, delivered = not self.readers, 0
         while active:
-            w = self.next_worker if self.next_worker in active else active[0]
-            while not queues[w]:
-                item = next(loader, None)
-                if item is None:  # every worker has sent its end marker
-                    queues[w].append({"meta": {**self.workers.get(w, {"raw": 0, "good": 0, "truncated": 0,
-                                                                      "skipped": {}}),
-                                               "worker": w, "end": True}})
-                    break
-                queues[item["meta"]["worker"]].append(item)
-            batch = queues[w].popleft()
-            meta = batch.pop("meta")
-            if "stalled" in meta:
-                raise DataQualityError(meta["stalled"])
-            self.workers[w] = {**{k: meta[k] for k in ("raw", "good", "skipped", "end")},
-                               "truncated": meta.get("truncated", 0)}  # absent from older checkpoints
-            self.costly[w] = meta.get("costly", {})
-            after = active[(active.index(w) + 1) % len(active)]
-            if meta["end"]:
-                active.remove(w)
-            self.next_worker = after
-            if not meta["end"]:
+            parts = {}
+            for w in list(active):
+                while not queues[w]:
+                    item = next(loader, None)
+                    if item is None:  # every worker has ended
+                        queues[w].append({"meta": {"worker": w, "readers": {}, "end": True, "count": 0}})
+                        break
+                    queues[item["meta"]["worker"]].append(item)
+                part = queues[w].popleft()
+                meta = part.pop("meta")
+                if "stalled" in meta:
+                    raise DataQualityError(meta["stalled"])
+                self.readers.update({int(r): s for r, s in meta["readers"].items()})
+                self.costly[w] = meta.get("costly", {})
+                if meta["end"]:
+                    active.remove(w)
+                if meta["count"]:
+                    parts[w] = part
+            batch = join_parts(parts, spec, self.epoch_step)
+            count = len(batch["keys"]) if batch else 0
+            if count == spec.batch_size or (count and not spec.drop_last):
                 self.check_skip_rate()
+                self.epoch_step += 1
                 delivered += 1
                 yield batch
+            elif spec.drop_last:  # a worker ran dry: the epoch's full batches are done
+                break
         if fresh and not delivered:  # every later epoch would be as empty: 18,114 of them in issue 22
             b = self.base
             reasons = ", ".join(f"{k}={v}" for k, v in self.skipped().most_common()) or "none"
             raise DataQualityError(
-                f"epoch {self.epoch} gave rank {b.rank} no batch of {b.batch_size} (its {b.num_workers} reader(s) "
-                f"ended first); skipped: {reasons}; shards that cost the most: "
+                f"epoch {self.epoch} gave rank {b.rank} no batch of {b.batch_size} (its {b.local_readers} virtual "
+                f"reader(s) ended first); skipped: {reasons}; shards that cost the most: "
                 f"{costliest(self.shard_losses())}. Too few readable samples per rank and "
-                f"worker: check the shards with `python -m data_prep.verify`, or use data.resampled: true")
+                f"reader: check the shards with `python -m data_prep.verify`, or use data.resampled: true")
 
     def next_epoch(self):
         """Close the current epoch (its counters go to the totals) and move on."""
         self.done["good"] = self.good()
         self.done["truncated"] = self.truncated()
         self.done["skipped"] = self.skipped()
-        self.workers = {}
-        self.next_worker = 0
+        self.readers = {}
         self.epoch_step = 0
         self.epoch += 1
+
+
+def join_parts(parts: dict[int, dict], spec: StreamSpec, batch_index: int) -> dict:
+    """The workers' parts of batch `batch_index` -> one batch, its samples in position
+    order (so that the number of workers does not change it). A short batch (a worker ran
+    dry) keeps the workers' order."""
+    if not parts:
+        return {}
+    order = sorted(parts)
+    first = parts[order[0]]
+    if len(order) == 1:
+        return first
+    start = batch_index * spec.batch_size
+    owners = [spec.worker_of(m) for m in range(start, start + spec.batch_size)]
+    counts = {w: len(parts[w]["keys"]) for w in order}
+    permutation = None
+    if all(counts[w] == owners.count(w) for w in order) and set(owners) == set(order):
+        offsets, taken, permutation = {}, Counter(), []
+        for w in order:
+            offsets[w] = sum(counts[v] for v in order if v < w)
+        for w in owners:
+            permutation.append(offsets[w] + taken[w])
+            taken[w] += 1
+    joined = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor):
+            joined[key] = torch.cat([parts[w][key] for w in order])
+            if permutation is not None:
+                joined[key] = joined[key][permutation]
+        elif isinstance(value, list):
+            joined[key] = [x for w in order for x in parts[w][key]]
+            if permutation is not None:
+                joined[key] = [joined[key][i] for i in permutation]
+        else:  # the same for every part (the pixel normalization's name)
+            joined[key] = value
+    return joined
 
 
 def costliest(shard_losses: Counter, n: int = 3) -> str:

@@ -2,9 +2,11 @@
 every image view with its augmentation, the EDA caption, PyramidCLIP's text levels and
 regions per sample; tokenizing, ZeroVL's caption augmentation and MLM masking per batch.
 
-Every random draw is seeded from the sample's position in its reader's stream
-(`sample_seed`), so a resumed stream that skipped a prefix without decoding it draws the
-same crops and masks as the straight run.
+Every random draw, the per-batch ones (ZeroVL's caption augmentation, MLM masking)
+included, is seeded per sample from its virtual reader and its position in that reader's
+stream (`sample_seed`): a resumed stream that skipped a prefix without decoding it draws
+the same crops and masks as the straight run, and a sample draws the same whichever rank
+and worker read it and whichever batch it lands in (pipeline/data/loader.py).
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ def sample_seed(*parts: int) -> int:
 
 
 class BatchMaker:
-    """One reader's samples -> batches. `ids` (seed, epoch, rank, worker) and a sample's
-    position in the reader's stream seed its draws."""
+    """Samples -> batches. A sample's `ids` (seed, epoch, virtual reader) and its position
+    in that reader's stream seed its draws."""
 
-    def __init__(self, spec: "StreamSpec", ids: tuple[int, ...]):
-        self.spec, self.recipe, self.ids = spec, spec.recipe, ids
+    def __init__(self, spec: "StreamSpec"):
+        self.spec, self.recipe = spec, spec.recipe
         recipe, size = spec.recipe, spec.image_size
         normalization = None if spec.uint8 else spec.normalization
         if not spec.train:
@@ -67,11 +69,11 @@ class BatchMaker:
                 scales.append(SSL_CROP_SCALES[recipe.ssl_augment][0])
         self.draft_size = math.ceil(size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
 
-    def sample(self, sample: dict, position: int) -> dict:
+    def sample(self, sample: dict, ids: tuple[int, ...], position: int) -> dict:
         """A raw webdataset sample -> its views and captions, or BadSample(reason)."""
         image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels,
                                        self.spec.max_caption_bytes)
-        out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}"}
+        out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}", "seed": (*ids, position)}
         views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
         views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.recipe.ssl_views)]
         for index, (name, transform) in enumerate(views):
@@ -79,11 +81,11 @@ class BatchMaker:
             # seeding calls, each capturing a stack trace (a third of the loader's time).
             cpu_rng = torch.default_generator
             saved = cpu_rng.get_state()
-            cpu_rng.manual_seed(sample_seed(*self.ids, position, index))
+            cpu_rng.manual_seed(sample_seed(*ids, position, index))
             out[name] = transform(image)
             cpu_rng.set_state(saved)
         if self.synonyms is not None:
-            out["caption_eda"] = eda(caption, random.Random(sample_seed(*self.ids, position, -1)), self.synonyms)
+            out["caption_eda"] = eda(caption, random.Random(sample_seed(*ids, position, -1)), self.synonyms)
         if self.recipe.text_levels:
             meta = pyramid.metadata(sample)
             out["caption_summary"] = pyramid.summary_text(caption, meta)
@@ -95,9 +97,9 @@ class BatchMaker:
             out["rois"], out["roi_mask"] = rois
         return out
 
-    def batch(self, items: list[dict], position: int) -> dict:
+    def batch(self, items: list[dict]) -> dict:
         """Samples -> one batch: stacked views, tokenized (and augmented or masked) captions,
-        the sample keys. `position`: the reader's position after the last sample."""
+        the sample keys."""
         spec, tokenize = self.spec, get_tokenizer()
         captions = [it["caption"] for it in items]
         out = {key: torch.stack([it[key] for it in items]) for key in items[0]
@@ -109,17 +111,24 @@ class BatchMaker:
             for level in ("summary", "tags"):
                 out[f"text_{level}"] = tokenize([it[f"caption_{level}"] for it in items], spec.context_length)
         if self.recipe.caption_augment == "zerovl":
-            generator = torch.Generator().manual_seed(sample_seed(*self.ids, position, -3))
-            out["text"] = zerovl_augment(out["text"], generator)
+            out["text"] = per_sample(items, out["text"], -3, zerovl_augment)
         if self.recipe.mlm_probability:
             # DeCLIP feeds the masked ids to the one text forward that serves both MLM and the
             # contrastive terms (Sense-GVT/DeCLIP prototype/model/declip.py).
-            generator = torch.Generator().manual_seed(sample_seed(*self.ids, position, -2))
-            out["text"], out["mlm_labels"] = mlm_mask(out["text"], prob=self.recipe.mlm_probability,
-                                                      generator=generator)
+            masked = [mlm_mask(out["text"][i:i + 1], prob=self.recipe.mlm_probability,
+                               generator=torch.Generator().manual_seed(sample_seed(*it["seed"], -2)))
+                      for i, it in enumerate(items)]
+            out["text"] = torch.cat([ids for ids, _ in masked])
+            out["mlm_labels"] = torch.cat([labels for _, labels in masked])
         if spec.uint8:
             out["normalization"] = spec.normalization  # what the trainer applies to the pixels
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
         if spec.keep_captions:
             out["captions"] = captions
         return out
+
+
+def per_sample(items: list[dict], text: torch.Tensor, salt: int, augment) -> torch.Tensor:
+    """`augment(rows, generator)` row by row, each with its own sample's seed."""
+    return torch.cat([augment(text[i:i + 1], torch.Generator().manual_seed(sample_seed(*it["seed"], salt)))
+                      for i, it in enumerate(items)])

@@ -1,4 +1,4 @@
-"""Shard lists: resolving `data.train_shards`, and which shards a (rank, worker) reads.
+"""Shard lists: resolving `data.train_shards`, and which shards a virtual reader reads.
 
 A spec is one or more parts joined by "::" (as open_clip does); each part is a shard
 directory with a manifest.yaml (data_prep.shard writes it) or a brace pattern of tar
@@ -59,47 +59,61 @@ def resolve_shards(spec: str, key: str = "data.train_shards") -> ShardSet:
     return ShardSet(urls, samples)
 
 
-def assign_shards(shards: ShardSet, epoch: int, seed: int, rank: int, world: int, worker: int,
-                  num_workers: int) -> list[int]:
-    """Indices of the shards global worker (rank, worker) reads in `epoch` when not resampling.
+def assign_shards(shards: ShardSet, epoch: int, seed: int, reader: int, readers: int) -> list[int]:
+    """Indices of the shards virtual reader `reader` (of `readers`, data.readers) reads in
+    `epoch` when not resampling.
 
-    Every shard goes to exactly one of the world x num_workers readers, so one epoch reads
-    each sample once. The shard order is a seeded permutation per epoch; shards are
-    dealt largest-first to the least-loaded reader (by manifest sample counts), so
-    ranks get nearly equal numbers of samples.
+    Every shard goes to exactly one reader, so one epoch reads each sample once. The shard
+    order is a seeded permutation per epoch; shards are dealt largest-first to the
+    least-loaded reader (by manifest sample counts), so readers get nearly equal numbers of
+    samples. Nothing here depends on the world size or the loader workers.
     """
     order = list(range(len(shards.urls)))
     random.Random(f"shards:{seed}:{epoch}").shuffle(order)
-    readers = world * num_workers
-    me = rank * num_workers + worker
     if any(n is None for n in shards.samples):
-        return order[me::readers]
+        return order[reader::readers]
     loads = [0] * readers
     owner = {}
     for i in sorted(order, key=lambda i: -shards.samples[i]):  # stable: ties keep the seeded order
         target = min(range(readers), key=lambda r: (loads[r], r))
         owner[i] = target
         loads[target] += shards.samples[i]
-    return [i for i in order if owner[i] == me]
+    return [i for i in order if owner[i] == reader]
 
 
-def batches_per_epoch(shards: ShardSet, cfg: DataConfig, batch_size: int, world: int, seed: int, epoch: int = 0) -> int:
-    """Batches every rank can deliver per epoch. Resampled: the epoch size from
-    data.train_num_samples (default: the manifest total). Otherwise the smallest rank's
-    share, discounted by the tolerated skip rate so that no rank runs dry first. A pure
-    function of the config, so that it is checked before launch (pipeline/preflight.py)."""
+def batches_per_epoch(shards: ShardSet, cfg: DataConfig, global_batch: int, seed: int, epoch: int = 0) -> int:
+    """Steps (global batches) per epoch, the same on every rank and every topology.
+    Resampled: the epoch size from data.train_num_samples (default: the manifest total).
+    Otherwise as many as the least-loaded virtual reader can feed (samples are drawn from
+    the readers in turn, one each: pipeline/data/loader.py), its share discounted by the
+    tolerated skip rate so that no reader runs dry first. A pure function of the config,
+    so that it is checked before launch (pipeline/preflight.py)."""
     if cfg.resampled:
         total = cfg.train_num_samples or shards.total_samples
         if not total:
             raise ValueError("data.train_num_samples: needed when the shards have no manifest")
-        return max(1, total // (batch_size * world))
+        return max(1, total // global_batch)
     if shards.total_samples is None:
         raise ValueError("data.resampled=false needs a manifest for every shard to size the epoch")
-    workers = max(1, cfg.workers)
-    per_worker = [[sum(shards.samples[i] for i in assign_shards(shards, epoch, seed, r, world, w, workers))
-                   for w in range(workers)] for r in range(world)]
     usable = 1 - cfg.max_skip_rate
-    return min(sum(math.floor(n * usable / batch_size) for n in rank) for rank in per_worker)
+    smallest = min(math.floor(sum(shards.samples[i] for i in assign_shards(shards, epoch, seed, r, cfg.readers))
+                              * usable) for r in range(cfg.readers))
+    return smallest * cfg.readers // global_batch
+
+
+def check_readers(cfg: DataConfig, world: int, shards: ShardSet | None = None):
+    """data.readers against the world size (each rank serves readers r % world == rank) and,
+    without resampling, against the shards (a reader without a shard would end the epoch
+    at its first turn)."""
+    if cfg.readers % world:
+        fits = [w for w in range(1, cfg.readers + 1) if cfg.readers % w == 0]
+        raise ValueError(f"data.readers={cfg.readers} is not a multiple of the world size {world}: it runs on "
+                         f"{', '.join(map(str, fits))} processes; choose a data.readers that every world size "
+                         f"you will run divides (it fixes the data order: keep it when resuming)")
+    if shards is not None and not cfg.resampled and len(shards.urls) < cfg.readers:
+        raise ValueError(f"data.readers={cfg.readers} virtual readers but {len(shards.urls)} shards: without "
+                         f"resampling every reader needs a shard; set data.readers to at most {len(shards.urls)} "
+                         f"(a multiple of every world size you will run)")
 
 
 def debiased_sources(cfg: DataConfig) -> list[ShardSet]:

@@ -18,6 +18,9 @@ cd "${SLURM_SUBMIT_DIR}"
 source .venv/bin/activate
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-29500}
-# Every rank resumes from the newest complete checkpoint if the job is requeued.
+# Every rank resumes from the newest complete checkpoint if the job is requeued, on whatever
+# the new allocation is: another number of nodes converts the checkpoint once (DeepSpeed's
+# universal checkpoint) and the data order goes on unchanged, as long as the new world size
+# divides data.readers (README, "Changing the number of GPUs mid-run").
 srun --kill-on-bad-exit=1 python launch/train.py --deepspeed_config "$DS_CONFIG" --config "$RUN_YAML" \
     train.resume=latest "$@"

@@ -37,8 +37,9 @@ import torch.distributed as dist
 from pipeline.ranks import world
 
 # the files of a checkpoint (also used before torch is imported: launch/train.py)
-from pipeline.checkpoint_files import (COMPLETE, TAG_RE, check_world_size, checksums, complete_tags,  # noqa: F401
-                                       damage, prune, resolve_resume, save_blocker, tag_for, write_json_atomic)
+from pipeline.checkpoint_files import (COMPLETE, TAG_RE, UNIVERSAL, check_resumable, checksums,  # noqa: F401
+                                       complete_tags, damage, needs_universal, prune, resolve_resume, resume_facts, save_blocker,
+                                       tag_for, write_json_atomic)
 
 
 @dataclass
@@ -121,14 +122,20 @@ def safe_torch_load():
 
 # ---- save / find / load ---------------------------------------------------------------------
 
-def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Path:
+def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int, facts: dict | None = None) -> Path:
     """Save on every rank; returns the tag directory. Rank 0 marks it complete once all
-    ranks are done, then prunes old checkpoints."""
+    ranks are done, then prunes old checkpoints. `facts`: what a resume must keep
+    (checkpoint_files.resume_facts), recorded in COMPLETE.json."""
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
     ckpt_dir = Path(ckpt_dir)
     rank, size = world()
     tag = tag_for(state.step)
+    # the universal checkpoint conversion wants this entry (Megatron-DeepSpeed's clients write it)
+    client_state = {"step": state.step,
+                    UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": state.step}, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         write_json_atomic(ckpt_dir / tag / f"train_state_rank{rank}.json", asdict(state))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         free = shutil.disk_usage(ckpt_dir).free
@@ -141,7 +148,7 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Pat
         dist.barrier()
     if rank == 0:
         write_json_atomic(ckpt_dir / tag / COMPLETE, {"step": state.step, "world_size": size, "time": time.time(),
-                                                       "sha256": checksums(ckpt_dir / tag)})
+                                                       "facts": facts or {}, "sha256": checksums(ckpt_dir / tag)})
         prune(ckpt_dir, keep_last)
     if size > 1:
         dist.barrier()
@@ -149,14 +156,44 @@ def save(engine, ckpt_dir: str | Path, state: TrainState, keep_last: int) -> Pat
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
+    """The engine's state and ours. A checkpoint from another world size or ZeRO stage is
+    read from its universal form (`to_universal`; the engine was made with
+    checkpoint.load_universal) and the data position is every rank's, joined by the stream."""
     rank, size = world()
-    check_world_size(ckpt_dir, tag, size)
+    written = json.loads((ckpt_dir / tag / COMPLETE).read_text())
+    universal = engine.load_universal_checkpoint()
     with safe_torch_load():
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+        if universal:
+            path, _ = engine.load_checkpoint(str(ckpt_dir / tag), tag=UNIVERSAL, load_lr_scheduler_states=False)
+        else:
+            path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    raw = json.loads((ckpt_dir / tag / f"train_state_rank{rank}.json").read_text())
-    return TrainState(**raw)
+    if written["world_size"] == size:
+        return TrainState(**json.loads((ckpt_dir / tag / f"train_state_rank{rank}.json").read_text()))
+    ranks = [json.loads((ckpt_dir / tag / f"train_state_rank{r}.json").read_text())
+             for r in range(written["world_size"])]
+    mine = ranks[rank] if rank < len(ranks) else ranks[0]  # the RNG states: this rank's where it had one
+    return TrainState(**{**mine, "data": {"from_ranks": [r["data"] for r in ranks]}})
+
+
+def to_universal(ckpt_dir: Path, tag: str) -> Path:
+    """DeepSpeed's universal checkpoint of `tag` (fp32 weights, both Adam moments and the
+    step, per parameter, unpartitioned), made once and kept in `<tag>/universal/` (it goes
+    when the checkpoint is pruned). Written aside and renamed, so a conversion killed
+    midway is never taken for a finished one. Call on one rank."""
+    from deepspeed.checkpoint import ds_to_universal
+    out = ckpt_dir / tag / UNIVERSAL
+    if out.is_dir():
+        return out
+    tmp = ckpt_dir / tag / f".{UNIVERSAL}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with safe_torch_load(), contextlib.redirect_stdout(sys.stderr):  # its progress is not our output
+        ds_to_universal.main(args)
+    os.replace(tmp, out)
+    return out
 
 
 # ---- export for evaluation ----------------------------------------------------------------

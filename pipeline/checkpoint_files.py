@@ -32,7 +32,8 @@ def checksums(tag_dir: Path) -> dict[str, str]:
     assumes): one more read of the checkpoint per save, paid so that a resume can tell
     bit-rot and truncation from a good checkpoint."""
     out = {}
-    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE):
+    for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE
+                       and p.relative_to(tag_dir).parts[0] != UNIVERSAL):
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -112,12 +113,52 @@ def resolve_resume(resume: str, ckpt_dir: str | Path, verify: bool = False) -> t
     return found
 
 
-def check_world_size(ckpt_dir: Path, tag: str, world: int):
-    """Before launch (launch/train.py) and again at load: the data position is per rank."""
-    written = json.loads((Path(ckpt_dir) / tag / COMPLETE).read_text())["world_size"]
-    if written != world:
-        raise ValueError(f"train.resume: {Path(ckpt_dir) / tag} was written by {written} ranks, this run has "
-                         f"{world}; the data position of each rank cannot be carried over")
+UNIVERSAL = "universal"  # a checkpoint's DeepSpeed universal form, made when a resume needs it
+
+
+def resume_facts(cfg, zero_stage: int) -> dict:
+    """What a checkpoint fixes for any run that resumes it (recorded in COMPLETE.json):
+    the model and its objective (the weights' names and shapes), and the data order."""
+    return {"model.name": cfg.model.name, "model.overrides": dict(sorted(cfg.model.overrides.items())),
+            "objective.weights": sorted(cfg.objective.weights), "data.readers": cfg.data.readers,
+            "train.global_batch_size": cfg.train.global_batch_size, "zero_optimization.stage": zero_stage}
+
+
+def needs_universal(written: dict, world: int, zero_stage: int) -> bool:
+    """Whether the checkpoint's ZeRO partitions must go through DeepSpeed's universal form
+    to load here (another world size or another ZeRO stage)."""
+    return written["world_size"] != world or written.get("facts", {}).get("zero_optimization.stage",
+                                                                              zero_stage) != zero_stage
+
+
+def check_resumable(ckpt_dir: Path, tag: str, world: int, zero_stage: int, cfg=None):
+    """Before launch (launch/train.py, before any process group) and again at load: a
+    checkpoint another model, objective or data order wrote is refused in one line naming
+    the field; another world size or ZeRO stage is converted (DeepSpeed's universal
+    checkpoint), except where DeepSpeed 0.19.8 cannot load the result."""
+    path = Path(ckpt_dir) / tag
+    written = json.loads((path / COMPLETE).read_text())
+    facts = written.get("facts", {})
+    if cfg is not None:
+        for key, ours in resume_facts(cfg, zero_stage).items():
+            if key in facts and key != "zero_optimization.stage" and facts[key] != ours:
+                raise ValueError(f"train.resume: {path} was written with {key}={facts[key]}, this run has "
+                                 f"{key}={ours}; a resume must keep it (start a new run with model.init_from to "
+                                 f"reuse the weights)")
+    if not needs_universal(written, world, zero_stage):
+        return
+    if not facts:
+        raise ValueError(f"train.resume: {path} was written by {written['world_size']} ranks, this run has {world}: "
+                         f"checkpoints saved before data.readers existed keep a per-rank data position; resume "
+                         f"it on {written['world_size']} processes")
+    stages = (facts["zero_optimization.stage"], zero_stage)
+    if not set(stages) <= {1, 2}:
+        raise ValueError(f"train.resume: {path} was written with ZeRO stage {stages[0]} on {written['world_size']} "
+                         f"processes, this run has stage {stages[1]} on {world}: a run moves to another world size or "
+                         f"stage between ZeRO stages 1 and 2 only (through DeepSpeed 0.19.8's universal checkpoint, "
+                         f"whose stage-3 loader wants per-rank model files its conversion does not write; stage-0 "
+                         f"and stage-3 sources are not converted); resume with stage {stages[0]} on "
+                         f"{written['world_size']} processes")
 
 
 def save_blocker(ckpt_dir: Path) -> str:

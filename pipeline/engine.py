@@ -128,11 +128,14 @@ def any_rank(flag: bool) -> bool:
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:
+    """Micro-batch j holds rows j, j + parts, ...: with the loader's topology-free order
+    (rank k of W holds global samples k + W m) it is exactly what rank k + W j would hold
+    on W x parts processes, so per-micro-batch computations (BatchNorm statistics) and the
+    order of the concatenated features match that run's (tests/test_elastic.py)."""
     n = batch["images"].shape[0]
     if n % parts:
         raise ValueError(f"a batch of {n} does not split into {parts} micro-batches")
-    size = n // parts
-    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items() if torch.is_tensor(v)} for i in range(parts)]
+    return [{k: v[i::parts] for k, v in batch.items() if torch.is_tensor(v)} for i in range(parts)]
 
 
 def batch_on_device(batch: dict, device: torch.device) -> dict:

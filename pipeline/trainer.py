@@ -107,6 +107,13 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
     run_name = cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_name = broadcast_str(run_name)
     run_dir = prepare_run_dir(cfg, ds_config, module, run_name, rank)
+    try:
+        resume = agreed_resume(cfg.train.resume, run_dir / "checkpoints", rank)
+        if resume:
+            ds_config = resume_config(ds_config, *resume, cfg, rank)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg.optim),
                                       config=ds_config)
     if cfg.model.compile:
@@ -117,18 +124,17 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
                        uint8=cfg.data.uint8_batches)
     data.local_skip_check = False  # data.max_skip_rate is checked on the sums of all ranks (log_window)
     state = checkpoint.TrainState()
-    try:
-        resume = agreed_resume(cfg.train.resume, run_dir / "checkpoints", rank)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
     if resume:
         try:
             state = checkpoint.load(engine, *resume)
         except checkpoint.UntrustedCheckpointError as e:
             print(f"error: train.resume: {e}", file=sys.stderr, flush=True)
             return 2
-        data.load_state_dict(state.data)
+        try:
+            data.load_state_dict(state.data)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
         checkpoint.restore_rng(state.rng)
     logger = MetricsLogger(run_dir, cfg.tracking, cfg.train.output_dir, run_name, enabled=rank == 0,
                            run_id=state.mlflow_run_id,
@@ -201,6 +207,31 @@ def agreed_resume(resume: str, ckpt_dir: Path, rank: int) -> tuple[Path, str] | 
     return (Path(chosen).parent, Path(chosen).name) if chosen else None
 
 
+def resume_config(ds_config: dict, ckpt_dir: Path, tag: str, cfg: RunConfig, rank: int) -> dict:
+    """The DeepSpeed config to resume `tag` with: as it is, or, when the checkpoint comes
+    from another world size or ZeRO stage, reading DeepSpeed's universal form of it (rank 0
+    converts it once; every rank waits for it)."""
+    import torch.distributed as dist
+    world, stage = dist.get_world_size(), ds_config.get("zero_optimization", {}).get("stage", 0)
+    checkpoint.check_resumable(ckpt_dir, tag, world, stage, cfg)  # ValueError: one line
+    written = json.loads((ckpt_dir / tag / checkpoint.COMPLETE).read_text())
+    if not checkpoint.needs_universal(written, world, stage):
+        return ds_config
+    failed = ""
+    if rank == 0:
+        print(f"[train] {ckpt_dir / tag} was written by {written['world_size']} ranks (ZeRO stage "
+              f"{written['facts']['zero_optimization.stage']}); this run has {world} (stage {stage}): loading it "
+              f"through DeepSpeed's universal checkpoint", flush=True)
+        try:
+            checkpoint.to_universal(ckpt_dir, tag)
+        except Exception as e:  # noqa: BLE001 (every rank must hear it, or they wait in the broadcast)
+            failed = f"train.resume: converting {ckpt_dir / tag} to a universal checkpoint failed: {e}"
+    failed = broadcast_str(failed)
+    if failed:
+        raise ValueError(failed.splitlines()[0])
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 def broadcast_str(value: str) -> str:
     import torch.distributed as dist
     holder = [value]
@@ -222,9 +253,8 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         state.step += 1
         state.samples_seen += cfg.train.global_batch_size
         add_to_window(window, out)
-        if cfg.train.batch_digests:  # which samples made this step (rank 0's share)
-            logger.event("batch", step=state.step,
-                         keys_sha1=hashlib.sha1("|".join(batch["keys"]).encode()).hexdigest())
+        if cfg.train.batch_digests:  # which samples made this step: the same on any topology
+            logger.event("batch", step=state.step, keys_sha1=global_batch_digest(batch["keys"], world))
         if out["skipped"]:
             handle_nonfinite(engine, data, state, batch, cfg, run_dir, logger, window)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -237,6 +267,16 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
             preempt(engine, data, run_dir, state, cfg, logger, stop, saved)
     save_checkpoint(engine, data, run_dir, state, cfg)  # the final one: never skipped
+
+
+def global_batch_digest(keys: list[str], world: int) -> str:
+    """sha1 of the step's sample keys over every rank, sorted (a collective when world > 1)."""
+    import torch.distributed as dist
+    gathered = [keys]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, keys)
+    return hashlib.sha1("|".join(sorted(k for part in gathered for k in part)).encode()).hexdigest()
 
 
 def preempt(engine, data, run_dir: Path, state, cfg: RunConfig, logger, stop: StopRequest, saved: bool):
@@ -277,7 +317,8 @@ def save_checkpoint(engine, data, run_dir: Path, state, cfg: RunConfig):
     captured now (the data position only here, not every step)."""
     state.data = data.state_dict()
     state.rng = checkpoint.capture_rng()
-    checkpoint.save(engine, run_dir / "checkpoints", state, cfg.train.keep_last)
+    checkpoint.save(engine, run_dir / "checkpoints", state, cfg.train.keep_last,
+                    checkpoint.resume_facts(cfg, engine.zero_optimization_stage()))
 
 
 def periodic_save(engine, data, run_dir: Path, state, cfg: RunConfig, logger) -> bool:
@@ -338,6 +379,17 @@ def over_skip_budget(train_cfg, skipped_in_run: int, skipped_in_window: int) -> 
     return ""
 
 
+def mean_over_ranks(values: dict, world: int, device) -> dict:
+    """Each rank's loss is its rows' share of the global batch's loss: the mean over ranks is
+    the global batch's, the same number on any topology (one all-reduce; every rank calls it)."""
+    if world == 1 or not values:
+        return values
+    import torch.distributed as dist
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world).tolist()))
+
+
 def log_window(logger, engine, data: DataStream, state, out: dict, window: dict, cfg: RunConfig,
                flops_per_sample: float, world: int):
     now = time.perf_counter()
@@ -347,6 +399,8 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
                "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": state.samples_seen,
                "skipped_steps": state.skipped_steps}
     metrics.update({k: v for k, v in out.items() if k.startswith("loss_")})
+    metrics.update(mean_over_ranks({k: v for k, v in metrics.items() if k.startswith("loss") and v is not None},
+                                   world, engine.device))
     grad_norm = engine.get_global_grad_norm()
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm

@@ -26,7 +26,9 @@ def run_config(tmp_path: Path, demo: Path, name: str, **sections) -> Path:
     cfg = {
         "model": {"name": "msclip-s-tiny"},
         # digits alone sit on the ln(batch) plateau for ~150 steps; the photos give an early descent
-        "data": {"train_shards": f"{demo}/shards/digits::{demo}/shards/photos", "workers": 1, "shuffle_buffer": 200},
+        # two virtual readers: one per rank on two processes; a run can resume on one
+        "data": {"train_shards": f"{demo}/shards/digits::{demo}/shards/photos", "workers": 1, "shuffle_buffer": 400,
+                 "readers": 2},
         "optim": {"lr": 5.0e-4, "warmup_steps": 10, "weight_decay": 0.1, "shared_weight_decay": 0.2},
         "train": {"global_batch_size": 32, "micro_batch_size": 16, "steps": 12, "log_every": 2,
                   "output_dir": str(tmp_path / "runs"), "run_name": name, "batch_digests": True},
@@ -48,16 +50,18 @@ def ds_config(tmp_path: Path, base: str = "cpu_fp32.json", stage: int | None = N
     return path
 
 
-def launcher_cmd(config: Path, ds: Path, *overrides: str, launcher: str = "deepspeed") -> list[str]:
+def launcher_cmd(config: Path, ds: Path, *overrides: str, launcher: str = "deepspeed", processes: int = 2) -> list[str]:
     port = str(free_port())
-    start = ([DEEPSPEED, "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed" else
-             [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", port])
+    start = ([DEEPSPEED, "--num_gpus", str(processes), "--master_port", port] if launcher == "deepspeed" else
+             [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes), "--master_port",
+              port])
     return [*start, "launch/train.py", "--deepspeed_config", str(ds), "--config", str(config), *overrides]
 
 
-def launch(config: Path, ds: Path, *overrides: str, timeout: int = 600, launcher: str = "deepspeed"):
+def launch(config: Path, ds: Path, *overrides: str, timeout: int = 600, launcher: str = "deepspeed",
+           processes: int = 2):
     env = {**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    result = subprocess.run(launcher_cmd(config, ds, *overrides, launcher=launcher), cwd=REPO_ROOT,
+    result = subprocess.run(launcher_cmd(config, ds, *overrides, launcher=launcher, processes=processes), cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result
@@ -451,10 +455,10 @@ def fault_corpus(demo: Path, out: Path, fault: str) -> Path:
         for tar in tars[: len(tars) if fault == "all_unreadable" else 3]:  # 3 x 250 of 1,257 samples: 60%
             tar.write_bytes(b"this is not a tar file" * 100)
     elif fault == "bad_samples_on_rank_1":
-        # the first shard rank 1 reads in epoch 0 (2 ranks, 1 worker each, seed 0): its first
-        # 20 images undecodable, so that rank 0 alone would see a clean stream
+        # the first shard rank 1 reads in epoch 0 (its virtual reader 1 of 2, seed 0): its
+        # first 20 images undecodable, so that rank 0 alone would see a clean stream
         shards = resolve_shards(str(out))
-        first = Path(shards.urls[assign_shards(shards, 0, 0, 1, 2, 0, 1)[0]])
+        first = Path(shards.urls[assign_shards(shards, 0, 0, 1, 2)[0]])
         samples = list(wds.WebDataset(str(first), shardshuffle=False))
         with wds.TarWriter(str(first)) as writer:
             for i, sample in enumerate(samples):

@@ -30,10 +30,11 @@ def checksums(tag_dir: Path) -> dict[str, str]:
     """sha256 of every file of a checkpoint, recorded in its COMPLETE.json. Rank 0 reads
     all of them once every rank has written (a shared filesystem, as COMPLETE.json itself
     assumes): one more read of the checkpoint per save, paid so that a resume can tell
-    bit-rot and truncation from a good checkpoint."""
+    bit-rot and truncation from a good checkpoint. The universal form a resume may add
+    later (or a conversion's leftovers) is not part of it."""
     out = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE
-                       and p.relative_to(tag_dir).parts[0] != UNIVERSAL):
+                       and not p.relative_to(tag_dir).parts[0].lstrip(".").startswith(UNIVERSAL)):
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):

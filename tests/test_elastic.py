@@ -12,11 +12,19 @@ from test_train_e2e import batch_digests, ds_config, launch, launcher_cmd, run_c
 pytestmark = pytest.mark.slow
 
 STEPS = 20
-# The batches are identical and step 1's loss agrees to ~1e-7; later steps drift by fp32
-# reduction order (two ranks' gradients all-reduced vs two micro-batches summed in one
-# process), through Adam: 1.5e-5 relative at step 14 of 20 when measured (2026-11-30), so
-# the issue's 1e-5 holds for the first 13 steps only and the bound checked is 1e-4.
-LOSS_RTOL = 1e-4
+# The batches are identical, and with other loader workers so is every loss. Between one
+# process and two the losses differ by fp32 reduction order (two ranks' gradients
+# all-reduced vs two micro-batches summed in one process, matmuls on 1 vs 2 threads),
+# amplified by Adam: 6e-8 relative at step 1, then, depending on the data, 1.5e-5 at step
+# 14 and 7.2e-5 at step 18 in one measurement, 4.1e-5 at step 8 in another (2026-11-30).
+# So step 1 (the same weights in both runs) is checked at FORWARD_RTOL, every step at
+# DRIFT_RTOL, which micro-batches of another composition exceed at once (BatchNorm's batch
+# statistics: 3.5e-3 at step 1 with contiguous instead of interleaved micro-batches,
+# pipeline/engine.py split_batch). A run moved to another topology at step 10 continues
+# the run it came from within the issue's 1e-5 (measured: 7e-8 for 2 -> 1, 2e-6 for
+# 1 -> 2); with Adam's moments zeroed after the load (a scratch patch, not kept) the 2 -> 1
+# run was 1.7e-3 off at step 12: the check sees a lost optimizer state.
+FORWARD_RTOL, DRIFT_RTOL, MOVED_RTOL = 1e-6, 1e-3, 1e-5
 
 
 def elastic_config(tmp_path, demo_data, name, workers=1, **train):
@@ -26,27 +34,35 @@ def elastic_config(tmp_path, demo_data, name, workers=1, **train):
                              "save_every": 10, **train})
 
 
-def assert_same_trajectory(reference, run_dirs, steps):
-    want_batches, want_losses = batch_digests(reference), step_losses(reference)
-    for run_dir in run_dirs:
-        batches, losses = batch_digests(run_dir), step_losses(run_dir)
-        for step in steps:
-            assert batches[step] == want_batches[step], f"{run_dir.name}: step {step} holds other samples"
-            assert math.isclose(losses[step], want_losses[step], rel_tol=LOSS_RTOL), \
-                f"{run_dir.name}: step {step} loss {losses[step]} vs {want_losses[step]}"
+def assert_same_batches(reference, run_dir, steps):
+    want, got = batch_digests(reference), batch_digests(run_dir)
+    for step in steps:
+        assert got[step] == want[step], f"{run_dir.name}: step {step} holds other samples"
+
+
+def assert_losses_close(reference, run_dir, steps, rtol):
+    want, got = step_losses(reference), step_losses(run_dir)
+    for step in steps:
+        assert math.isclose(got[step], want[step], rel_tol=rtol, abs_tol=0.0), \
+            f"{run_dir.name}: step {step} loss {got[step]} vs {reference.name}'s {want[step]} (rtol {rtol})"
 
 
 def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(tmp_path, demo_data):
     """2 processes (micro 16, global 32); 1 process (micro 16, exact accumulation 2); 2
     processes with 2 loader workers each: the same batches and losses. Then the 2-process
     run's step-10 checkpoint resumed on 1 process under ZeRO-1, and the 1-process run's on
-    2 processes under ZeRO-2, each continue exactly as the straight 2-process run."""
+    2 processes under ZeRO-2, each continue the run they came from, with its batches."""
     runs = tmp_path / "runs"
     zero2, zero1 = ds_config(tmp_path, stage=2), ds_config(tmp_path, stage=1)
     launch(elastic_config(tmp_path, demo_data, "two"), zero2)
     launch(elastic_config(tmp_path, demo_data, "one"), zero2, processes=1)
     launch(elastic_config(tmp_path, demo_data, "workers", workers=2), zero2)
-    assert_same_trajectory(runs / "two", [runs / "one", runs / "workers"], range(1, STEPS + 1))
+    every = range(1, STEPS + 1)
+    for run_dir in (runs / "one", runs / "workers"):
+        assert_same_batches(runs / "two", run_dir, every)
+    assert_losses_close(runs / "two", runs / "workers", every, rtol=0.0)
+    assert_losses_close(runs / "two", runs / "one", [1], FORWARD_RTOL)
+    assert_losses_close(runs / "two", runs / "one", every, DRIFT_RTOL)
 
     two_at_10 = runs / "two" / "checkpoints" / "step_00000010"
     result = launch(elastic_config(tmp_path, demo_data, "two_to_one", resume=str(two_at_10)), zero1, processes=1)
@@ -54,8 +70,12 @@ def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(
     assert (two_at_10 / "universal" / "zero").is_dir()  # converted once, kept with the checkpoint
     one_at_10 = runs / "one" / "checkpoints" / "step_00000010"
     launch(elastic_config(tmp_path, demo_data, "one_to_two", resume=str(one_at_10)), zero2)
-    assert_same_trajectory(runs / "two", [runs / "two_to_one", runs / "one_to_two"], range(11, STEPS + 1))
+    later = range(11, STEPS + 1)
     assert min(batch_digests(runs / "two_to_one")) == 11  # it resumed; it did not start over
+    for moved, origin in ((runs / "two_to_one", runs / "two"), (runs / "one_to_two", runs / "one")):
+        assert_same_batches(runs / "two", moved, later)
+        assert_losses_close(origin, moved, [11], FORWARD_RTOL)  # the fp32 weights came over exactly
+        assert_losses_close(origin, moved, later, MOVED_RTOL)  # and the optimizer state
 
     # a checkpoint of another model is refused before any process group starts, in one line
     other = run_config(tmp_path, demo_data, "other", model={"name": "clip-tiny"}, data={"readers": 4},

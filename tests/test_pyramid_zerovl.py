@@ -273,6 +273,31 @@ def test_debiased_stream_resumes_exactly(demo_data):
     assert after == straight[9:]
 
 
+def test_debiased_stream_saved_on_two_ranks_resumes_on_one(demo_data):
+    """Each source's position is per virtual reader: two ranks' positions, joined, continue
+    on one process with the straight two-rank run's sources and samples."""
+    cfg = DataConfig(train_shards=f"{demo_data}/shards/digits::{demo_data}/shards/photos", workers=1,
+                     shuffle_buffer=20, sampling="debiased", readers=4)
+
+    def steps(world, count, states=None):
+        """Per step: (source, the global batch's keys) over `world` ranks; every rank's position after."""
+        per_rank, positions = [], []
+        for rank in range(world):
+            s = DebiasedStream(cfg, batch_size=8 // world, image=ImageSpec(32, "clip"), context_length=16, seed=3,
+                               rank=rank, world=world)
+            if states:
+                s.load_state_dict({"from_ranks": states})
+            # range first: zip stops before it takes a batch more from the stream
+            per_rank.append([(b["source"], set(b["keys"])) for _, b in zip(range(count), s)])
+            positions.append(s.state_dict())
+        assert all(r[i][0] == per_rank[0][i][0] for r in per_rank for i in range(count))  # one source per step
+        return [(per_rank[0][i][0], set().union(*(r[i][1] for r in per_rank))) for i in range(count)], positions
+    straight, _ = steps(2, 12)
+    _, saved = steps(2, 5)
+    resumed, _ = steps(1, 7, saved)
+    assert resumed == straight[5:] and {source for source, _ in straight} == {0, 1}
+
+
 # ---- ZeroVL's caption and image augmentation -------------------------------------------------
 
 def process_caption_on_ids(ids: list[int], draws: list[float], random_ids: list[int]) -> list[int]:

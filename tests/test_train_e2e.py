@@ -469,7 +469,8 @@ def fault_corpus(demo: Path, out: Path, fault: str) -> Path:
 
 @pytest.mark.parametrize("fault,overrides,expected", [
     ("all_unreadable", ("data.stall_seconds=5",), r"error: no good sample in \d+ s, over data.stall_seconds=5 "
-                                                  r"\(rank \d, worker 0\); skipped: unreadable_shard=\d+; shards"),
+                                                  r"\(virtual reader \d, rank \d\); skipped: unreadable_shard=\d+; "
+                                                  r"shards"),
     ("half_unreadable", ("data.max_skip_rate=0.1",), r"error: skipped \d+ of \d+ samples .* above "
                                                      r"data.max_skip_rate=0.1: unreadable_shard=\d+; shards that cost the most: "
                                                      r".*corpus/0000\d.tar \(250\)"),

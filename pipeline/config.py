@@ -406,6 +406,9 @@ class TrackingConfig:
     # Log the final export as an MLflow Model (a pyfunc giving image and text embeddings:
     # pipeline/mlflow_model.py). Off by default: it copies the export (~600 MB at B/32).
     log_model: bool = False
+    # The MLflow run this one is nested under (MLflow's mlflow.parentRunId tag): launch.sweep
+    # sets it to its parent run, so `mlflow ui` shows a sweep's runs folded under it.
+    parent_run_id: str = ""
 
     def __post_init__(self):
         if self.flush_seconds < 0:

@@ -139,7 +139,9 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
     logger = MetricsLogger(run_dir, cfg.tracking, cfg.train.output_dir, run_name, enabled=rank == 0,
                            run_id=state.mlflow_run_id,
                            tags={"model": cfg.model.name, "objective": "+".join(cfg.objective.weights), "world_size": world,
-                                 "dataset": cfg.data.train_shards})
+                                 "dataset": cfg.data.train_shards,
+                                 **({"mlflow.parentRunId": cfg.tracking.parent_run_id}
+                                    if cfg.tracking.parent_run_id else {})})
     state.mlflow_run_id = logger.run_id
     if rank == 0:
         print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"

@@ -38,8 +38,8 @@ from pipeline.ranks import world
 
 # the files of a checkpoint (also used before torch is imported: launch/train.py)
 from pipeline.checkpoint_files import (COMPLETE, TAG_RE, UNIVERSAL, check_resumable, checksums,  # noqa: F401
-                                       complete_tags, damage, needs_universal, prune, resolve_resume, resume_facts, save_blocker,
-                                       tag_for, write_json_atomic)
+                                       complete_tags, damage, needs_universal, prune, resolve_resume, resume_facts,
+                                       save_blocker, tag_for, write_json_atomic)
 
 
 @dataclass

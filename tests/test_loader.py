@@ -395,7 +395,8 @@ def test_declip_batches_carry_moco_views_an_eda_text_and_masked_tokens(demo_data
     assert torch.equal(torch.where(selected, batch["mlm_labels"], batch["text"]), original)
     # text_eda is the EDA view the sample's seed gives (seed 0, epoch 0, reader 0, the sample's raw position)
     synonyms = load_synonyms("wordnet")
-    expected = [eda(c, random.Random(sample_seed(0, 0, 0, i + 1, -1)), synonyms) for i, c in enumerate(batch["captions"])]
+    expected = [eda(c, random.Random(sample_seed(0, 0, 0, i + 1, -1)), synonyms)
+                for i, c in enumerate(batch["captions"])]
     assert torch.equal(batch["text_eda"], tokenize(expected, 32))
     assert not torch.equal(batch["text_eda"], original)
 

@@ -32,7 +32,8 @@ def test_variants_are_the_grid_crossed_with_the_list_and_select_runs_the_best_va
     assert [(c["run_name"], c["overrides"]["optim.lr"]) for c in state["children"]] == [
         ("s-00-0-s0", "1e-4"), ("s-00-1-s0", "1e-3"), ("s-01-0-s0", "1e-4"), ("s-01-1-s0", "1e-3")]
     scores = {"s-00-0-s0": 0.5, "s-00-1-s0": 0.25, "s-01-0-s0": 0.1, "s-01-1-s0": 0.75}
-    runs = {name: SimpleNamespace(data=SimpleNamespace(metrics={"acc1": v, "loss": 1 - v})) for name, v in scores.items()}
+    runs = {name: SimpleNamespace(data=SimpleNamespace(metrics={"acc1": v, "loss": 1 - v}))
+            for name, v in scores.items()}
     choose(state, runs, select, "acc1", [0, 1, 2])
     assert state["selected"] == {"0": "1e-4", "1": "1e-3"}
     assert [c["run_name"] for c in counted(state)] == ["s-00-0-s0", "s-01-1-s0", "s-00-0-s1", "s-00-0-s2",

@@ -27,8 +27,9 @@ for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3"],
 
 
 def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_path, demo_data):
-    common = ["model.name=msclip-s-tiny", f"data.train_shards={demo_data}/shards/photos", "data.workers=0", "data.readers=1",
-              "data.shuffle_buffer=50", "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_every=1",
+    common = ["model.name=msclip-s-tiny", f"data.train_shards={demo_data}/shards/photos", "data.workers=0",
+              "data.readers=1", "data.shuffle_buffer=50", "train.global_batch_size=8", "train.micro_batch_size=8",
+              "train.log_every=1",
               "optim.warmup_steps=2", f"train.output_dir={tmp_path / 'runs'}",
               f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=false",
               "train.batch_digests=true"]

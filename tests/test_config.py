@@ -8,11 +8,21 @@ from pipeline.config import (ConfigError, DataConfig, ModelConfig, OptimConfig, 
                              load_config, save_config, to_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(p for p in (REPO_ROOT / "launch").rglob("*.yaml"))
+SWEEPS = REPO_ROOT / "launch" / "sweeps"  # launch.sweep --list files: variants, not run configs
+SHIPPED = sorted(p for p in (REPO_ROOT / "launch").rglob("*.yaml") if SWEEPS not in p.parents)
 
 
 def test_there_are_shipped_configs():
     assert SHIPPED, "launch/ ships no YAML run configs"
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_variant_of_a_shipped_sweep_loads_and_resolves_its_model(path):
+    """Each variant on the recipe its header names (launch.sweep checks this before it starts)."""
+    from launch.sweep import read_list
+    recipe = next(line.split("--config ")[1].split()[0] for line in path.read_text().splitlines() if "--config " in line)
+    for variant in read_list(str(path)):
+        load_config(REPO_ROOT / recipe, [f"{k}={v}" for k, v in variant.items()]).model.arch()
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO_ROOT)))

@@ -15,16 +15,19 @@ STEPS = 20
 # The batches are identical, and with other loader workers so is every loss. Between one
 # process and two the losses differ by fp32 reduction order (two ranks' gradients
 # all-reduced vs two micro-batches summed in one process, matmuls on 1 vs 2 threads),
-# amplified by Adam: 6e-8 relative at step 1, then, depending on the data, 1.5e-5 at step
-# 14 and 7.2e-5 at step 18 in one measurement, 4.1e-5 at step 8 in another (2026-11-30).
-# So step 1 (the same weights in both runs) is checked at FORWARD_RTOL, every step at
-# DRIFT_RTOL, which micro-batches of another composition exceed at once (BatchNorm's batch
-# statistics: 3.5e-3 at step 1 with contiguous instead of interleaved micro-batches,
-# pipeline/engine.py split_batch). A run moved to another topology at step 10 continues
-# the run it came from within the issue's 1e-5 (measured: 7e-8 for 2 -> 1, 2e-6 for
-# 1 -> 2); with Adam's moments zeroed after the load (a scratch patch, not kept) the 2 -> 1
-# run was 1.7e-3 off at step 12: the check sees a lost optimizer state.
-FORWARD_RTOL, DRIFT_RTOL, MOVED_RTOL = 1e-6, 1e-3, 1e-5
+# amplified by Adam: 6e-8 relative at step 1, then, depending on the data and the run,
+# 1.5e-5 at step 14 and 7.2e-5 at step 18; 4.1e-5 at step 8; 3.3e-4 at step 20 (three runs,
+# 2026-11-30; the path is not bit-deterministic). So step 1 (the same weights in both runs)
+# is checked at FORWARD_RTOL, which micro-batches of another composition exceed at once
+# (BatchNorm's batch statistics: 3.5e-3 at step 1 with contiguous instead of interleaved
+# micro-batches, pipeline/engine.py split_batch), and every step at DRIFT_RTOL, a sanity
+# bound (the batches themselves are compared by digest).
+# A run moved to another topology at step 10 continues the run it came from: its first
+# step within FORWARD_RTOL (the fp32 weights came over), its second within MOVED_RTOL (one
+# update with the restored Adam moments: measured <= 1e-7; with the moments zeroed after
+# the load, a scratch patch not kept, 1.7e-3), and then it drifts as above (2 -> 1:
+# <= 4.5e-7 in two runs; 1 -> 2: 2e-6 in one, 3e-5 in the other).
+FORWARD_RTOL, DRIFT_RTOL, MOVED_RTOL = 1e-6, 1e-2, 1e-5
 
 
 def elastic_config(tmp_path, demo_data, name, workers=1, **train):
@@ -75,7 +78,8 @@ def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(
     for moved, origin in ((runs / "two_to_one", runs / "two"), (runs / "one_to_two", runs / "one")):
         assert_same_batches(runs / "two", moved, later)
         assert_losses_close(origin, moved, [11], FORWARD_RTOL)  # the fp32 weights came over exactly
-        assert_losses_close(origin, moved, later, MOVED_RTOL)  # and the optimizer state
+        assert_losses_close(origin, moved, [12], MOVED_RTOL)  # and the optimizer state
+        assert_losses_close(origin, moved, later, DRIFT_RTOL)
 
     # a checkpoint of another model is refused before any process group starts, in one line
     other = run_config(tmp_path, demo_data, "other", model={"name": "clip-tiny"}, data={"readers": 4},

@@ -41,6 +41,11 @@ class ModelConfig:
     # engine.compile; the first step pays the compilation (tiny models: 50-80 s on 2 CPU cores,
     # bench/bench_fast_paths.py measures compile time and speed-up).
     compile: bool = False
+    # Token dropping (FLIP, Li et al. 2023; open_clip's patch_dropout): in training, each
+    # image keeps a seeded uniformly random (1 - token_drop) of its patch tokens (the CLS
+    # token always); MS-CLIP-S drops after its conv stem and fuses its parallel branch into
+    # the kept positions (pipeline/model/token_drop.py). Evaluation sees every token.
+    token_drop: float = 0.0
     # Start from these weights instead of a random init (fine-tuning, continued
     # pre-training): our export (model.pt, e.g. from `python -m pipeline.checkpoint import`),
     # a released MS-CLIP checkpoint, or an openai / open_clip state dict, which needs
@@ -51,6 +56,8 @@ class ModelConfig:
     init_from_source: str = ""
 
     def __post_init__(self):
+        if not 0 <= self.token_drop < 1:
+            raise ConfigError(f"model.token_drop: {self.token_drop} is outside [0, 1)")
         if self.name not in MODEL_CONFIGS:
             raise ConfigError(f"model.name: unknown model {self.name!r}; known: {', '.join(MODEL_CONFIGS)}")
         self.arch()  # validate overrides now, not when the model is built
@@ -188,6 +195,10 @@ class TrainConfig:
     max_skipped_steps: float = 0.5
     # A collective that waits longer than this ends the run (a dead rank must not hang it).
     timeout_minutes: float = 30.0
+    # The last unmasked_steps steps train on every token (FLIP's unmasked tuning at the end
+    # of a model.token_drop run): the gap between training on kept tokens and evaluating
+    # on all of them closes there. 0: token dropping to the end.
+    unmasked_steps: int = 0
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "steps", "log_every"):
@@ -196,6 +207,9 @@ class TrainConfig:
         _check_range("train.keep_last", self.keep_last, 1)
         _check_range("train.timeout_minutes", self.timeout_minutes, 0, exclusive=True)
         _check_range("train.max_skipped_steps", self.max_skipped_steps, 0)
+        _check_range("train.unmasked_steps", self.unmasked_steps, 0)
+        if self.unmasked_steps > self.steps:
+            raise ConfigError(f"train.unmasked_steps: {self.unmasked_steps} is more than train.steps {self.steps}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size {self.micro_batch_size}")

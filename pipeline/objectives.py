@@ -334,7 +334,9 @@ class ComposedObjective(nn.Module):
         embeddings (before normalization) of every image and text view by batch key
         (DeCLIP's multi-view terms, SimSiam, PyramidCLIP's levels, ZeroVL's text mixup) and
         PyramidCLIP's region embedding."""
-        out = encoder(batch["images"], batch["text"], return_tokens=self.needs_tokens)
+        # token dropping (model.token_drop) thins the main image view only: the other views
+        # (DeCLIP's, SLIP's, PyramidCLIP's) and the regions see every token
+        out = encoder(batch["images"], batch["text"], return_tokens=self.needs_tokens, keep=batch.get("token_keep"))
         if self.ssl_views:
             out["ssl_trunk"] = [encoder.image_trunk(batch[f"ssl_{i}"]) for i in range(self.ssl_views)]  # (B, Dv)
         if self.multi_view:

@@ -37,6 +37,9 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
         raise ConfigError(f"objective.weights: {', '.join(cfg.objective.weights)} (with its views) use more than one "
                           f"view's pooled features, so they cannot run exact accumulation: set "
                           f"train.global_batch_size = micro_batch_size x world size")
+    if cfg.train.unmasked_steps and not cfg.model.token_drop:
+        raise ConfigError(f"train.unmasked_steps: {cfg.train.unmasked_steps} unmasked steps, but model.token_drop is 0 "
+                          f"(nothing is masked before them)")
     if cfg.eval.every_steps and not Path(cfg.eval.dataset).is_dir():
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)

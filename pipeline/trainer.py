@@ -6,6 +6,7 @@ entry point: it validates the run with pipeline/preflight.py (no torch) and then
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -99,7 +100,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.model.channels_last:
         model.use_channels_last()
-    flops_per_sample = train_flops_per_sample(model.arch)
+    flops_per_sample = train_flops_per_sample(model.arch, token_drop=cfg.model.token_drop)
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
     objective = ComposedObjective(cfg.objective, model.arch)  # its heads train and save with the encoder
     counts["objective_heads"] = sum(p.numel() for p in objective.parameters())
@@ -118,7 +119,9 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
                                       config=ds_config)
     if cfg.model.compile:
         engine.compile()  # in place, the forward compiles on the first step (the accelerator's backend: inductor)
-    data = make_stream(cfg.data, objective.recipe(), batch_size=cfg.train.micro_batch_size * accum,
+    recipe = dataclasses.replace(objective.recipe(), token_drop=cfg.model.token_drop,
+                                 image_tokens=model.arch.grid_size ** 2)  # the loader draws the kept tokens
+    data = make_stream(cfg.data, recipe, batch_size=cfg.train.micro_batch_size * accum,
                        image=ImageSpec(model.arch.image_size, cfg.data.normalization or model.arch.normalization),
                        context_length=model.arch.context_length, seed=cfg.train.seed, rank=rank, world=world,
                        uint8=cfg.data.uint8_batches)
@@ -248,9 +251,11 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
     scales = engine.module.logit_scale_bounds()
     clamp_logit_scales(scales)  # FILIP's init ln(1/0.07) lies below its floor 3
     window = new_window()
+    image_tokens = engine.module.encoder.arch.grid_size ** 2  # patch tokens of an image
     batches = data.forever()
     while state.step < cfg.train.steps:
         batch = next(batches)
+        window["tokens_kept"] = token_schedule(batch, state.step, cfg, image_tokens)
         out = train_step(engine, batch, objective, accum, lr_factor(state.step, cfg.optim, cfg.train.steps), scales)
         state.step += 1
         state.samples_seen += cfg.train.global_batch_size
@@ -269,6 +274,18 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
             preempt(engine, data, run_dir, state, cfg, logger, stop, saved)
     save_checkpoint(engine, data, run_dir, state, cfg)  # the final one: never skipped
+
+
+def token_schedule(batch: dict, step: int, cfg: RunConfig, image_tokens: int) -> float:
+    """Token dropping (model.token_drop) at this step: the loader's kept positions, or,
+    in the last train.unmasked_steps steps, every token (FLIP's unmasked tuning: the
+    positions are taken out of the batch). Returns the fraction of patch tokens kept."""
+    if "token_keep" not in batch:
+        return 1.0
+    if step >= cfg.train.steps - cfg.train.unmasked_steps:
+        del batch["token_keep"]
+        return 1.0
+    return batch["token_keep"].shape[1] / image_tokens
 
 
 def global_batch_digest(keys: list[str], world: int) -> str:
@@ -408,6 +425,8 @@ def log_window(logger, engine, data: DataStream, state, out: dict, window: dict,
         metrics["grad_norm"] = grad_norm
     for group in engine.optimizer.param_groups:
         metrics[f"lr/{group['name']}"] = group["lr"]
+    if cfg.model.token_drop:
+        metrics["tokens_kept"] = window["tokens_kept"]  # of the image's patch tokens, at this step
     if cfg.tracking.peak_tflops and flops_per_sample:
         metrics["mfu"] = flops_per_sample * samples_per_s / (cfg.tracking.peak_tflops * 1e12 * world)
     good, truncated, skipped = summed_over_ranks(data.good(), data.truncated(), data.skipped(),

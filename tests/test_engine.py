@@ -14,6 +14,7 @@ from pipeline.ds_config import accumulation_steps, check_against_deepspeed, fill
 from pipeline.engine import lr_factor, param_groups
 from pipeline.losses import contrastive_loss
 from pipeline.model import MAX_LOGIT_SCALE, build_model
+from pipeline.model.token_drop import draw_keep
 from pipeline.tokenizer import tokenize
 
 
@@ -127,6 +128,11 @@ def reference_batch():
     return images, text
 
 
+def reference_keep() -> torch.Tensor:
+    """Token dropping's kept positions for reference_batch (half of msclip-tiny's 16)."""
+    return torch.stack([draw_keep(16, 0.5, torch.Generator().manual_seed(i)) for i in range(GLOBAL)])
+
+
 def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -150,6 +156,8 @@ def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: st
     images, text = reference_batch()
     local = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
     batch = {"images": images[local], "text": text[local]}
+    if scenario == "token_drop":  # each sample's kept tokens: both passes must use them
+        batch["token_keep"] = reference_keep()[local]
     if scenario == "nan":
         clip = module.objective.terms["clip"]
         forward = clip.forward
@@ -176,11 +184,11 @@ def run_engine(world: int, tmp_path, scenario: str = "step") -> dict:
     return torch.load(out, weights_only=True)
 
 
-def big_batch_gradient():
+def big_batch_gradient(keep: torch.Tensor | None = None):
     torch.manual_seed(0)
     model = build_model("msclip-tiny")
     images, text = reference_batch()
-    out = model(images, text)
+    out = model(images, text, keep=keep)
     loss = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -195,6 +203,18 @@ def test_exact_accumulation_equals_one_big_batch(tmp_path, world):
     assert got["skipped"] == 0
     if world == 1:  # with 2 ranks each reports its local rows' loss
         torch.testing.assert_close(got["loss"], loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(got["delta"][name], grad, rtol=1e-3, atol=2e-6, msg=name)
+
+
+def test_exact_accumulation_with_token_dropping_equals_one_big_batch(tmp_path):
+    """model.token_drop: the kept positions travel with their rows through the micro-batch
+    split, so the no-grad pass and the grad pass encode the same tokens and the update is
+    still the one big batch's (a pass drawing its own tokens would break this)."""
+    got = run_engine(1, tmp_path, "token_drop")
+    loss, grads = big_batch_gradient(reference_keep())
+    torch.testing.assert_close(got["loss"], loss)
+    assert not torch.equal(loss, big_batch_gradient()[0])  # the dropping did change the step
     for name, grad in grads.items():
         torch.testing.assert_close(got["delta"][name], grad, rtol=1e-3, atol=2e-6, msg=name)
 

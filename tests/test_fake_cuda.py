@@ -19,6 +19,7 @@ tier passes a stand-in for it too.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
@@ -107,11 +108,14 @@ def fake_host_batch(batch: dict, mode: FakeTensorMode) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def loader_batch(shards: str, recipe: str, model_name: str, accum: int) -> dict:
-    """One real batch from the demo shards, as the trainer's loader yields it for this recipe."""
+def loader_batch(shards: str, recipe: str, model_name: str, accum: int, token_drop: float = 0.0) -> dict:
+    """One real batch from the demo shards, as the trainer's loader yields it for this recipe
+    (with token dropping's kept positions at token_drop > 0)."""
     module, objective = build(model_name, recipe, torch.float32)
     model = module.encoder
-    stream = DataStream(DataConfig(train_shards=shards, workers=0, shuffle_buffer=0, readers=1), objective.recipe(),
+    batch_recipe = dataclasses.replace(objective.recipe(), token_drop=token_drop,
+                                       image_tokens=model.arch.grid_size ** 2)
+    stream = DataStream(DataConfig(train_shards=shards, workers=0, shuffle_buffer=0, readers=1), batch_recipe,
                         batch_size=MICRO * accum, image=ImageSpec(model.arch.image_size, model.arch.normalization),
                         context_length=model.arch.context_length, uint8=True)
     return next(iter(stream))
@@ -128,9 +132,10 @@ def build(model_name: str, recipe: str, dtype: torch.dtype):
     return module, module.objective
 
 
-def run_step(model_name, recipe, dtype, device, accum, shards, mutate=None):
+def run_step(model_name, recipe, dtype, device, accum, shards, mutate=None, token_drop=0.0):
     module, objective = build(model_name, recipe, dtype)
-    host_batch = loader_batch(shards, recipe, model_name, accum)
+    host_batch = loader_batch(shards, recipe, model_name, accum, token_drop)
+    assert ("token_keep" in host_batch) == bool(token_drop)
     assert host_batch["images"].dtype == torch.uint8 and host_batch["images"].device.type == "cpu"
     mode = fake_mode()
     to_fake_device(module.train(), mode, device)
@@ -175,6 +180,15 @@ def test_exact_accumulation_keeps_every_tensor_on_the_model_device(model_name, d
     """On meta only: the accumulation's loss on the cached features runs its own backward
     between the two passes, which fake CUDA cannot run."""
     run_step(model_name, "clip", dtype, "meta", 2, photos)
+
+
+@pytest.mark.parametrize("device,accum", [("cuda", 1), ("meta", 1), ("meta", 2)])
+@pytest.mark.parametrize("model_name", MODELS)
+def test_token_dropping_keeps_every_tensor_on_the_model_device(model_name, device, accum, photos):
+    """model.token_drop: the loader's kept positions (host int64) index the device tokens,
+    and the MS-CLIP-S adapters scatter and gather with them."""
+    run_step(model_name, "clip+filip+mixup" if accum == 1 else "clip", torch.bfloat16, device, accum, photos,
+             token_drop=0.5)
 
 
 TERM_RECIPE = {"clip": "slip", "slip": "slip", "filip": "filip", "mlm": "declip", "simsiam": "declip", "nn": "declip",

@@ -1,6 +1,6 @@
 """The training loop without a launcher (issue 16 item 3): the loop lives in
 pipeline/trainer.py, so one plain Python process of world size 1 runs it, and its resume
-property is tested in seconds; the launcher tests (tests/test_train_e2e.py) keep the wiring
+property is tested in seconds (with token dropping and its unmasked phase on); the launcher tests (tests/test_train_e2e.py) keep the wiring
 of real processes. The runs go in a fresh interpreter rather than pytest's own: DeepSpeed
 caches its world group in module state, and a group left by another test broke the
 engine's first broadcast."""
@@ -18,7 +18,8 @@ from pipeline.ds_config import fill_ds_config, read_ds_config
 from pipeline.trainer import prepare, run
 
 ds_path, common = sys.argv[1], sys.argv[2:]
-for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3"],
+# the first leg of the split run stops at step 3, before the unmasked phase of steps 5-6
+for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3", "train.unmasked_steps=0"],
                      ["split", "train.steps=6", "train.resume=latest"]):
     cfg = load_config(None, [*common, f"train.run_name={name}", *extra])
     ds = fill_ds_config(read_ds_config(ds_path), cfg.train, cfg.optim, 1)
@@ -32,7 +33,10 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
               "train.log_every=1",
               "optim.warmup_steps=2", f"train.output_dir={tmp_path / 'runs'}",
               f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.system_metrics=false",
-              "train.batch_digests=true"]
+              "train.batch_digests=true",
+              # token dropping on, its unmasked phase the last two steps: resume keeps the
+              # kept tokens (drawn per sample) and the phase (a function of the step)
+              "model.token_drop=0.5", "train.unmasked_steps=2"]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     done = subprocess.run([sys.executable, "-c", TRAIN_THREE_TIMES,
@@ -53,3 +57,5 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
     assert losses("split") == losses("straight")  # exactly, in fp32
     assert digests("split") == digests("straight") and len(digests("straight")) == 6  # the same samples each step
     assert sum(r.get("event") == "run_start" for r in records("split")) == 2  # it did resume
+    kept = {r["step"]: r["tokens_kept"] for r in records("straight") if "tokens_kept" in r}
+    assert kept == {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.5, 5: 1.0, 6: 1.0}  # msclip-s-tiny: 8 of 16 patch tokens

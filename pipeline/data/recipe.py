@@ -33,6 +33,10 @@ class BatchRecipe:
     text_levels: bool = False
     max_rois: int = 0
     roi_dim: int = 0
+    # token dropping (model.token_drop): each sample's kept patch positions (token_keep, (k,))
+    # drawn from its seed, out of image_tokens; 0: none drawn
+    token_drop: float = 0.0
+    image_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Per-sample work and collation, as a batch recipe asks (pipeline/data/recipe.py): decode,
 every image view with its augmentation, the EDA caption, PyramidCLIP's text levels and
-regions per sample; tokenizing, ZeroVL's caption augmentation and MLM masking per batch.
+regions per sample; tokenizing, ZeroVL's caption augmentation, MLM masking and token
+dropping's kept positions per batch.
 
-Every random draw, the per-batch ones (ZeroVL's caption augmentation, MLM masking)
-included, is seeded per sample from its virtual reader and its position in that reader's
+Every random draw, the per-batch ones (ZeroVL's caption augmentation, MLM masking, the
+kept tokens) included, is seeded per sample from its virtual reader and its position in that reader's
 stream (`sample_seed`): a resumed stream that skipped a prefix without decoding it draws
 the same crops and masks as the straight run, and a sample draws the same whichever rank
 and worker read it and whichever batch it lands in (pipeline/data/loader.py).
@@ -20,6 +21,7 @@ from pipeline.data import pyramid
 from pipeline.data.caption_augment import mlm_mask, zerovl_augment
 from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.eda import eda, load_synonyms
+from pipeline.model.token_drop import draw_keep
 from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, ssl_transform,
                                       train_transform, zerovl_transform)
 from pipeline.pixels import PIXEL_KEYS
@@ -120,6 +122,10 @@ class BatchMaker:
                       for i, it in enumerate(items)]
             out["text"] = torch.cat([ids for ids, _ in masked])
             out["mlm_labels"] = torch.cat([labels for _, labels in masked])
+        if self.recipe.token_drop:
+            out["token_keep"] = torch.stack([
+                draw_keep(self.recipe.image_tokens, self.recipe.token_drop,
+                          torch.Generator().manual_seed(sample_seed(*it["seed"], -4))) for it in items])
         if spec.uint8:
             out["normalization"] = spec.normalization  # what the trainer applies to the pixels
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds

@@ -100,15 +100,20 @@ class SharedCLIP(nn.Module):
         """PyramidCLIP's region level in the joint space (B, E), before normalization."""
         return self.visual.encode_rois(rois, roi_mask) @ self.visual.proj
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, return_tokens: bool = False,
+                keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Normalized joint-space features, the (clamped) logit scale, the joint-space
         embeddings before normalization (SimSiam's and mixup's input), and on request the
         per-token features of both towers (before projection) for token-level objectives:
         image tokens before ln_post, as FILIP takes them (DeCLIP's visual_transformer
         `return_dense`), text tokens after ln_final, which MLM's head reads. What else an
         objective needs (more views, SLIP's trunk features, regions) it asks of
-        `encode_image`, `encode_text`, `image_trunk` and `encode_rois` (pipeline/objectives.py)."""
-        image_hidden = self.visual.hidden_tokens(image)  # (B, N, Dv), before ln_post
+        `encode_image`, `encode_text`, `image_trunk` and `encode_rois` (pipeline/objectives.py).
+
+        `keep` (B, k): token dropping's kept patch positions (model.token_drop; drawn by the
+        loader, pipeline/model/token_drop.py), used in training mode only: evaluation always
+        sees every token."""
+        image_hidden = self.visual.hidden_tokens(image, keep if self.training else None)  # (B, N, Dv)
         text_tokens = self.text(text)  # (B, L, Dt)
         image_embedding = self._pool_image(self.visual.ln_post(image_hidden))  # (B, E)
         text_embedding = self._pool_text(text_tokens, text)  # (B, E)

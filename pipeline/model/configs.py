@@ -9,7 +9,7 @@ next to the field.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 # Which block modules are the same object in both towers, per sharing mode.
 # MS-CLIP ("attn_mlp") shares the fused QKV, the out-projection and the MLP and keeps

@@ -7,10 +7,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .clip import build_model
 from .configs import ModelArch
+from .token_drop import tokens_kept
 
 
-def train_flops_per_sample(arch: ModelArch, batch: int = 2) -> float:
-    """FLOPs of forward + backward per image-text pair (matmuls, convolutions, attention).
+def train_flops_per_sample(arch: ModelArch, batch: int = 2, token_drop: float = 0.0) -> float:
+    """FLOPs of forward + backward per image-text pair (matmuls, convolutions, attention),
+    with the image tower on the kept tokens at `token_drop` (model.token_drop).
 
     Counted on a copy built on the meta device, never on the model being trained: a
     train-mode forward of that model moved its BatchNorm statistics on the counting rank
@@ -22,8 +24,11 @@ def train_flops_per_sample(arch: ModelArch, batch: int = 2) -> float:
         model = build_model(arch)
         images = torch.empty(batch, 3, arch.image_size, arch.image_size)
         text = torch.empty(batch, arch.context_length, dtype=torch.long)
+        keep = None
+        if token_drop:
+            keep = torch.empty(batch, tokens_kept(arch.grid_size ** 2, token_drop), dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter:
-        out = model(images, text)
+        out = model(images, text, keep=keep)
         (out["image_features"].sum() + out["text_features"].sum()).backward()
     return counter.get_total_flops() / batch

@@ -13,6 +13,7 @@ from torch import nn
 
 from .configs import ModelArch
 from .layers import BatchNorm2d, Block, LayerNorm, checkpointed
+from .token_drop import gather_tokens, scatter_grid
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bn_eps: float = 1e-5,
@@ -110,14 +111,36 @@ class LateralAdapter(nn.Module):
         self.token_dw = conv_bn(width, width, 3, 1, groups=width)
         self.ln = LayerNorm(width, eps=ln_eps)
 
-    def forward(self, tokens: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        B, N, D = tokens.shape
-        h = w = int((N - 1) ** 0.5)
+    def forward(self, tokens: torch.Tensor, branch: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, 1 + h*w, D), or (B, 1 + k, D) with token dropping's kept positions
+        `keep` (B, k); branch (B, C, s, s) -> tokens of the same shape."""
+        B, _, D = tokens.shape
         cls, patches = tokens[:, :1], tokens[:, 1:]
-        grid = patches.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
-        fused = self.token_dw(grid) + self.to_grid(branch)  # (B, D, h, w)
-        fused = fused.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        return self.ln(torch.cat([cls + cls, fused], dim=1))  # (B, N, D)
+        t2b = self.to_grid(branch)  # (B, D, h, w)
+        h, w = t2b.shape[-2:]
+        if keep is None:
+            grid = patches.transpose(1, 2).reshape(B, D, h, w)  # (B, D, h, w)
+            fused = (self.token_dw(grid) + t2b).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        else:
+            fused = self.fuse_kept(patches, t2b, keep)  # (B, k, D)
+        return self.ln(torch.cat([cls + cls, fused], dim=1))
+
+    def fuse_kept(self, patches: torch.Tensor, t2b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The adapter on the kept tokens only (token dropping, pipeline/model/token_drop.py).
+
+        The reference (Hxyou/MSCLIP `Lateral_Adapter`) never drops tokens: it convolves the
+        full h x w token map. Here the dropped tokens do not exist, so the depthwise 3x3 reads
+        them as zeros, as it already reads the zero padding past the grid's edge; its
+        BatchNorm takes its batch statistics over the tokens that exist, as it does over the
+        whole grid when nothing is dropped; and the branch, a convnet on the raw pixels that
+        has no tokens to drop, runs in full and is read at the kept positions. At drop 0 this
+        is the reference's arithmetic (tests/test_token_drop.py checks it to 1e-6)."""
+        B, D, h, w = t2b.shape
+        conv, bn = self.token_dw
+        depthwise = conv(scatter_grid(patches, keep, h * w).reshape(B, D, h, w))  # (B, D, h, w)
+        kept = gather_tokens(depthwise.flatten(2).transpose(1, 2), keep)  # (B, k, D)
+        kept = bn(kept.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # statistics of kept tokens
+        return kept + gather_tokens(t2b.flatten(2).transpose(1, 2), keep)
 
 
 class VisionTower(nn.Module):
@@ -172,18 +195,23 @@ class VisionTower(nn.Module):
         """(B, 3, H, W) -> (B, 1 + h*w, D) tokens after ln_post; token 0 is CLS."""
         return self.ln_post(self.hidden_tokens(image))
 
-    def hidden_tokens(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + h*w, D): the last block's output, before ln_post."""
+    def hidden_tokens(self, image: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + h*w, D): the last block's output, before ln_post. With
+        token dropping's kept patch positions `keep` (B, k): (B, 1 + k, D), the patch tokens
+        dropped after the positional embedding, as FLIP and open_clip's patch_dropout do
+        (for MS-CLIP-S after the conv stem, which replaces the patch embedding)."""
         x = self.stem(image)  # (B, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, N, D)
+        if keep is not None:
+            x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)  # (B, 1 + k, D)
         x = self.ln_pre(x)
         branch = image
         for i, block in enumerate(self.blocks):
             stage = self.fusion_stage.get(i + self.first_layer)
             if stage is not None:
                 branch = self.branch.stages[stage](branch)  # (B, C_j, s_j, s_j)
-                x = self.adapters[stage](x, branch)
+                x = self.adapters[stage](x, branch, keep)
             x = checkpointed(block, x, False, enabled=self.grad_checkpointing)
         return x

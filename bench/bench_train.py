@@ -6,7 +6,7 @@ get_wds_dataset; loading in the stepping process unless --loader-workers), in on
 
     python -m bench.bench_train [--model clip-b32] [--batch-size 8] [--steps 2] [--repeats 2]
         [--precisions fp32,bf16] [--threads N] [--variants msclip-b32,msclip-s-b32] [--memory]
-        [--shards data/demo/shards/digits] [--loader-workers 0] [--device cuda]
+        [--shards data/demo/shards/digits] [--loader-workers 0] [--device cuda] [--token-drop 0.5]
 
 A step is forward, the CLIP loss, backward and an AdamW step. Precisions: fp32 against
 fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`). The
@@ -19,6 +19,10 @@ reports each model's peak RSS, from a fresh child process per model and precisio
 process's peak is monotonic, so it cannot be compared inside one process).
 With --device cuda the models, batches and autocast run on the GPU (bench/gpu.sh), the
 clock waits for the device, and the peak is the device's measured bf16/fp32 matmul rate.
+`--token-drop P` adds token dropping (FLIP): ours at model.token_drop P (the kept
+positions drawn as the loader draws them) against our unmasked step and against
+open_clip's `patch_dropout=P`, and every --variants model with and without; FLOPs are
+counted on the dropped models.
 Prints a table and one JSON line.
 """
 from __future__ import annotations
@@ -36,22 +40,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.losses import contrastive_loss
 from pipeline.model import build_model
+from pipeline.model.token_drop import draw_keep
 
 
-def open_clip_twin(arch):
-    """open_clip's CLIP with our architecture's numbers (QuickGELU, LN eps as ours)."""
+def open_clip_twin(arch, patch_dropout: float = 0.0):
+    """open_clip's CLIP with our architecture's numbers (QuickGELU, LN eps as ours), with
+    its token dropping (`patch_dropout`, FLIP's masking) at `patch_dropout`."""
     import open_clip
     vision = open_clip.model.CLIPVisionCfg(layers=arch.vision_layers, width=arch.vision_width,
                                           head_width=arch.vision_width // arch.vision_heads, patch_size=arch.patch_size,
-                                          image_size=arch.image_size)
+                                          image_size=arch.image_size, patch_dropout=patch_dropout)
     text = open_clip.model.CLIPTextCfg(context_length=arch.context_length, vocab_size=arch.vocab_size,
                                       width=arch.text_width, heads=arch.text_heads, layers=arch.text_layers)
     return open_clip.CLIP(embed_dim=arch.embed_dim, vision_cfg=vision, text_cfg=text, quick_gelu=True)
 
 
-def features(model, images, text):
-    if hasattr(model, "arch"):  # ours
-        out = model(images, text)
+def features(model, images, text, keep=None):
+    if hasattr(model, "arch"):  # ours, with token dropping's kept positions if given
+        out = model(images, text, keep=keep)
         return out["image_features"], out["text_features"], out["logit_scale"]
     image_features, text_features, scale = model(images, text)
     return image_features, text_features, scale
@@ -85,8 +91,15 @@ def shard_batches(side: str, arch, args):
         yield batch["images"], batch["text"].to(args.device, non_blocking=True)
 
 
-def make_step(model, images, text, precision: str, batches=None):
-    """One training step's closure; with `batches` (an iterator) each step takes its next batch."""
+def drop_keep(arch, batch_size: int, drop: float, seed: int = 0) -> torch.Tensor:
+    """Kept patch positions per sample at drop rate `drop`, as our loader draws them."""
+    return torch.stack([draw_keep(arch.grid_size ** 2, drop, torch.Generator().manual_seed(seed * 100003 + i))
+                        for i in range(batch_size)])
+
+
+def make_step(model, images, text, precision: str, batches=None, keep=None):
+    """One training step's closure; with `batches` (an iterator) each step takes its next
+    batch; `keep`: our model's kept tokens (token dropping)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     device_type = next(model.parameters()).device.type
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -96,7 +109,7 @@ def make_step(model, images, text, precision: str, batches=None):
         if batches is not None:
             images, text = next(batches)
         with autocast():
-            image_features, text_features, scale = features(model, images, text)
+            image_features, text_features, scale = features(model, images, text, keep)
         loss = contrastive_loss(image_features.float(), text_features.float(), scale.float().reshape(1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,10 +117,12 @@ def make_step(model, images, text, precision: str, batches=None):
     return step
 
 
-def count_flops(model, images, text) -> float:
+def count_flops(model, images, text, keep=None) -> float:
+    """Forward + backward FLOPs per sample, counted (with the kept tokens at token dropping;
+    open_clip's patch_dropout draws its own in training mode)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        image_features, text_features, _ = features(model, images[:2], text[:2])
+        image_features, text_features, _ = features(model, images[:2], text[:2], None if keep is None else keep[:2])
         (image_features.sum() + text_features.sum()).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2
@@ -183,6 +198,9 @@ def main(argv=None):
     # GB; the first such run was OOM-killed on this 24 GB machine).
     parser.add_argument("--loader-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--token-drop", type=float, default=0.0,
+                        help="also time token dropping at this rate: ours (model.token_drop) against open_clip's "
+                             "patch_dropout, and each --variants model with and without")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     arch = build_model(args.model).arch
@@ -195,12 +213,25 @@ def main(argv=None):
     variant_models = {v: build_model(v).to(args.device) for v in variants}
     for v, model in variant_models.items():
         flops[v] = count_flops(model, *(t.to(args.device) for t in make_batch(model.arch, 2)))
+    keeps = {}  # "<name>+drop" -> (its model, the kept positions); ours and the variants share their models
+    if args.token_drop:
+        drop_ref = open_clip_twin(arch, patch_dropout=args.token_drop).to(args.device)
+        for name, model in {"ours": ours, **variant_models}.items():
+            keeps[f"{name}+drop"] = (model, drop_keep(model.arch, args.batch_size, args.token_drop).to(args.device))
+            flops[f"{name}+drop"] = count_flops(model, *(t.to(args.device) for t in make_batch(model.arch, 2)),
+                                                keeps[f"{name}+drop"][1])
+        flops["open_clip+drop"] = count_flops(drop_ref.train(), images, text)
     peaks = {p: peak_flops(dtype, device=args.device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     results = {}
     for precision in args.precisions.split(","):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
         for v, model in variant_models.items():
             steps[v] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)), precision)
+        for name, (model, keep) in keeps.items():
+            steps[name] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)),
+                                    precision, keep=keep)
+        if keeps:
+            steps["open_clip+drop"] = make_step(drop_ref, images, text, precision)
         if args.shards:
             for side, model in (("ours", ours), ("open_clip", ref)):
                 steps[f"{side}+shards"] = make_step(model, None, None, precision, shard_batches(side, arch, args))
@@ -231,6 +262,12 @@ def main(argv=None):
                                                                  results[f"open_clip+shards/{precision}"]["samples_per_s"])
         for v in variants:
             ratios[f"{v}/ours {precision}"] = results[f"{v}/{precision}"]["samples_per_s"] / results[f"ours/{precision}"]["samples_per_s"]
+        if keeps:
+            def rate(name):
+                return results[f"{name}/{precision}"]["samples_per_s"]
+            for name in ("ours", *variants):
+                ratios[f"{name} drop {args.token_drop}/{name} {precision}"] = rate(f"{name}+drop") / rate(name)
+            ratios[f"ours drop/open_clip patch_dropout {args.token_drop} {precision}"] = rate("ours+drop") / rate("open_clip+drop")
     if "bf16" in args.precisions and "fp32" in args.precisions:
         ratios["ours bf16/open_clip fp32"] = results["ours/bf16"]["samples_per_s"] / results["open_clip/fp32"]["samples_per_s"]
     for key, value in ratios.items():

@@ -6,8 +6,9 @@ and its target (issue "Performance"), and one JSON file with everything.
 Runs, each side by side with its reference in this process: the tokenizer (vs open_clip's
 SimpleTokenizer, identical ids), the loader (vs open_clip_train's webdataset pipeline, on
 the demo shards, built first if missing), the train step (vs open_clip's CLIP of the
-same architecture, fp32 and bf16 autocast, on synthetic tensors and fed from the demo
-shards by each side's loader; msclip-b32 and msclip-s-b32 vs clip-b32;
+same architecture, fp32, bf16 autocast and our trainer's bf16 engine, on synthetic tensors
+and fed from the demo shards by each side's loader; msclip-b32 and msclip-s-b32 vs clip-b32;
+token dropping 0.5 against the unmasked step and open_clip's patch_dropout;
 FLOPs per sample and MFU against this machine's measured matmul peak), the contrastive
 loss's memory against the global batch, each fast path on against off, and each
 objective's step time against CLIP.
@@ -44,8 +45,15 @@ def main(argv=None):
     train_results, train_ratios = bench_train.main(
         ["--model", args.model, "--batch-size", "4" if quick else "8", "--steps", "1" if quick else "2",
          "--repeats", "1" if quick else "2", "--memory", "--shards", str(DEMO_SHARDS),
+         "--precisions", "fp32,bf16,bf16_engine",
          "--variants", "" if quick else args.model.replace("clip-", "msclip-") + "," + args.model.replace("clip-", "msclip-s-")])
     sections["train"] = {"results": train_results, "ratios": train_ratios}
+    print("== train step with token dropping (FLIP)")
+    drop_results, drop_ratios = bench_train.main(
+        ["--model", args.model, "--batch-size", "4" if quick else "8", "--steps", "1" if quick else "2",
+         "--repeats", "1" if quick else "2", "--precisions", "fp32,bf16", "--token-drop", "0.5",
+         "--variants", args.model.replace("clip-", "msclip-s-")])
+    sections["token_drop"] = {"results": drop_results, "ratios": drop_ratios}
     print("== contrastive loss memory")
     rows, growth = bench_loss_memory.main(["--worlds", "1,2,4" if quick else "1,2,4,8,16"])
     sections["loss_memory"] = {"rows": rows, "summary": growth}
@@ -59,6 +67,13 @@ def main(argv=None):
         ("train step fp32, ours / open_clip", train_ratios.get("ours/open_clip fp32"), ">= 1.2"),
         ("train step bf16, ours / open_clip", train_ratios.get("ours/open_clip bf16"), ">= 1.2"),
         ("train step, ours bf16 / open_clip fp32", train_ratios.get("ours bf16/open_clip fp32"), ">= 1.8"),
+        ("train step, ours bf16 (the trainer's engine) / open_clip amp_bf16",
+         train_ratios.get("ours bf16_engine/open_clip bf16"), ">= 1.2"),
+        *((f"token drop 0.5, {name} / unmasked, {p}", drop_ratios.get(f"{name} drop 0.5/{name} {p}"), target)
+          for p in ("fp32", "bf16") for name, target in (("ours", ">= 1.8"),
+                                                        (args.model.replace("clip-", "msclip-s-"), ">= 1.6"))),
+        *((f"token drop 0.5, ours / open_clip patch_dropout, {p}",
+           drop_ratios.get(f"ours drop/open_clip patch_dropout 0.5 {p}"), ">= 1.0") for p in ("fp32", "bf16")),
         ("train step fp32 from the demo shards, ours / open_clip", train_ratios.get("ours/open_clip fp32, from shards"), ">= 1.2"),
         ("train step bf16 from the demo shards, ours / open_clip", train_ratios.get("ours/open_clip bf16, from shards"), ">= 1.2"),
         ("loader per worker, ours / open_clip", sections["loader"]["ratio"], ">= 1.0"),

@@ -9,7 +9,11 @@ get_wds_dataset; loading in the stepping process unless --loader-workers), in on
         [--shards data/demo/shards/digits] [--loader-workers 0] [--device cuda] [--token-drop 0.5]
 
 A step is forward, the CLIP loss, backward and an AdamW step. Precisions: fp32 against
-fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`). The
+fp32; bf16 = torch.autocast(bfloat16) on both (open_clip's `--precision amp_bf16`);
+bf16_engine = our trainer's bf16 step, DeepSpeed's bf16 engine under ZeRO (bf16 weights,
+no autocast, a fused AdamW on one flat fp32 master: `engine_bf16_step`), on both, so
+"ours bf16_engine / open_clip bf16" is our trainer's step against open_clip's amp_bf16
+step (open_clip_train: autocast and torch's AdamW, tensor by tensor on CPU). The
 reference is `open_clip.CLIP` built with our architecture's numbers (for clip-b32 that is
 ViT-B-32-quickgelu: the same 151,277,313 parameters). `--variants` times our other models
 against our baseline (e.g. msclip-s-b32 vs clip-b32). FLOPs per sample are counted with
@@ -100,6 +104,8 @@ def drop_keep(arch, batch_size: int, drop: float, seed: int = 0) -> torch.Tensor
 def make_step(model, images, text, precision: str, batches=None, keep=None):
     """One training step's closure; with `batches` (an iterator) each step takes its next
     batch; `keep`: our model's kept tokens (token dropping)."""
+    if precision == "bf16_engine":
+        return engine_bf16_step(model, images, text, keep, batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     device_type = next(model.parameters()).device.type
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -114,6 +120,35 @@ def make_step(model, images, text, precision: str, batches=None, keep=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return step
+
+
+def engine_bf16_step(model, images, text, keep=None, batches=None):
+    """The step as our trainer takes it in bf16, DeepSpeed's bf16 engine under ZeRO
+    (ds_configs/cpu_bf16.json, zero2_bf16.json): bf16 weights and activations, no autocast;
+    the gradients gathered into one flat fp32 buffer; one fused AdamW step on the flat fp32
+    master weights (ZeRO's partition, DeepSpeed's FusedAdam); the master copied back into
+    the bf16 weights. On a bf16 copy of `model` (its fp32 weights untouched)."""
+    import copy
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    params = [p for p in low.parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params]).requires_grad_(True)
+    masters = [v.view(p.shape) for v, p in zip(torch.split(flat.detach(), [p.numel() for p in params]), params)]
+    optimizer = torch.optim.AdamW([flat], lr=1e-5, fused=True)
+
+    def step():
+        nonlocal images, text
+        if batches is not None:
+            images, text = next(batches)
+        image_features, text_features, scale = features(low, images.to(torch.bfloat16), text, keep)
+        loss = contrastive_loss(image_features.float(), text_features.float(), scale.float().reshape(1))
+        loss.backward()
+        flat.grad = torch.cat([p.grad.reshape(-1) for p in params]).float()
+        for p in params:
+            p.grad = None
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_copy_(params, masters)
     return step
 
 
@@ -222,6 +257,7 @@ def main(argv=None):
                                                 keeps[f"{name}+drop"][1])
         flops["open_clip+drop"] = count_flops(drop_ref.train(), images, text)
     peaks = {p: peak_flops(dtype, device=args.device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks["bf16_engine"] = peaks["bf16"]
     results = {}
     for precision in args.precisions.split(","):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
@@ -268,8 +304,14 @@ def main(argv=None):
             for name in ("ours", *variants):
                 ratios[f"{name} drop {args.token_drop}/{name} {precision}"] = rate(f"{name}+drop") / rate(name)
             ratios[f"ours drop/open_clip patch_dropout {args.token_drop} {precision}"] = rate("ours+drop") / rate("open_clip+drop")
-    if "bf16" in args.precisions and "fp32" in args.precisions:
+    precisions = args.precisions.split(",")
+    if "bf16" in precisions and "fp32" in precisions:
         ratios["ours bf16/open_clip fp32"] = results["ours/bf16"]["samples_per_s"] / results["open_clip/fp32"]["samples_per_s"]
+    if "bf16_engine" in precisions:  # our trainer's bf16 against open_clip's amp_bf16 (autocast) and fp32
+        for other in ("bf16", "fp32"):
+            if other in precisions:
+                ratios[f"ours bf16_engine/open_clip {other}"] = (results["ours/bf16_engine"]["samples_per_s"] /
+                                                                results[f"open_clip/{other}"]["samples_per_s"])
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.2f}x")
     print(json.dumps({"model": args.model, "device": args.device, "batch_size": args.batch_size, "threads": args.threads,

@@ -4,7 +4,8 @@
 # 1. pytest -m gpu: bf16 vs fp32 loss, FusedAdam vs torch AdamW, flash vs math SDPA,
 #    every objective one step through DeepSpeed (ZeRO-2, bf16) on CUDA (tests/test_gpu.py).
 # 2. bench_train on CUDA: clip-b16 against open_clip's ViT-B-16 twin, and msclip-s-b16,
-#    fp32 and bf16 autocast, with FLOPs/sample and MFU against the measured matmul peak.
+#    fp32, bf16 autocast and the trainer's bf16 engine, each with token dropping 0.5 against
+#    open_clip's patch_dropout, with FLOPs/sample and MFU against the measured matmul peak.
 # The figures are appended to bench/RESULTS.md with the device, the command and the date;
 # the exit status is pytest's.
 set -uo pipefail
@@ -15,7 +16,7 @@ tests="$(mktemp)"
 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider > "$tests" 2>&1
 tests_rc=$?
 bench="$(python -m bench.bench_train --device cuda --model clip-b16 --variants msclip-s-b16 --batch-size 128 \
-         --steps 5 --repeats 3 --threads 8 2>&1 | grep -v '^{')"
+         --steps 5 --repeats 3 --threads 8 --precisions fp32,bf16,bf16_engine --token-drop 0.5 2>&1 | grep -v '^{')"
 {
   printf '\n### `bash bench/gpu.sh` — %s on %s\n\n```\n' "$(date -u +%Y-%m-%d)" "$device"
   tail -n 15 "$tests"

@@ -1,8 +1,8 @@
 """Real-CUDA tests (`pytest -m gpu`, run by bench/gpu.sh on a lent GPU machine): they
 are collected everywhere and skip cleanly where no GPU is present (CI, the developers'
 machines). The fake-device tier (test_fake_cuda.py) covers placement on CPU; these cover
-what only a GPU computes: the bf16 engine, FusedAdam's CUDA kernel, flash attention, and
-every objective stepping through DeepSpeed on CUDA."""
+what only a GPU computes: the bf16 engine, FusedAdam's CUDA kernel, flash attention,
+token dropping's gathers, and every objective stepping through DeepSpeed on CUDA."""
 import os
 
 import pytest
@@ -41,6 +41,25 @@ def test_bf16_autocast_loss_agrees_with_fp32():
         losses[name] = contrastive_loss(out["image_features"].float(), out["text_features"].float(),
                                         out["logit_scale"].float())
     assert abs(losses["bf16"].item() - losses["fp32"].item()) < 2e-2 * losses["fp32"].item()
+
+
+@pytest.mark.parametrize("name", ["clip-tiny", "msclip-s-tiny"])
+def test_token_dropping_on_cuda_equals_the_cpu_forward(name):
+    """model.token_drop's gather and scatter (MS-CLIP-S's adapters) on CUDA, against the
+    same kept positions on the CPU, and the gradients there."""
+    from pipeline.model import build_model
+    from pipeline.model.token_drop import draw_keep
+    torch.manual_seed(0)
+    model = build_model(name)
+    images = torch.randn(8, 3, 64, 64)
+    text = torch.randint(1, 49405, (8, 32))
+    text[:, -1] = 49407
+    keep = torch.stack([draw_keep(16, 0.5, torch.Generator().manual_seed(i)) for i in range(8)])
+    cpu = model(images, text, keep=keep)["image_features"]
+    gpu = model.cuda()(images.cuda(), text.cuda(), keep=keep.cuda())["image_features"]
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+    gpu.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith(("text.", "logit")))
 
 
 def test_fused_adam_step_equals_torch_adamw():

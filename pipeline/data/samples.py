@@ -4,8 +4,8 @@ regions per sample; tokenizing, ZeroVL's caption augmentation, MLM masking and t
 dropping's kept positions per batch.
 
 Every random draw, the per-batch ones (ZeroVL's caption augmentation, MLM masking, the
-kept tokens) included, is seeded per sample from its virtual reader and its position in that reader's
-stream (`sample_seed`): a resumed stream that skipped a prefix without decoding it draws
+kept tokens) included, is seeded per sample from its virtual reader and its position in
+that reader's stream (`sample_seed`): a resumed stream that skipped a prefix without decoding it draws
 the same crops and masks as the straight run, and a sample draws the same whichever rank
 and worker read it and whichever batch it lands in (pipeline/data/loader.py).
 """
@@ -21,9 +21,9 @@ from pipeline.data import pyramid
 from pipeline.data.caption_augment import mlm_mask, zerovl_augment
 from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.eda import eda, load_synonyms
-from pipeline.model.token_drop import draw_keep
 from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, ssl_transform,
                                       train_transform, zerovl_transform)
+from pipeline.model.token_drop import draw_keep
 from pipeline.pixels import PIXEL_KEYS
 from pipeline.tokenizer import get_tokenizer
 

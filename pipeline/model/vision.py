@@ -133,8 +133,8 @@ class LateralAdapter(nn.Module):
         them as zeros, as it already reads the zero padding past the grid's edge; its
         BatchNorm takes its batch statistics over the tokens that exist, as it does over the
         whole grid when nothing is dropped; and the branch, a convnet on the raw pixels that
-        has no tokens to drop, runs in full and is read at the kept positions. At drop 0 this
-        is the reference's arithmetic (tests/test_token_drop.py checks it to 1e-6)."""
+        has no tokens to drop, runs in full and is read at the kept positions. With every
+        token kept this is the reference's arithmetic, bit for bit (tests/test_token_drop.py)."""
         B, D, h, w = t2b.shape
         conv, bn = self.token_dw
         depthwise = conv(scatter_grid(patches, keep, h * w).reshape(B, D, h, w))  # (B, D, h, w)

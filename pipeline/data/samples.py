@@ -5,9 +5,10 @@ dropping's kept positions per batch.
 
 Every random draw, the per-batch ones (ZeroVL's caption augmentation, MLM masking, the
 kept tokens) included, is seeded per sample from its virtual reader and its position in
-that reader's stream (`sample_seed`): a resumed stream that skipped a prefix without decoding it draws
-the same crops and masks as the straight run, and a sample draws the same whichever rank
-and worker read it and whichever batch it lands in (pipeline/data/loader.py).
+that reader's stream (`sample_seed`): a resumed stream that skipped a prefix without
+decoding it draws the same crops and masks as the straight run, and a sample draws the
+same whichever rank and worker read it and whichever batch it lands in
+(pipeline/data/loader.py).
 """
 from __future__ import annotations
 

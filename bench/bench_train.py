@@ -26,7 +26,8 @@ clock waits for the device, and the peak is the device's measured bf16/fp32 matm
 `--token-drop P` adds token dropping (FLIP): ours at model.token_drop P (the kept
 positions drawn as the loader draws them) against our unmasked step and against
 open_clip's `patch_dropout=P`, and every --variants model with and without; FLOPs are
-counted on the dropped models.
+counted on the dropped models. `--compile` adds our model under torch.compile (its
+compilation happens in the untimed warm-up step).
 Prints a table and one JSON line.
 """
 from __future__ import annotations
@@ -233,6 +234,8 @@ def main(argv=None):
     # GB; the first such run was OOM-killed on this 24 GB machine).
     parser.add_argument("--loader-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our model under torch.compile (model.compile), the first step compiling")
     parser.add_argument("--token-drop", type=float, default=0.0,
                         help="also time token dropping at this rate: ours (model.token_drop) against open_clip's "
                              "patch_dropout, and each --variants model with and without")
@@ -248,6 +251,9 @@ def main(argv=None):
     variant_models = {v: build_model(v).to(args.device) for v in variants}
     for v, model in variant_models.items():
         flops[v] = count_flops(model, *(t.to(args.device) for t in make_batch(model.arch, 2)))
+    compiled = torch.compile(ours) if args.compile else None  # the same parameters as ours
+    if compiled is not None:
+        flops["ours+compile"] = flops["ours"]
     keeps = {}  # "<name>+drop" -> (its model, the kept positions); ours and the variants share their models
     if args.token_drop:
         drop_ref = open_clip_twin(arch, patch_dropout=args.token_drop).to(args.device)
@@ -263,6 +269,8 @@ def main(argv=None):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
         for v, model in variant_models.items():
             steps[v] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)), precision)
+        if compiled is not None:  # timed() warms every step up first: the compilation is not timed
+            steps["ours+compile"] = make_step(compiled, images, text, precision)
         for name, (model, keep) in keeps.items():
             steps[name] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)),
                                     precision, keep=keep)
@@ -298,6 +306,9 @@ def main(argv=None):
                                                                  results[f"open_clip+shards/{precision}"]["samples_per_s"])
         for v in variants:
             ratios[f"{v}/ours {precision}"] = results[f"{v}/{precision}"]["samples_per_s"] / results[f"ours/{precision}"]["samples_per_s"]
+        if compiled is not None:
+            ratios[f"ours compiled/open_clip {precision}"] = (results[f"ours+compile/{precision}"]["samples_per_s"] /
+                                                            results[f"open_clip/{precision}"]["samples_per_s"])
         if keeps:
             def rate(name):
                 return results[f"{name}/{precision}"]["samples_per_s"]

@@ -26,7 +26,8 @@ clock waits for the device, and the peak is the device's measured bf16/fp32 matm
 `--token-drop P` adds token dropping (FLIP): ours at model.token_drop P (the kept
 positions drawn as the loader draws them) against our unmasked step and against
 open_clip's `patch_dropout=P`, and every --variants model with and without; FLOPs are
-counted on the dropped models. `--compile` adds our model under torch.compile (its
+counted on the dropped models. `--profile` prints torch.profiler's top operators of two of our steps per precision.
+`--compile` adds our model under torch.compile (its
 compilation happens in the untimed warm-up step).
 Prints a table and one JSON line.
 """
@@ -153,6 +154,18 @@ def engine_bf16_step(model, images, text, keep=None, batches=None):
     return step
 
 
+def print_profile(step, title: str, rows: int = 12):
+    """Where a step's time goes: torch.profiler over two steps, top operators by self time
+    (bench/RESULTS.md quotes these tables)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        step()
+    print(f"profile: {title}, two steps")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
+
+
 def count_flops(model, images, text, keep=None) -> float:
     """Forward + backward FLOPs per sample, counted (with the kept tokens at token dropping;
     open_clip's patch_dropout draws its own in training mode)."""
@@ -234,6 +247,8 @@ def main(argv=None):
     # GB; the first such run was OOM-killed on this 24 GB machine).
     parser.add_argument("--loader-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top operators of two of our steps per precision")
     parser.add_argument("--compile", action="store_true",
                         help="also time our model under torch.compile (model.compile), the first step compiling")
     parser.add_argument("--token-drop", type=float, default=0.0,
@@ -280,6 +295,8 @@ def main(argv=None):
             for side, model in (("ours", ours), ("open_clip", ref)):
                 steps[f"{side}+shards"] = make_step(model, None, None, precision, shard_batches(side, arch, args))
         seconds = timed(steps, args.steps, args.repeats, args.device)
+        if args.profile:
+            print_profile(steps["ours"], f"ours {args.model} {precision}")
         for name, s in seconds.items():
             rate = args.batch_size / s
             flop = flops[name.removesuffix("+shards")]

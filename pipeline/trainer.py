@@ -100,6 +100,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.model.channels_last:
         model.use_channels_last()
+    # counted on the dropped model: the MFU logged in train.unmasked_steps' phase under-counts
     flops_per_sample = train_flops_per_sample(model.arch, token_drop=cfg.model.token_drop)
     counts = model.parameter_counts()  # before ZeRO-3 partitions the parameters
     objective = ComposedObjective(cfg.objective, model.arch)  # its heads train and save with the encoder

@@ -10,7 +10,10 @@ Whenever global_batch_size > micro_batch_size x world, `train_step` instead comp
 the global-batch loss from features cached without grad, then re-runs each micro-batch
 with grad and backpropagates the cached feature gradients (GradCache, Gao et al. 2021;
 ZeroVL's decoupled gradient accumulation): the gradients equal one big batch's.
-DeepSpeed's plain accumulation is not offered.
+DeepSpeed's plain accumulation is not offered. Each micro-batch is scored as the rank of
+a larger world holding its samples would score it, so that one process and several give
+the same numbers (`exact_accumulation_step`; with `topology_free_grad_norm`, bit for bit
+between one process and two: tests/test_elastic.py).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import nn
 from pipeline.config import OptimConfig
 from pipeline.model import MAX_LOGIT_SCALE
 from pipeline.pixels import PIXEL_KEYS, pixels_on_device
+from pipeline.losses.gather import virtual_rank
 from pipeline.ranks import world
 
 log = logging.getLogger(__name__)
@@ -111,6 +115,36 @@ def frozen_batchnorm_stats(model: nn.Module):
             m.num_batches_tracked.copy_(n)
 
 
+def topology_free_grad_norm(engine):
+    """Make ZeRO-1/2's gradient norm (what `optim.grad_clip` divides by, and the logged
+    grad_norm) the same number on any world size. DeepSpeed 0.19.8 rounds each rank's sum of
+    squared gradients to fp32 before the all-reduce (stage_1_and_2.py, get_grad_norm_direct),
+    so the norm depends on how the parameters are cut into partitions, and in every step
+    where clipping acts so does the update: a run moved to another world size drifted from
+    its 1e-7 of one ulp to 3e-4 within 20 steps (tests/test_elastic.py). Here the sum stays
+    in fp64 across ranks and is rounded once (ZeRO-3 already sums in fp64; ZeRO-0 takes the
+    norm of the full gradient on every rank). Pipeline and model parallelism, which the
+    original's `params` argument serves, are not used by this project."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    optimizer = engine.optimizer
+    if type(optimizer) is not DeepSpeedZeroOptimizer or optimizer.cpu_offload:
+        return
+    group = optimizer.dp_process_group
+
+    def grad_norm(gradients, params, norm_type=2):
+        if norm_type != 2:
+            raise ValueError(f"gradient norm of type {norm_type}: only 2 is made topology-free")
+        squares = torch.zeros((), dtype=torch.float64, device=optimizer.device)
+        for g in gradients:
+            if not getattr(g, "_zero_padding", False):
+                flat = g.detach().reshape(-1).double()
+                squares += torch.dot(flat, flat)
+        dist.all_reduce(squares, group=group)
+        norm = squares.sqrt().float()
+        return torch.where(torch.isfinite(norm), norm, -1.0)  # DeepSpeed's mark of an invalid norm
+    optimizer.get_grad_norm_direct = grad_norm
+
+
 def nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
     """The step's one host sync: every rank must take the same skip-or-step branch."""
     return any_rank(not torch.isfinite(loss).item())
@@ -193,7 +227,14 @@ def plain_step(engine, batch: dict, objective, accum: int, nonfinite) -> dict:
 
 def exact_accumulation_step(engine, batch: dict, objective, accum: int, nonfinite) -> dict:
     """The global-batch loss over `accum` micro-batches with one big batch's gradients
-    (GradCache; the module docstring says why)."""
+    (GradCache; the module docstring says why).
+
+    Micro-batch i of rank r is scored as rank v = r + W i of a world of W x accum would
+    score it (split_batch gives it that rank's samples): its rows against every column in
+    that world's rank order, its gradients scaled by 1/accum as DeepSpeed averages over
+    ranks, the column gradients summed over virtual ranks as the all-reduce sums them. So
+    each rank's share of the loss, and with 2 virtual ranks every gradient bit, is the same
+    on W x accum processes (tests/test_elastic.py)."""
     if not objective.features_only:
         raise ValueError("exact accumulation needs an objective of the pooled features only (clip)")
     module = engine.module
@@ -201,24 +242,65 @@ def exact_accumulation_step(engine, batch: dict, objective, accum: int, nonfinit
     # Pass 1: features of every micro-batch, no grad, BatchNorm statistics untouched.
     with torch.no_grad(), frozen_batchnorm_stats(module):
         outs = [module(mb, score=False) for mb in micro]
-    image = torch.cat([o["image_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
-    text = torch.cat([o["text_features"] for o in outs]).float().requires_grad_(True)  # (accum*B, E)
-    scale = outs[0]["logit_scale"].float().requires_grad_(True)
+    rank, world_size = world()
+    columns = {key: virtual_rank_columns([o[key].float() for o in outs], world_size)
+               for key in ("image_features", "text_features")}  # (W*accum*B, E)
     with torch.enable_grad():
-        loss, parts = objective({"image_features": image, "text_features": text, "logit_scale": scale}, batch)
+        scored = [VirtualRankScore(objective, outs[i], columns, rank + world_size * i, world_size * accum)
+                  for i in range(accum)]
+        # each rank's share of the loss as a mean over its virtual ranks, in float64 as
+        # trainer.mean_over_ranks takes the mean over real ones
+        loss = torch.stack([s.loss.detach() for s in scored]).double().mean()
+        parts = {k: torch.stack([s.parts[k].detach() for s in scored]).double().mean() for k in scored[0].parts}
         if nonfinite(loss):
             return step_result(loss, parts, skipped=1)
-        loss.backward()
-    # Pass 2: re-run each micro-batch with grad and push the cached feature gradients
-    # through it; DeepSpeed sums them and steps at the accumulation boundary.
+        # DeepSpeed averages the gradients of W ranks; each of this rank's accum is one more
+        grads = [s.gradients(1.0 / accum) for s in scored]
+    # the backward's all-reduce of the columns' gradients: over virtual ranks, then real ones
+    received = {key: sum(g["columns"][key] for g in grads) for key in columns}
+    if world_size > 1:
+        for total in received.values():
+            dist.all_reduce(total)
+    # Pass 2: re-run each micro-batch with grad and push its features' gradients (its own
+    # rows' plus its share of the columns') through it; DeepSpeed sums them at the boundary.
     B = micro[0]["images"].shape[0]
-    for i, mb in enumerate(micro):
+    for i, (mb, g) in enumerate(zip(micro, grads)):
         out = engine(mb, score=False)
-        rows = slice(i * B, (i + 1) * B)
-        surrogate = (out["image_features"].float() * image.grad[rows]).sum() + \
-                    (out["text_features"].float() * text.grad[rows]).sum()
-        if i == 0:  # the scale is one parameter: its gradient enters once
-            surrogate = surrogate + (out["logit_scale"].float() * scale.grad).sum()
+        rows = slice((rank + world_size * i) * B, (rank + world_size * i + 1) * B)
+        surrogate = (out["logit_scale"].float() * g["rows"]["logit_scale"]).sum()
+        for key in columns:
+            surrogate = surrogate + (out[key].float() * (g["rows"][key] + received[key][rows])).sum()
         engine.backward(surrogate, scale_wrt_gas=False)
         engine.step()
     return step_result(loss, parts, skipped=0)
+
+
+def virtual_rank_columns(local: list[torch.Tensor], world_size: int) -> torch.Tensor:
+    """Every rank's micro-batch features (no grad) in the order of a world of W x accum
+    ranks: rank v = r + W i holds micro-batch i of rank r."""
+    if world_size == 1:
+        return torch.cat(local)
+    gathered = [torch.empty_like(torch.cat(local)) for _ in range(world_size)]
+    dist.all_gather(gathered, torch.cat(local).contiguous())
+    by_rank = [g.chunk(len(local)) for g in gathered]
+    return torch.cat([by_rank[v % world_size][v // world_size] for v in range(world_size * len(local))])
+
+
+class VirtualRankScore:
+    """The objective on one micro-batch's cached features, scored as virtual rank `rank` of
+    `size` would score them: its rows against `columns` (every virtual rank's features)."""
+
+    def __init__(self, objective, out: dict, columns: dict, rank: int, size: int):
+        # leaves: the features of this micro-batch's rows and the logit scale, each of which
+        # the grad pass pushes its gradient into
+        self.leaves = {key: out[key].float().detach().requires_grad_(True) for key in (*columns, "logit_scale")}
+        with virtual_rank(rank, size, {id(self.leaves[key]): columns[key] for key in columns}) as self.played:
+            self.loss, self.parts = objective(self.leaves, {})
+
+    def gradients(self, factor: float) -> dict:
+        """Of factor x loss: "rows", the gradient of each leaf through its own rows' use, and
+        "columns", the gradient the columns gathered from each got (zeros if unused)."""
+        found = torch.autograd.grad(self.loss * factor, list(self.leaves.values()), allow_unused=True)
+        rows = {key: torch.zeros_like(leaf) if g is None else g for (key, leaf), g in zip(self.leaves.items(), found)}
+        columns = {key: self.played.column_gradient(leaf) for key, leaf in self.leaves.items() if key != "logit_scale"}
+        return {"rows": rows, "columns": columns}

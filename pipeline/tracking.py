@@ -94,7 +94,9 @@ def tag_strings(tags: dict) -> dict[str, str]:
 
 def _plain(value):
     if hasattr(value, "detach"):  # a tensor; read here, on log steps only (a host sync)
-        return value.detach().float().item() if value.numel() == 1 else value.detach().float().tolist()
+        # as float64: exact accumulation's loss is a float64 mean over virtual ranks, like trainer.mean_over_ranks'
+        # over real ones; rounded to float32 it would log other digits on one process than on two
+        return value.detach().double().item() if value.numel() == 1 else value.detach().double().tolist()
     return value
 
 

@@ -1,35 +1,23 @@
 """Issue 17 through the real launcher: the same run on any topology, and a resume on
 another number of processes or another ZeRO stage (DeepSpeed's universal checkpoint)."""
-import math
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT
-from test_train_e2e import batch_digests, ds_config, launch, launcher_cmd, run_config, step_losses
+from test_train_e2e import batch_digests, ds_config, jsonl, launch, launcher_cmd, run_config
 
 pytestmark = pytest.mark.slow
 
 STEPS = 20
-# The batches are identical, and with other loader workers so is every loss. Between one
-# process and two the losses differ by fp32 reduction order (two ranks' gradients
-# all-reduced vs two micro-batches summed in one process, matmuls on 1 vs 2 threads),
-# amplified by Adam: 6e-8 relative at step 1, then, depending on the data and the run,
-# 1.5e-5 at step 14 and 7.2e-5 at step 18; 4.1e-5 at step 8; 3.3e-4 at step 20 (three runs,
-# 2026-11-30; the path is not bit-deterministic). So step 1 (the same weights in both runs)
-# is checked at FORWARD_RTOL, which micro-batches of another composition exceed at once
-# (BatchNorm's batch statistics: 3.5e-3 at step 1 with contiguous instead of interleaved
-# micro-batches, pipeline/engine.py split_batch), and every step at DRIFT_RTOL, a sanity
-# bound (the batches themselves are compared by digest).
-# A run moved to another topology at step 10 continues the run it came from: its first
-# step within FORWARD_RTOL (the fp32 weights came over), its second within MOVED_RTOL (one
-# update with the restored Adam moments: measured <= 1e-7; with the moments zeroed after
-# the load, a scratch patch not kept, 1.7e-3), and then it drifts as above (2 -> 1:
-# <= 4.5e-7 in two runs; 1 -> 2: 2e-6 in one, 3e-5 in the other).
-FORWARD_RTOL, DRIFT_RTOL, MOVED_RTOL = 1e-6, 1e-2, 1e-5
-
-
+# One process with exact accumulation scores each micro-batch as the rank of a 2-process run
+# holding those samples would (pipeline/engine.py, exact_accumulation_step), and the gradient
+# norm that clipping divides by is summed the same on both (engine.topology_free_grad_norm):
+# every loss and every grad norm is then the same number, bit for bit, on 1 or 2 processes,
+# at any step and across moves. Either fix alone leaves a drift that Adam amplifies: without
+# the per-rank scoring, 1e-7 at step 2 and 3.3e-4 by step 20; without the norm, 3.4e-6 by step
+# 20 (2026-11-30) -- under the issue's 1e-5, so this compares exactly: a drift is a regression.
 def elastic_config(tmp_path, demo_data, name, workers=1, **train):
     # 4 virtual readers: 2 per rank on 2 processes, so that 2 loader workers each have one
     return run_config(tmp_path, demo_data, name, data={"readers": 4, "workers": workers},
@@ -43,16 +31,21 @@ def assert_same_batches(reference, run_dir, steps):
         assert got[step] == want[step], f"{run_dir.name}: step {step} holds other samples"
 
 
-def assert_losses_close(reference, run_dir, steps, rtol):
-    want, got = step_losses(reference), step_losses(run_dir)
+def assert_same_trajectory(reference, run_dir, steps):
+    """The same loss and the same gradient norm at every step, bit for bit."""
+    want, got = step_metrics(reference), step_metrics(run_dir)
     for step in steps:
-        assert math.isclose(got[step], want[step], rel_tol=rtol, abs_tol=0.0), \
-            f"{run_dir.name}: step {step} loss {got[step]} vs {reference.name}'s {want[step]} (rtol {rtol})"
+        assert got[step] == want[step], f"{run_dir.name}: step {step} {got[step]} vs {reference.name}'s {want[step]}"
+
+
+def step_metrics(run_dir) -> dict[int, tuple[float, float]]:
+    """(loss, grad_norm) by step, the last record of each step winning (a resumed run re-logs steps)."""
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in jsonl(run_dir) if "step" in r and "loss" in r}
 
 
 def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(tmp_path, demo_data):
     """2 processes (micro 16, global 32); 1 process (micro 16, exact accumulation 2); 2
-    processes with 2 loader workers each: the same batches and losses. Then the 2-process
+    processes with 2 loader workers each: the same batches, losses and gradient norms. Then the 2-process
     run's step-10 checkpoint resumed on 1 process under ZeRO-1, and the 1-process run's on
     2 processes under ZeRO-2, each continue the run they came from, with its batches."""
     runs = tmp_path / "runs"
@@ -63,9 +56,7 @@ def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(
     every = range(1, STEPS + 1)
     for run_dir in (runs / "one", runs / "workers"):
         assert_same_batches(runs / "two", run_dir, every)
-    assert_losses_close(runs / "two", runs / "workers", every, rtol=0.0)
-    assert_losses_close(runs / "two", runs / "one", [1], FORWARD_RTOL)
-    assert_losses_close(runs / "two", runs / "one", every, DRIFT_RTOL)
+        assert_same_trajectory(runs / "two", run_dir, every)
 
     two_at_10 = runs / "two" / "checkpoints" / "step_00000010"
     result = launch(elastic_config(tmp_path, demo_data, "two_to_one", resume=str(two_at_10)), zero1, processes=1)
@@ -75,11 +66,9 @@ def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(
     launch(elastic_config(tmp_path, demo_data, "one_to_two", resume=str(one_at_10)), zero2)
     later = range(11, STEPS + 1)
     assert min(batch_digests(runs / "two_to_one")) == 11  # it resumed; it did not start over
-    for moved, origin in ((runs / "two_to_one", runs / "two"), (runs / "one_to_two", runs / "one")):
+    for moved in (runs / "two_to_one", runs / "one_to_two"):  # the fp32 weights and Adam's moments came over exactly
         assert_same_batches(runs / "two", moved, later)
-        assert_losses_close(origin, moved, [11], FORWARD_RTOL)  # the fp32 weights came over exactly
-        assert_losses_close(origin, moved, [12], MOVED_RTOL)  # and the optimizer state
-        assert_losses_close(origin, moved, later, DRIFT_RTOL)
+        assert_same_trajectory(runs / "two", moved, later)
 
     # a checkpoint of another model is refused before any process group starts, in one line
     other = run_config(tmp_path, demo_data, "other", model={"name": "clip-tiny"}, data={"readers": 4},

@@ -2,6 +2,7 @@
 exact large-batch accumulation against one big batch, the non-finite policy, the
 logit-scale clamp, checkpoints and weights-only loading."""
 import json
+import math
 import os
 import pickle
 
@@ -139,7 +140,7 @@ def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: st
     import deepspeed
     import torch.distributed as dist
     from pipeline.config import ObjectiveConfig
-    from pipeline.engine import train_step
+    from pipeline.engine import topology_free_grad_norm, train_step
     from pipeline.objectives import ComposedObjective, TrainModule
     torch.manual_seed(0)
     model = build_model("msclip-tiny")
@@ -153,6 +154,7 @@ def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: st
     # the step sets each group's lr to base_lr x the schedule's factor (1 here)
     sgd = torch.optim.SGD([{"params": list(module.parameters()), "lr": 1.0, "base_lr": 1.0}])
     engine, *_ = deepspeed.initialize(model=module, optimizer=sgd, config=ds)
+    topology_free_grad_norm(engine)  # as the trainer does
     images, text = reference_batch()
     local = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
     batch = {"images": images[local], "text": text[local]}
@@ -168,7 +170,8 @@ def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: st
     before = {n[len("encoder."):]: p.detach().clone() for n, p in engine.module.named_parameters()}
     step = train_step(engine, batch, module.objective, accum, 1.0, module.logit_scale_bounds())
     after = {n[len("encoder."):]: p.detach().clone() for n, p in engine.module.named_parameters()}
-    result = {"loss": step["loss"], "skipped": step["skipped"], "delta": {n: before[n] - after[n] for n in before}}
+    result = {"loss": step["loss"], "skipped": step["skipped"], "delta": {n: before[n] - after[n] for n in before},
+              "grad_norm": engine.get_global_grad_norm()}
     if scenario == "clamp":
         result["clamped"] = safe_get_full_fp32_param(model.logit_scale)
     if rank == 0:
@@ -201,10 +204,13 @@ def test_exact_accumulation_equals_one_big_batch(tmp_path, world):
     got = run_engine(world, tmp_path)
     loss, grads = big_batch_gradient()
     assert got["skipped"] == 0
-    if world == 1:  # with 2 ranks each reports its local rows' loss
-        torch.testing.assert_close(got["loss"], loss)
+    if world == 1:  # with 2 ranks each reports its local rows' loss (the mean over virtual ranks: float64)
+        torch.testing.assert_close(got["loss"].float(), loss)
     for name, grad in grads.items():
         torch.testing.assert_close(got["delta"][name], grad, rtol=1e-3, atol=2e-6, msg=name)
+    # the norm clipping divides by (engine.topology_free_grad_norm: every rank's partition, summed in fp64)
+    norm = torch.cat([g.double().flatten() for g in grads.values()]).norm()
+    assert math.isclose(float(got["grad_norm"]), float(norm), rel_tol=1e-5), (got["grad_norm"], norm)
 
 
 def test_exact_accumulation_with_token_dropping_equals_one_big_batch(tmp_path):
@@ -213,7 +219,7 @@ def test_exact_accumulation_with_token_dropping_equals_one_big_batch(tmp_path):
     still the one big batch's (a pass drawing its own tokens would break this)."""
     got = run_engine(1, tmp_path, "token_drop")
     loss, grads = big_batch_gradient(reference_keep())
-    torch.testing.assert_close(got["loss"], loss)
+    torch.testing.assert_close(got["loss"].float(), loss)
     assert not torch.equal(loss, big_batch_gradient()[0])  # the dropping did change the step
     for name, grad in grads.items():
         torch.testing.assert_close(got["delta"][name], grad, rtol=1e-3, atol=2e-6, msg=name)

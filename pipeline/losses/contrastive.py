@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.ranks import world
-
-from .gather import all_gather_with_grad
+from .gather import all_gather_with_grad, loss_group
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -21,7 +19,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     """
     all_image = all_gather_with_grad(image_features)  # (W*B, E)
     all_text = all_gather_with_grad(text_features)  # (W*B, E)
-    return gathered_contrastive_loss(image_features, text_features, all_image, all_text, logit_scale, world()[0],
+    return gathered_contrastive_loss(image_features, text_features, all_image, all_text, logit_scale, loss_group()[0],
                                      local_loss)
 
 

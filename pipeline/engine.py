@@ -120,8 +120,8 @@ def topology_free_grad_norm(engine):
     grad_norm) the same number on any world size. DeepSpeed 0.19.8 rounds each rank's sum of
     squared gradients to fp32 before the all-reduce (stage_1_and_2.py, get_grad_norm_direct),
     so the norm depends on how the parameters are cut into partitions, and in every step
-    where clipping acts so does the update: a run moved to another world size drifted from
-    its 1e-7 of one ulp to 3e-4 within 20 steps (tests/test_elastic.py). Here the sum stays
+    where clipping acts so does the update: 1 and 2 processes, otherwise bit-identical,
+    parted by 3.4e-6 in 20 steps (tests/test_elastic.py). Here the sum stays
     in fp64 across ranks and is rounded once (ZeRO-3 already sums in fp64; ZeRO-0 takes the
     norm of the full gradient on every rank). Pipeline and model parallelism, which the
     original's `params` argument serves, are not used by this project."""

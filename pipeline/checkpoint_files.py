@@ -132,11 +132,12 @@ def needs_universal(written: dict, world: int, zero_stage: int) -> bool:
                                                                               zero_stage) != zero_stage
 
 
-def check_resumable(ckpt_dir: Path, tag: str, world: int, zero_stage: int, cfg=None):
+def check_resumable(ckpt_dir: Path, tag: str, world: int, zero_stage: int, cfg=None) -> dict:
     """Before launch (launch/train.py, before any process group) and again at load: a
     checkpoint another model, objective or data order wrote is refused in one line naming
     the field; another world size or ZeRO stage is converted (DeepSpeed's universal
-    checkpoint), except where DeepSpeed 0.19.8 cannot load the result."""
+    checkpoint), except where DeepSpeed 0.19.8 cannot load the result. Returns the
+    checkpoint's COMPLETE record."""
     path = Path(ckpt_dir) / tag
     written = json.loads((path / COMPLETE).read_text())
     facts = written.get("facts", {})
@@ -147,7 +148,7 @@ def check_resumable(ckpt_dir: Path, tag: str, world: int, zero_stage: int, cfg=N
                                  f"{key}={ours}; a resume must keep it (start a new run with model.init_from to "
                                  f"reuse the weights)")
     if not needs_universal(written, world, zero_stage):
-        return
+        return written
     if not facts:
         raise ValueError(f"train.resume: {path} was written by {written['world_size']} ranks, this run has {world}: "
                          f"checkpoints saved before data.readers existed keep a per-rank data position; resume "
@@ -160,6 +161,7 @@ def check_resumable(ckpt_dir: Path, tag: str, world: int, zero_stage: int, cfg=N
                          f"whose stage-3 loader wants per-rank model files its conversion does not write; stage-0 "
                          f"and stage-3 sources are not converted); resume with stage {stages[0]} on "
                          f"{written['world_size']} processes")
+    return written
 
 
 def save_blocker(ckpt_dir: Path) -> str:

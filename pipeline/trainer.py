@@ -220,8 +220,7 @@ def resume_config(ds_config: dict, ckpt_dir: Path, tag: str, cfg: RunConfig, ran
     converts it once; every rank waits for it)."""
     import torch.distributed as dist
     world, stage = dist.get_world_size(), ds_config.get("zero_optimization", {}).get("stage", 0)
-    checkpoint.check_resumable(ckpt_dir, tag, world, stage, cfg)  # ValueError: one line
-    written = json.loads((ckpt_dir / tag / checkpoint.COMPLETE).read_text())
+    written = checkpoint.check_resumable(ckpt_dir, tag, world, stage, cfg)  # ValueError: one line
     if not checkpoint.needs_universal(written, world, stage):
         return ds_config
     failed = ""

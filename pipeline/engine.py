@@ -254,7 +254,7 @@ def exact_accumulation_step(engine, batch: dict, objective, accum: int, nonfinit
         parts = {k: torch.stack([s.parts[k].detach() for s in scored]).double().mean() for k in scored[0].parts}
         if nonfinite(loss):
             return step_result(loss, parts, skipped=1)
-        # DeepSpeed averages the gradients of W ranks; each of this rank's accum is one more
+        # DeepSpeed divides the summed gradients by the W real ranks; 1/accum makes it W x accum, as on that many
         grads = [s.gradients(1.0 / accum) for s in scored]
     # the backward's all-reduce of the columns' gradients: over virtual ranks, then real ones
     received = {key: sum(g["columns"][key] for g in grads) for key in columns}

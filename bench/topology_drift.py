@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+
+from launch.demo import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +34,8 @@ def launch(workdir: Path, name: str, processes: int, micro: int, steps: int, sha
                      "output_dir": str(workdir / "runs"), "run_name": name}}
     config = workdir / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
-    subprocess.run([deepspeed, "--num_gpus", str(processes), "--master_port", port, "launch/train.py",
+    subprocess.run([deepspeed, "--num_gpus", str(processes), "--master_port", str(free_port()), "launch/train.py",
                     "--deepspeed_config", str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), "--config", str(config)],
                    cwd=REPO_ROOT, check=True, capture_output=True, env=os.environ)
     records = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]

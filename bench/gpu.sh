@@ -6,20 +6,50 @@
 # 2. bench_train on CUDA: clip-b16 against open_clip's ViT-B-16 twin, and msclip-s-b16,
 #    fp32, bf16 autocast and the trainer's bf16 engine, each with token dropping 0.5 against
 #    open_clip's patch_dropout, with FLOPs/sample and MFU against the measured matmul peak.
-# The figures are appended to bench/RESULTS.md with the device, the command and the date;
-# the exit status is pytest's.
+# A GPU machine is lent for minutes, so a failing test never stops the script: the bench
+# always runs, both outputs are always appended to bench/RESULTS.md (with the device, the
+# command and the date), and the exit status is pytest's (the bench's if the tests passed).
+#
+# Settings (environment), for machines and checks that are not the default:
+#   GPU_SH_PYTHON   an interpreter to use as it is, instead of .venv (a GPU machine with no
+#                   package index: its own torch, the missing packages carried as wheels)
+#   GPU_SH_DEVICE   the device's name, instead of asking nvidia-smi (required without one)
+#   GPU_SH_TESTS    pytest's arguments (default: -m gpu tests/test_gpu.py)
+#   GPU_SH_BENCH    bench.bench_train's arguments (default: the B/16 bench above)
+#   GPU_SH_RESULTS  the file the figures are appended to (default: bench/RESULTS.md)
 set -uo pipefail
-source "$(dirname "$0")/../launch/env.sh"
-device="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)"
+cd "$(dirname "$0")/.."
+if [ -n "${GPU_SH_PYTHON:-}" ]; then
+  python="$GPU_SH_PYTHON"
+else
+  source launch/env.sh || exit 1
+  python=python
+fi
+set +e  # env.sh turns -e on: a failing test would end the script before the bench
+device="${GPU_SH_DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)}"
 [ -n "$device" ] || { echo "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi found none)" >&2; exit 2; }
-tests="$(mktemp)"
-python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider > "$tests" 2>&1
-tests_rc=$?
-bench="$(python -m bench.bench_train --device cuda --model clip-b16 --variants msclip-s-b16 --batch-size 128 \
-         --steps 5 --repeats 3 --threads 8 --precisions fp32,bf16,bf16_engine --token-drop 0.5 2>&1 | grep -v '^{')"
+tests_args="${GPU_SH_TESTS:--m gpu tests/test_gpu.py}"
+bench_args="${GPU_SH_BENCH:---device cuda --model clip-b16 --variants msclip-s-b16 --batch-size 128 --steps 5 --repeats 3 --threads 8 --precisions fp32,bf16,bf16_engine --token-drop 0.5}"
+results="${GPU_SH_RESULTS:-bench/RESULTS.md}"
+tests_log="$(mktemp)"
+bench_log="$(mktemp)"
+trap 'rm -f "$tests_log" "$bench_log"' EXIT
+
+# word splitting of the argument strings is intended
+# shellcheck disable=SC2086
+"$python" -m pytest $tests_args -q -p no:cacheprovider 2>&1 | tee "$tests_log"
+tests_rc=${PIPESTATUS[0]}
+# shellcheck disable=SC2086
+"$python" -m bench.bench_train $bench_args 2>&1 | tee "$bench_log"
+bench_rc=${PIPESTATUS[0]}
 {
   printf '\n### `bash bench/gpu.sh` — %s on %s\n\n```\n' "$(date -u +%Y-%m-%d)" "$device"
-  tail -n 15 "$tests"
-  printf '\n%s\n```\n' "$bench"
-} | tee -a bench/RESULTS.md
-exit "$tests_rc"
+  printf '$ pytest %s   (exit %s)\n' "$tests_args" "$tests_rc"
+  tail -n 15 "$tests_log"
+  printf '\n$ python -m bench.bench_train %s   (exit %s)\n' "$bench_args" "$bench_rc"
+  grep -v '^{' "$bench_log"
+  printf '```\n'
+} >> "$results"
+echo "bench/gpu.sh: appended the tests' and the bench's output to $results"
+[ "$tests_rc" -ne 0 ] && exit "$tests_rc"
+exit "$bench_rc"

@@ -33,6 +33,20 @@ from pipeline.ranks import world
 
 log = logging.getLogger(__name__)
 
+def arch_list_deepspeed_can_parse():
+    """Strip the arch-specific suffix from TORCH_CUDA_ARCH_LIST ("9.0a" -> "9.0") before
+    DeepSpeed JIT-builds an op. DeepSpeed 0.19.8 parses each entry as int.int
+    (deepspeed/ops/op_builder/builder.py:710 compute_capability_args) and raised
+    "invalid literal for int() with base 10: '0a'" building FusedAdam on an H200 whose
+    image sets 9.0a (bench/RESULTS.md, 2026-12-04). FusedAdam uses no sm_90a-only
+    instruction, so 9.0 builds the same kernel."""
+    import os
+    import re
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", arch)
+
+
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """AdamW groups as MS-CLIP configures them: no weight decay on norms, biases,
     embeddings and the logit scale (1-d tensors + model.no_weight_decay()); the modules

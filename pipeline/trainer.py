@@ -25,7 +25,8 @@ from pipeline.data.loader import (DataQualityError, DataStream, check_skip_rate,
                                   summed_over_ranks)
 from pipeline.ds_config import accumulation_steps, check_against_deepspeed
 from pipeline.data.recipe import ImageSpec
-from pipeline.engine import clamp_logit_scale, full_fp32, lr_factor, param_groups, topology_free_grad_norm, train_step
+from pipeline.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, full_fp32, lr_factor, param_groups,
+                             topology_free_grad_norm, train_step)
 from pipeline.lifecycle import Preempted, StopRequest, stop_with_launcher
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.tracking import MetricsLogger
@@ -116,6 +117,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    arch_list_deepspeed_can_parse()
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, cfg.optim),
                                       config=ds_config)
     topology_free_grad_norm(engine)

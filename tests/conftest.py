@@ -26,7 +26,12 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A small demo dataset built once per session the real way: images served from a
-    loopback HTTP server, downloaded and sharded by the real img2dataset."""
+    loopback HTTP server, downloaded and sharded by the real img2dataset.
+    MSCLIP_DEMO_DATA names one built earlier by the same `build` (bench/gpu.sh on a GPU
+    machine that has no img2dataset: the dataset travels with the checkout)."""
+    import os
+    if os.environ.get("MSCLIP_DEMO_DATA"):
+        return Path(os.environ["MSCLIP_DEMO_DATA"])
     from data_prep.demo import build
     out = tmp_path_factory.mktemp("demo")
     build(str(out), image_size=64, renders=1, crops_per_photo=20, samples_per_shard=250, seed=0)

@@ -20,6 +20,8 @@ pytestmark = [pytest.mark.gpu,
 def process_group():
     """One process, NCCL: what the deepspeed launcher gives a single-GPU run."""
     import deepspeed
+    from pipeline.engine import arch_list_deepspeed_can_parse
+    arch_list_deepspeed_can_parse()  # as the trainer does before deepspeed.initialize
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="nccl")
     yield
@@ -64,6 +66,8 @@ def test_token_dropping_on_cuda_equals_the_cpu_forward(name):
 
 def test_fused_adam_step_equals_torch_adamw():
     from deepspeed.ops.adam import FusedAdam
+    from pipeline.engine import arch_list_deepspeed_can_parse
+    arch_list_deepspeed_can_parse()
     torch.manual_seed(0)
     params = [torch.randn(257, 129, device="cuda", requires_grad=True) for _ in range(2)]
     twins = [p.detach().clone().requires_grad_(True) for p in params]
@@ -108,9 +112,12 @@ def test_every_objective_steps_through_deepspeed_on_cuda(recipe, process_group, 
     ds = fill_ds_config({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
                         TrainConfig(global_batch_size=4, micro_batch_size=4), optim, 1)
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, optim), config=ds)
-    before = model.visual.proj.detach().float().clone()
+    # the vision trunk: every objective trains it (FILIP alone leaves visual.proj, the
+    # pooled projection, without a gradient: it scores token features through its own head)
+    trunk = model.visual.blocks[0].attn.qkv.weight
+    before = trunk.detach().float().clone()
     batch = loader_batch(str(demo_data / "shards" / "photos"), recipe, "msclip-s-tiny", 1)
     out = train_step(engine, batch, module.objective, 1, 1.0, module.logit_scale_bounds())
     assert out["skipped"] == 0 and torch.isfinite(out["loss"]).item()
     assert out["loss"].device.type == "cuda"
-    assert not torch.equal(model.visual.proj.detach().float(), before)
+    assert not torch.equal(trunk.detach().float(), before)

@@ -2,7 +2,7 @@
 (`open_clip_train.data.get_wds_dataset`), same shards, batch size, workers, image size.
 
     python -m bench.bench_loader [--shards data/demo/shards/digits] [--workers 2] [--batch-size 64]
-                                 [--image-size 64] [--batches 60] [--repeats 3]
+                                 [--image-size 64] [--batches 60] [--repeats 3] [--remote s3]
 
 Both decode JPEGs to RGB, random-resized-crop (scale 0.9-1, bicubic), tokenize to 77
 tokens and batch inside the workers. open_clip normalizes in the workers; ours by default
@@ -12,6 +12,13 @@ pays), and ours with float batches is measured too. Runs alternate between the l
 the best of --repeats is kept (this machine is shared and noisy). The first batches of
 each run (worker start-up) are excluded. Prints images/s in total and per worker, and
 the ratios to open_clip.
+
+--remote s3 measures remote reads instead: the shards are uploaded to an S3-compatible
+server on loopback (moto's server mode, data_prep.serve.LoopbackS3) and ours streams them
+from s3:// (the training reader's opener, pipeline/data/remote.py) against the same
+shards on local disk, both with --readers virtual readers, alternating; it also prints
+the most connections to the store that one loader process held open at once (every
+virtual reader holds its current shard open).
 """
 from __future__ import annotations
 
@@ -70,6 +77,49 @@ def reference(shards: str, args) -> float:
     return rate(open_clip_loader(shards, args.batch_size, args.workers, args.image_size), args.batches, args.batch_size)
 
 
+def most_open_streams(shards: str, args, batches: int = 20) -> int:
+    """The most remote streams one process holds open at once: the stream read in this
+    process (no loader workers), so all --readers virtual readers live here; a loader
+    worker holds its share (readers / workers)."""
+    from pipeline.data.remote import open_streams
+    stream = our_stream(shards, args.batch_size, 0, args.image_size, readers=args.readers)
+    most = 0
+    for i, _ in enumerate(stream):
+        most = max(most, open_streams())
+        if i + 1 == batches:
+            break
+    return most
+
+
+def remote(args) -> dict:
+    """Ours from s3:// (a loopback S3-compatible server) against ours from local disk."""
+    import tempfile
+
+    from data_prep.serve import LoopbackS3
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LoopbackS3(Path(tmp) / "moto.log").start()
+        try:
+            parts = [p.strip() for p in args.shards.split("::")]
+            for i, part in enumerate(parts):
+                store.upload(Path(part), f"shards/{i}")
+            on_s3 = "::".join(store.url(f"shards/{i}") for i in range(len(parts)))
+            best = {"local": 0.0, "s3": 0.0}
+            for _ in range(args.repeats):
+                best["local"] = max(best["local"], ours(args.shards, args))
+                best["s3"] = max(best["s3"], ours(on_s3, args))
+            most = most_open_streams(on_s3, args)
+        finally:
+            store.stop()
+    result = {"local_images_per_s": best["local"], "s3_images_per_s": best["s3"],
+              "ratio_s3_to_local": best["s3"] / best["local"], "most_open_streams_per_process": most,
+              "readers": args.readers, "workers": args.workers, "batch_size": args.batch_size}
+    print(f"loader from s3:// ({args.readers} virtual readers, {args.workers} workers, batch {args.batch_size}, "
+          f"{args.image_size}px): {best['s3']:,.0f} img/s from a loopback S3 server, {best['local']:,.0f} img/s from "
+          f"local disk; ratio s3/local {result['ratio_s3_to_local']:.2f}x; {most} remote streams open at once in "
+          f"one process holding all {args.readers} readers (a loader worker holds its share)")
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="data/demo/shards/digits")
@@ -80,11 +130,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--remote", choices=["s3"], help="time s3:// reads against local disk instead (see above)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not Path(args.shards.split("::")[0]).exists():
         raise SystemExit(f"{args.shards}: no shards; build the demo data first: python -m data_prep.demo")
     torch.set_num_threads(1)
+    if args.remote:
+        result = remote(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return result
     best = {"ours": 0.0, "ours_float": 0.0, "open_clip": 0.0}
     for _ in range(args.repeats):
         best["ours"] = max(best["ours"], ours(args.shards, args))

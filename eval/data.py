@@ -12,6 +12,11 @@ Classification (zero-shot, linear probe):
 Templates come from `ROOT/zeroshot_classification_templates.txt` (`{c}` is the class
 name), else OpenAI's ImageNet templates from open_clip.
 
+A remote ROOT (s3://, gs://, http(s)://, as CLIP_benchmark's sets are published) must be in
+the webdataset layout: its split is copied once into a local cache (MSCLIP_CACHE, default
+~/.cache/msclip-pipeline) through the training reader's opener, with its timeouts and
+retries (pipeline/data/remote.py), and read from there.
+
 Retrieval:
 * Karpathy splits: `ROOT/dataset_coco.json` or `ROOT/dataset_flickr30k.json` (images with
   `split`, `filepath`, `filename`, `sentences[].raw`), images under ROOT (COCO:
@@ -22,8 +27,11 @@ Retrieval:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import tar_members
+from pipeline.data.remote import is_remote, open_url, opened, read_bytes, read_policy
 
 # The training reader's limits (pipeline.config.DataConfig), as refusals: an evaluation
 # set is curated, so a sample over a limit is an error naming it, not a silent skip that
@@ -83,8 +92,50 @@ def read_templates(root: Path) -> list[str]:
     return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
+def local_copy(root: str | Path, split: str) -> Path:
+    """`root` itself when local; a remote webdataset-layout set's split copied into the
+    cache (once: a copy that is complete carries a stamp, a broken one is fetched again)."""
+    if not is_remote(str(root)):
+        return Path(root)
+    url = str(root).rstrip("/")
+    cache = Path(os.environ.get("MSCLIP_CACHE", Path.home() / ".cache" / "msclip-pipeline")) / "eval"
+    # the set's own name last: it names the dataset in MLflow
+    local = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / url.rsplit("/", 1)[-1]
+    stamp = local / split / ".complete"
+    if stamp.is_file():
+        return local
+    policy = read_policy(LIMITS)
+    try:
+        nshards = read_bytes(f"{url}/{split}/nshards.txt", policy)
+    except FileNotFoundError:
+        raise EvalDataError(f"{url}/{split}/nshards.txt: missing (a remote dataset must be in CLIP_benchmark's "
+                            f"webdataset layout)") from None
+    except OSError as e:
+        raise EvalDataError(f"{url}/{split}/nshards.txt: cannot be read ({e})") from None
+    (local / split).mkdir(parents=True, exist_ok=True)
+    (local / split / "nshards.txt").write_bytes(nshards)
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):  # optional (retrieval has neither)
+        try:
+            (local / name).write_bytes(read_bytes(f"{url}/{name}", policy))
+        except FileNotFoundError:
+            pass
+    try:
+        count = int(nshards.decode().strip())
+    except ValueError:
+        raise EvalDataError(f"{url}/{split}/nshards.txt: not a shard count") from None
+    for i in range(count):
+        source = f"{url}/{split}/{i}.tar"
+        try:
+            with open_url(source, policy) as f, open(local / split / f"{i}.tar", "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+        except OSError as e:
+            raise EvalDataError(f"{source}: cannot be read ({e})") from None
+    stamp.touch()
+    return local
+
+
 def read_classification(root: str | Path, split: str = "test") -> ClassificationSet:
-    root = Path(root)
+    root = local_copy(root, split)
     if not root.is_dir():
         raise EvalDataError(f"{root}: no such dataset directory")
     if (root / split / "nshards.txt").is_file():
@@ -135,8 +186,8 @@ def _wds_samples(root: Path, split: str):
     def reraise(exn):
         raise exn
 
-    opened = wds.tariterators.url_opener(iter([dict(url=u) for u in urls]))
-    for sample in wds.tariterators.group_by_keys(tar_members(opened, LIMITS.max_member_bytes, refuse, reraise)):
+    streams = opened(iter([dict(url=u) for u in urls]), read_policy(LIMITS), reraise)
+    for sample in wds.tariterators.group_by_keys(tar_members(streams, LIMITS.max_member_bytes, refuse, reraise)):
         if refused:
             raise EvalDataError(refused[0])
         key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)
@@ -166,7 +217,7 @@ def cut_caption(text: str) -> str:
 
 
 def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
-    root = Path(root)
+    root = local_copy(root, split)
     if (root / split / "nshards.txt").is_file():
         images, captions = [], []
         for sample, image in _wds_samples(root, split):

@@ -111,6 +111,14 @@ class DataConfig:
     # the shards it tried and the skips by reason (every shard unreadable made a resampled
     # run wait forever: issue 22). Remote shards on a slow link need more.
     stall_seconds: float = 600.0
+    # Remote shards (http(s)://, s3://, gs://, pipe:): a read try fails after this long
+    # without a byte (the connect too), or when it averages under read_min_bytes_per_second
+    # over that long; it is retried read_retries times (after 1, 2, 4 s), resuming where
+    # it stopped, and then the shard counts as unreadable_shard and the reader moves on
+    # (pipeline/data/remote.py). A stalled read hung a whole job before (issue 32).
+    read_timeout_seconds: float = 60.0
+    read_retries: int = 3
+    read_min_bytes_per_second: float = 16384.0
     # Images whose header declares more pixels are skipped (oversized_image) before they are
     # decoded: 40 MP is far above any training resolution (256^2 x 16 = 1 MP) and below
     # Pillow's decompression-bomb warning (89 MP), so a crafted PNG cannot exhaust memory.
@@ -127,6 +135,9 @@ class DataConfig:
         _check_range("data.workers", self.workers, 0)
         _check_range("data.readers", self.readers, 0, exclusive=True)
         _check_range("data.stall_seconds", self.stall_seconds, 0, exclusive=True)
+        _check_range("data.read_timeout_seconds", self.read_timeout_seconds, 0, exclusive=True)
+        _check_range("data.read_retries", self.read_retries, 0)
+        _check_range("data.read_min_bytes_per_second", self.read_min_bytes_per_second, 0)
         _check_range("data.max_image_pixels", self.max_image_pixels, 0, exclusive=True)
         _check_range("data.max_caption_bytes", self.max_caption_bytes, 0, exclusive=True)
         _check_range("data.max_member_bytes", self.max_member_bytes, 0, exclusive=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import checkpoint_files
 from pipeline.config import ConfigError, RunConfig, features_only, load_config
+from pipeline.data.remote import is_remote, read_policy
 from pipeline.data.shards import batches_per_epoch, check_readers, debiased_sources, resolve_shards
 from pipeline.ds_config import accumulation_steps, fill_ds_config, read_ds_config
 
@@ -40,7 +41,7 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     if cfg.train.unmasked_steps and not cfg.model.token_drop:
         raise ConfigError(f"train.unmasked_steps: {cfg.train.unmasked_steps} unmasked steps, but model.token_drop is 0 "
                           f"(nothing is masked before them)")
-    if cfg.eval.every_steps and not Path(cfg.eval.dataset).is_dir():
+    if cfg.eval.every_steps and not is_remote(cfg.eval.dataset) and not Path(cfg.eval.dataset).is_dir():
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
     return cfg, ds_config, world
@@ -74,7 +75,7 @@ def check_shards(cfg: RunConfig, world: int):
     a global batch larger than the readers can fill together is never filled (it passed
     validation and hung: issue 22)."""
     sources = (debiased_sources(cfg.data) if cfg.data.sampling == "debiased"
-               else [resolve_shards(cfg.data.train_shards)])
+               else [resolve_shards(cfg.data.train_shards, policy=read_policy(cfg.data))])
     for shards in sources:
         try:
             check_readers(cfg.data, world, shards)

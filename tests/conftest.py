@@ -81,8 +81,9 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (a sqlite backend, artifacts proxied by the
     server), as a team runs it. `stop()` and `start()` keep the same port and store."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, artifacts: str | None = None):
         self.root, self.port, self.proc = root, free_port(), None
+        self.artifacts = artifacts or str(root / "artifacts")
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120):
@@ -92,7 +93,7 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
+             "--artifacts-destination", self.artifacts],
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -114,7 +115,19 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server on loopback (data_prep.serve.LoopbackS3: moto's server
+    mode), the session's environment pointed at it the standard AWS way."""
+    from data_prep.serve import LoopbackS3
+    server = LoopbackS3(tmp_path_factory.mktemp("s3_server") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server):
+    """The team's set-up: a sqlite backend, artifacts proxied by the server into the S3
+    bucket (every test that reads artifacts back reads them from the object store)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), s3_server.url("mlartifacts")).start()
     yield server
     server.stop()

@@ -19,7 +19,9 @@ def jpeg(color) -> bytes:
     return buf.getvalue()
 
 
-def test_logged_model_loads_through_mlflow_and_embeds_like_the_model(tmp_path):
+def test_logged_model_loads_through_mlflow_and_embeds_like_the_model(tmp_path, mlflow_server, s3_server):
+    """Logged to a team's tracking server, which keeps artifacts in an S3 bucket (issue 32):
+    the Model lands in the bucket and loads back through the server."""
     import mlflow
 
     from pipeline.mlflow_model import log_model
@@ -28,11 +30,15 @@ def test_logged_model_loads_through_mlflow_and_embeds_like_the_model(tmp_path):
     exported = tmp_path / "model.pt"
     torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "msclip-s-tiny"},
                exported)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_server.uri)
     mlflow.set_experiment("models")
-    with mlflow.start_run():
-        uri = log_model(exported)
-    served = mlflow.pyfunc.load_model(uri)
+    try:
+        with mlflow.start_run():
+            uri = log_model(exported)
+        assert any(key.endswith("/MLmodel") for key in s3_server.keys("mlartifacts/")), s3_server.keys("mlartifacts/")
+        served = mlflow.pyfunc.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
     images = [jpeg((200, 30, 30)), jpeg((20, 90, 240)), None]
     captions = ["a red square", None, "a blue square"]
     out = served.predict(pd.DataFrame({"image": images, "text": captions}))

@@ -1,10 +1,12 @@
 """Tracking against a live `mlflow server` on 127.0.0.1, as a team runs it: what the
 sqlite default holds, the server holds too (the REST store is stricter than sqlite: an
 int tag once kept every run off every server while every sqlite test passed)."""
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,28 +59,61 @@ def test_an_experiment_that_says_its_kind_keeps_it(tmp_path):
     assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def eval_set_on_s3(s3_server, digits: Path, scratch: Path) -> str:
+    """The demo's class-folder eval set, the same PNG bytes, in CLIP_benchmark's webdataset
+    layout on the S3 store (as such sets are published)."""
+    import io
+    import tarfile
+    local = scratch / "digits"
+    (local / "test").mkdir(parents=True)
+    with tarfile.open(local / "test" / "0.tar", "w") as tar:
+        for i, path in enumerate(sorted((digits / "test").glob("*/*.png"))):
+            for suffix, data in (("png", path.read_bytes()), ("cls", path.parent.name.encode())):
+                info = tarfile.TarInfo(f"s{i:05d}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (local / "test" / "nshards.txt").write_text("1\n")
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        (local / name).write_bytes((digits / name).read_bytes())
+    s3_server.upload(local, "eval/digits")
+    return s3_server.url("eval/digits")
+
+
 @pytest.mark.slow
-def test_a_launcher_run_eval_and_compare_hold_the_same_on_a_server_as_in_sqlite(tmp_path, demo_data, mlflow_server):
+def test_a_launcher_run_eval_and_compare_hold_the_same_on_a_server_as_in_sqlite(tmp_path, demo_data, mlflow_server,
+                                                                               s3_server, monkeypatch):
     """The same 4-step run three times: into the sqlite default, into the server, and
     offline (no MLflow at all) then synced into the server; each then evaluated into its
     training run and compared: the stores end up with the same params, tags, metrics (the
-    same losses: fp32, same seed) and artifacts, and a second sync sends nothing."""
+    same losses: fp32, same seed) and artifacts, and a second sync sends nothing.
+    The server's run is a team's whole object-store set-up (issue 32): its shards are read
+    from s3:// (uploaded with their manifests), its evaluation set too, and the server keeps
+    its artifacts in the S3 bucket; the same losses and the same accuracy say the remote
+    reads gave the same samples."""
     from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("MSCLIP_CACHE", str(tmp_path / "cache"))
     digits = str(demo_data / "eval" / "digits")
+    for source in ("digits", "photos"):
+        s3_server.upload(demo_data / "shards" / source, f"demo/{source}")
+    remote_shards = f"{s3_server.url('demo/digits')}::{s3_server.url('demo/photos')}"
+    remote_digits = eval_set_on_s3(s3_server, Path(digits), tmp_path / "wds")
     sqlite = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     stores = {"local": sqlite, "remote": mlflow_server.uri, "offline": mlflow_server.uri}
     for name, uri in stores.items():
         tracking = {"experiment": f"live-{name}"} | ({"tracking_uri": uri} if name != "local" else {}) | \
                    ({"mode": "offline"} if name == "offline" else {})
-        config = run_config(tmp_path, demo_data, name, train={"steps": 4, "log_every": 2},
+        data = {"train_shards": remote_shards} if name == "remote" else {}
+        config = run_config(tmp_path, demo_data, name, train={"steps": 4, "log_every": 2}, data=data,
                             eval={"every_steps": 2, "dataset": digits, "workers": 0}, tracking=tracking)
         result = launch(config, ds_config(tmp_path))
         assert "unavailable" not in result.stdout
         if name == "offline":
             assert MlflowClient(tracking_uri=uri).get_experiment_by_name("live-offline") is None
             assert sync(str(tmp_path / "runs" / name)).returncode == 0
+        eval_set = remote_digits if name == "remote" else digits
         for command in (["eval", "--checkpoint", str(tmp_path / "runs" / name / "model.pt"), "--training-run",
-                         "--zeroshot", digits, "--workers", "0", "--output", str(tmp_path / "runs" / name / "results.json")],
+                         "--zeroshot", eval_set, "--workers", "0", "--output",
+                         str(tmp_path / "runs" / name / "results.json")],
                         ["eval.compare", "--experiment", f"live-{name}"]):
             done = subprocess.run([sys.executable, "-m", *command, "--tracking-uri", uri], cwd=REPO_ROOT,
                                   capture_output=True, text=True, timeout=600)
@@ -109,11 +144,18 @@ def test_a_launcher_run_eval_and_compare_hold_the_same_on_a_server_as_in_sqlite(
     assert remote["tags"]["world_size"] == "2" and "eval/zeroshot/digits/acc1" in remote["metrics"]
     assert {"config.yaml", "ds_config.json", "model.json", "eval/results.json",
             "comparison/comparison_live-remote.png"} <= remote["artifacts"]
-    assert remote["params"] == local["params"]
-    assert remote["tags"] == local["tags"]
+    assert remote["params"] == {**local["params"], "data.train_shards": remote_shards}
+    assert remote["tags"] == {**local["tags"], "dataset": remote_shards}
     assert remote["metrics"] == local["metrics"] and remote["steps"] == local["steps"]
     assert remote["losses"] == local["losses"]
     assert remote["artifacts"] == {p.replace("live-local", "live-remote") for p in local["artifacts"]}
+    # the server kept them in the bucket; the evaluation from s3:// scored as the local one
+    in_bucket = s3_server.keys("mlartifacts/")
+    for artifact in ("config.yaml", "model.json", "eval/results.json", "comparison/comparison_live-remote.png"):
+        assert any(key.endswith(f"/artifacts/{artifact}") for key in in_bucket), (artifact, in_bucket)
+    results = {name: [(r["task"], r["dataset"], r["metrics"]) for r in json.loads(
+        (tmp_path / "runs" / name / "results.json").read_text())] for name in ("local", "remote")}
+    assert results["remote"] == results["local"], results
 
 
 # ---- nothing lost: offline runs, sync, refusals, outages ------------------------------------

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import DataConfig
 from pipeline.data.decode import SKIP_REASONS, BadSample, tar_members
 from pipeline.data.recipe import BatchRecipe, ImageSpec
+from pipeline.data.remote import ReadPolicy, is_remote, opened, read_policy
 from pipeline.data.samples import BatchMaker
 from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, check_readers, resolve_shards
 from pipeline.ranks import world
@@ -90,6 +91,8 @@ class StreamSpec:
     uint8: bool = False
     # a reader with no good sample for this long ends its stream as stalled (0: never)
     stall_seconds: float = 0.0
+    # timeouts and retries of every remote read (pipeline/data/remote.py)
+    read: ReadPolicy = ReadPolicy()
     # images declaring more pixels are skipped before decoding (0: no limit)
     max_image_pixels: int = 0
     # captions are cut to this many bytes before tokenizing (0: no limit); tar members
@@ -136,6 +139,10 @@ class _VirtualReader:
         self.expected = dict(zip(spec.shards.urls, spec.shards.samples))  # the manifest's count per shard
         self.flagged: set[str] = set()
         self.lost_by_shard: Counter = Counter()  # which shards cost the most, for the messages
+        # shards that broke before giving a single sample, with why: once every shard of the
+        # list is here and no good sample ever came, nothing can (a dead dataset stops at
+        # once instead of after data.stall_seconds)
+        self.barren: dict[str, str] = {}
         self.last_good = time.monotonic()
         self.ids = (spec.seed, spec.epoch, reader)
         self.samples = None  # opened at the reader's first turn
@@ -153,6 +160,13 @@ class _VirtualReader:
     def check_stall(self):
         """Called on every failure (a shard or a sample) and before every shard: a stream
         in which everything fails never blocks, it spins through the shards."""
+        urls = self.spec.shards.urls
+        if not self.good and len(self.barren) == len(urls) and set(urls) <= self.barren.keys():
+            why = "; ".join(f"{url}: {reason}" for url, reason in list(self.barren.items())[:3])
+            raise Stalled(f"every one of the {len(urls)} shards failed before its first sample and no good sample "
+                          f"has arrived (virtual reader {self.reader}, rank {self.spec.rank}): {why}"
+                          f"{'; ...' if len(urls) > 3 else ''}. Check the shard list and the store, e.g. with "
+                          f"`python -m data_prep.verify`.")
         waited = time.monotonic() - self.last_good
         if self.spec.stall_seconds and waited > self.spec.stall_seconds:
             reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.most_common()) or "none"
@@ -182,10 +196,13 @@ class _VirtualReader:
             return True
         url = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else ""  # webdataset appends the url
         truncated = isinstance(exn, (tarfile.ReadError, EOFError)) and self.per_url[url] > 0
+        if self.per_url[url] == 0:
+            self.barren.setdefault(url, exn.strerror if isinstance(exn, OSError) and exn.strerror else message)
         if url not in self.flagged:
             self.flagged.add(url)
             if isinstance(exn, FileNotFoundError):
-                log.warning("shard %s: listed in the manifest but missing on disk; skipping it", url)
+                log.warning("shard %s: listed in the manifest but missing %s; skipping it", url,
+                            "from the store" if is_remote(url) else "on disk")
             else:
                 log.warning("shard %s: %s (%s); skipping the rest of it", url,
                             "truncated" if truncated else "unreadable",
@@ -235,8 +252,8 @@ class _VirtualReader:
             self.rejected.setdefault((url, key), reason)
 
     def raw_samples(self):
-        opened = wds.tariterators.url_opener(self.urls(), handler=self.on_tar_error)
-        members = tar_members(opened, self.spec.max_member_bytes, self.reject, self.on_tar_error)
+        streams = opened(self.urls(), self.spec.read, self.on_tar_error)
+        members = tar_members(streams, self.spec.max_member_bytes, self.reject, self.on_tar_error)
         grouped = wds.tariterators.group_by_keys(members, handler=self.on_tar_error)
         stream = self.checked(grouped)
         if self.spec.shuffle_buffer > 1:
@@ -394,7 +411,7 @@ class DataStream:
                  train: bool = True, keep_captions: bool = False, drop_last: bool = True, uint8: bool = False,
                  shards: ShardSet | None = None):
         self.cfg = cfg
-        self.shards = shards or resolve_shards(cfg.train_shards)
+        self.shards = shards or resolve_shards(cfg.train_shards, policy=read_policy(cfg))
         # a training stream's epoch is as long as its least-fed reader can make it: every
         # reader needs a shard then (a stream read to its end, drop_last=False, does not)
         check_readers(cfg, world, self.shards if drop_last else None)
@@ -405,7 +422,7 @@ class DataStream:
                                shuffle_buffer=-(-cfg.shuffle_buffer // cfg.readers) if train else 0, train=train,
                                rrc_scale=cfg.rrc_scale, recipe=recipe, keep_captions=keep_captions,
                                drop_last=drop_last, jpeg_draft=cfg.jpeg_draft, uint8=uint8,
-                               stall_seconds=cfg.stall_seconds if train else 0.0,
+                               stall_seconds=cfg.stall_seconds if train else 0.0, read=read_policy(cfg),
                                max_image_pixels=cfg.max_image_pixels, max_caption_bytes=cfg.max_caption_bytes,
                                max_member_bytes=cfg.max_member_bytes)
         self.global_batch = batch_size * world

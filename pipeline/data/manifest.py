@@ -14,6 +14,8 @@ from pathlib import Path
 import fsspec
 import yaml
 
+from pipeline.data.remote import ReadPolicy, is_remote, read_bytes
+
 MANIFEST_NAME = "manifest.yaml"
 
 
@@ -46,12 +48,23 @@ class Manifest:
         os.replace(tmp, path)  # never a half-written manifest
 
     @classmethod
-    def read(cls, directory: str | Path) -> "Manifest":
-        path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no shard manifest (build shards with `python -m data_prep.shard`)")
+    def read(cls, directory: str | Path, policy: ReadPolicy = ReadPolicy()) -> "Manifest":
+        """From a local directory or a remote one (http(s)://, s3://, ...: read with the
+        loader's timeouts and retries)."""
+        if is_remote(str(directory)):
+            path = f"{str(directory).rstrip('/')}/{MANIFEST_NAME}"
+            try:
+                text = read_bytes(path, policy).decode()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{path}: no shard manifest (build shards with `python -m data_prep.shard`)"
+                                        ) from None
+        else:
+            path = Path(directory) / MANIFEST_NAME
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no shard manifest (build shards with `python -m data_prep.shard`)")
+            text = path.read_text()
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(text)
             shards = [ShardInfo(str(s["name"]), int(s["samples"])) for s in raw["shards"]]
         except (yaml.YAMLError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -7,6 +7,7 @@ directory when there is one). Missing local shards are an error before anything 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import braceexpand
 
 from pipeline.config import DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
+from pipeline.data.remote import ReadPolicy, is_remote, read_policy
 
 
 @dataclass
@@ -28,32 +30,35 @@ class ShardSet:
         return None if any(n is None for n in self.samples) else sum(self.samples)
 
 
-def _is_remote(url: str) -> bool:
-    return "://" in url or url.startswith("pipe:")
+def _is_remote_directory(part: str) -> bool:
+    """s3://bucket/shards or http://host/shards/: a directory with a manifest, not tars."""
+    return is_remote(part) and not part.startswith("pipe:") and not part.rstrip("/").endswith((".tar", ".tar.gz", "}"))
 
 
-def resolve_shards(spec: str, key: str = "data.train_shards") -> ShardSet:
+def resolve_shards(spec: str, key: str = "data.train_shards", policy: ReadPolicy = ReadPolicy()) -> ShardSet:
     if not spec.strip():
         raise FileNotFoundError(f"{key}: no shards given")
     urls, samples = [], []
     for part in spec.split("::"):
         part = part.strip()
-        if not _is_remote(part) and Path(part).is_dir():
-            manifest = Manifest.read(part)
+        if _is_remote_directory(part) or not is_remote(part) and Path(part).is_dir():
+            manifest = Manifest.read(part, policy)
             for shard in manifest.shards:
-                urls.append(str(Path(part) / shard.name))
+                urls.append(f"{part.rstrip('/')}/{shard.name}" if is_remote(part) else str(Path(part) / shard.name))
                 samples.append(shard.samples)
             continue
         expanded = list(braceexpand.braceexpand(part))
         counts: dict[str, int] = {}
-        parent = Path(expanded[0]).parent if expanded else Path(".")
-        if not _is_remote(part) and (parent / MANIFEST_NAME).is_file():
-            counts = {s.name: s.samples for s in Manifest.read(parent).shards}
+        if expanded and is_remote(part) and not part.startswith("pipe:"):
+            with contextlib.suppress(FileNotFoundError):  # a manifest beside remote tars is optional
+                counts = {s.name: s.samples for s in Manifest.read(expanded[0].rsplit("/", 1)[0], policy).shards}
+        elif expanded and not is_remote(part) and (Path(expanded[0]).parent / MANIFEST_NAME).is_file():
+            counts = {s.name: s.samples for s in Manifest.read(Path(expanded[0]).parent).shards}
         for url in expanded:
-            if not _is_remote(url) and not Path(url).is_file():
+            if not is_remote(url) and not Path(url).is_file():
                 raise FileNotFoundError(f"{key}: shard {url} does not exist")
             urls.append(url)
-            samples.append(counts.get(Path(url).name))
+            samples.append(counts.get(url.rsplit("/", 1)[-1]))
     if not urls:
         raise FileNotFoundError(f"{key}: {spec!r} names no shards")
     return ShardSet(urls, samples)
@@ -121,7 +126,7 @@ def debiased_sources(cfg: DataConfig) -> list[ShardSet]:
     parts = [p.strip() for p in cfg.train_shards.split("::") if p.strip()]
     if len(parts) < 2:
         raise ValueError("data.sampling: debiased needs two or more sources in data.train_shards (a::b)")
-    sources = [resolve_shards(p) for p in parts]
+    sources = [resolve_shards(p, policy=read_policy(cfg)) for p in parts]
     for part, shards in zip(parts, sources):
         if shards.total_samples is None:
             raise ValueError(f"data.sampling: debiased weighs sources by size: {part} has no manifest")

@@ -1,0 +1,337 @@
+"""Opening shards wherever they live, with reads that can never block forever.
+
+One opener for every reader (training, evaluation, data_prep.verify, manifests): local
+paths and file://, http(s)://, s3:// and any other fsspec URL (gs://, hdfs://, ...), and
+webdataset's `pipe:` commands. webdataset's own opener runs `curl` with no timeout: one
+object-store read that stopped answering after 20 KB hung a 2-process job with no
+message (issue 32), because the loader's stall check runs between samples and a worker
+blocked inside a read never gets back to it.
+
+Every remote stream here obeys one `ReadPolicy`:
+
+* **No progress for `timeout` seconds is a failed try**: no byte at all (a socket timeout,
+  also for the connect), or fewer than `min_bytes_per_second` on average over a window
+  of `timeout` seconds (a store trickling at 1 KB/s would take a day per shard). curl's
+  --speed-limit/--speed-time, or Mosaic streaming's download timeout, are the same idea.
+* **A failed try is retried** up to `retries` times, after 1, 2, 4, ... seconds, and
+  resumes where it stopped (an HTTP Range request, a seek, or a re-run pipe whose bytes
+  already read are skipped), so the bytes the tar parser sees are the same. Answers that
+  cannot change on a retry (404, 401/403, a malformed URL) are not retried.
+* **Then the read raises `ShardReadError`** (an OSError naming the reason and the tries):
+  the loader counts the shard as `unreadable_shard` with the samples it loses and moves on.
+
+A failure to read is therefore bounded by about timeout x (retries + 1) + 2^retries s.
+"""
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import select
+import socket
+import subprocess
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    timeout: float = 60.0  # seconds without progress (and for a connect) before a try fails
+    retries: int = 3  # tries after the first
+    min_bytes_per_second: float = 16384.0  # a slower average over `timeout` seconds is no progress
+    backoff: float = 1.0  # seconds before the first retry, doubled for each next one
+
+
+def read_policy(data_cfg) -> ReadPolicy:
+    """The policy of a `DataConfig` (data.read_timeout_seconds, read_retries,
+    read_min_bytes_per_second)."""
+    return ReadPolicy(timeout=data_cfg.read_timeout_seconds, retries=data_cfg.read_retries,
+                      min_bytes_per_second=data_cfg.read_min_bytes_per_second)
+
+
+class ShardReadError(OSError):
+    """A remote read that failed every try, or failed in a way a retry cannot change."""
+
+
+class _Retry(Exception):
+    """One try failed in a way another try may not (a timeout, a reset, a 5xx)."""
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://") or url.startswith("pipe:")
+
+
+def open_url(url: str, policy: ReadPolicy = ReadPolicy(), buffer_size: int = 1 << 20) -> io.BufferedReader:
+    """A binary reader for `url`: a buffered file for a local path, a `_Resumable` stream
+    (the policy above) for anything remote."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if not is_remote(url):
+        return open(url, "rb")  # noqa: SIM115 (the caller closes it)
+    if url.startswith("pipe:"):
+        raw = _PipeStream(url, policy)
+    elif urlsplit(url).scheme in ("http", "https"):
+        raw = _HTTPStream(url, policy)
+    else:
+        raw = _FsspecStream(url, policy)
+    return io.BufferedReader(raw, buffer_size)
+
+
+def opened(sources, policy: ReadPolicy, handler):
+    """webdataset's url_opener with this module's streams: dict(url=...) -> dict(url=...,
+    stream=...); an open that fails goes to `handler` with the url last in the exception's
+    args (webdataset's convention); False stops."""
+    for source in sources:
+        try:
+            yield {**source, "stream": open_url(source["url"], policy)}
+        except Exception as exn:  # noqa: BLE001 (the handler decides)
+            exn.args = (*exn.args, source["url"])
+            if not handler(exn):
+                break
+
+
+def read_bytes(url: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
+    """A whole (small) object: a manifest, a class list, an eval set's shard count."""
+    with open_url(url, policy) as f:
+        return f.read()
+
+
+_live: "weakref.WeakSet[_Resumable]" = weakref.WeakSet()
+
+
+def open_streams() -> int:
+    """Remote streams open in this process now (each virtual reader holds its current shard
+    open: bench.bench_loader --remote reports the most)."""
+    return sum(1 for stream in list(_live) if not stream.closed)
+
+
+class _Resumable(io.RawIOBase):
+    """The retry loop, the progress clock and the resume offset; a subclass opens a try at
+    an offset (`_open`), reads from it (`_read`) and closes it (`_close`)."""
+
+    def __init__(self, url: str, policy: ReadPolicy):
+        super().__init__()
+        _live.add(self)
+        self.url, self.policy = url, policy
+        self.offset = 0  # bytes handed to the caller
+        self.failures = 0  # failed tries so far
+        self.source = None
+        self.window_start, self.window_bytes = 0.0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            try:
+                if self.source is None:
+                    self.source = self._open(self.offset)
+                    self.window_start, self.window_bytes = time.monotonic(), 0
+                n = self._read(buffer)
+                self._check_rate(n)
+                self.offset += n
+                return n
+            except (FileNotFoundError, ShardReadError):  # another try gets the same answer
+                raise
+            except Exception as e:  # noqa: BLE001 (a timeout, a reset, a 5xx, a library's own error)
+                self._failed(e)
+
+    def _check_rate(self, n: int):
+        """Fewer than min_bytes_per_second over a whole `timeout` window: no progress."""
+        self.window_bytes += n
+        elapsed = time.monotonic() - self.window_start
+        if elapsed >= self.policy.timeout:
+            rate = self.window_bytes / elapsed
+            if n and rate < self.policy.min_bytes_per_second:
+                raise _Retry(f"{rate:.0f} bytes/s over {elapsed:.0f} s, under "
+                             f"data.read_min_bytes_per_second={self.policy.min_bytes_per_second:g}")
+            self.window_start, self.window_bytes = time.monotonic(), 0
+
+    def _failed(self, error: Exception):
+        self._drop()
+        self.failures += 1
+        reason = _describe(error, self.policy)
+        if self.failures > self.policy.retries:
+            raise ShardReadError(f"{reason} (after {self.failures} tries, at byte {self.offset})") from None
+        time.sleep(self.policy.backoff * 2 ** (self.failures - 1))
+
+    def _drop(self):
+        source, self.source = self.source, None
+        if source is not None:
+            try:
+                self._close(source)
+            except Exception:  # noqa: BLE001 (a broken connection may fail to close too)
+                pass
+
+    def close(self):
+        self._drop()
+        super().close()
+
+    def _open(self, offset: int):
+        raise NotImplementedError
+
+    def _read(self, buffer) -> int:
+        raise NotImplementedError
+
+    def _close(self, source):
+        source.close()
+
+
+def _describe(error: Exception, policy: ReadPolicy) -> str:
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"no byte in {policy.timeout:g} s (data.read_timeout_seconds)"
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, _Retry) else f"{type(error).__name__}: {text}"
+
+
+class _HTTPStream(_Resumable):
+    """http(s) through http.client: its socket timeout bounds the connect and every recv."""
+
+    MAX_REDIRECTS = 5
+
+    def _open(self, offset: int):
+        url = self.url
+        for _ in range(self.MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            connection = kind(parts.hostname, parts.port, timeout=self.policy.timeout)
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            try:
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+            except BaseException:
+                connection.close()
+                raise
+            status = response.status
+            if status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urljoin(url, response.getheader("Location"))
+                connection.close()
+                continue
+            if status in (200, 206):
+                if offset and status == 200:  # no range support: skip what was already read
+                    _skip(response, offset)
+                response._connection = connection  # closed with the response
+                return response
+            connection.close()
+            message = f"HTTP {status} {response.reason}"
+            if status == 404:
+                raise FileNotFoundError(message)
+            if status in (408, 429) or status >= 500:
+                raise _Retry(message)
+            raise ShardReadError(message)  # 401/403 and the like: a retry gets the same answer
+        raise ShardReadError(f"more than {self.MAX_REDIRECTS} redirects")
+
+    def _read(self, buffer) -> int:
+        data = self.source.read1(len(buffer))
+        if not data and self.source.length:  # the server closed early: a retry resumes
+            raise http.client.IncompleteRead(b"", self.source.length)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _close(self, source):
+        source.close()
+        source._connection.close()
+
+
+def _skip(reader, count: int):
+    while count > 0:
+        chunk = reader.read(min(count, 1 << 20))
+        if not chunk:
+            raise _Retry("the retried read ended before the resume point")
+        count -= len(chunk)
+
+
+class _PipeStream(_Resumable):
+    """webdataset's `pipe:command` (a shell command writing the shard to stdout, e.g. `aws s3
+    cp ... -`): its stdout polled with the timeout; a command that stops writing is killed,
+    and a retry re-runs it and skips the bytes already read."""
+
+    def _open(self, offset: int):
+        process = subprocess.Popen(self.url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, bufsize=0)
+        process.skip = offset
+        return process
+
+    def _read(self, buffer) -> int:
+        process = self.source
+        while True:
+            ready, _, _ = select.select([process.stdout], [], [], self.policy.timeout)
+            if not ready:
+                raise TimeoutError("no output")
+            data = os.read(process.stdout.fileno(), len(buffer))
+            if not data:
+                status = process.wait(self.policy.timeout)
+                if status != 0:
+                    raise _Retry(f"command exited with status {status}")
+                if process.skip:
+                    raise _Retry("the re-run command ended before the resume point")
+                return 0
+            if process.skip:
+                dropped = min(process.skip, len(data))
+                process.skip -= dropped
+                data = data[dropped:]
+                if not data:
+                    continue
+            buffer[:len(data)] = data
+            return len(data)
+
+    def _close(self, process):
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
+        process.wait()
+
+
+class _FsspecStream(_Resumable):
+    """s3://, gs://, ... through fsspec, with the filesystem's own timeouts set where it has
+    them (s3fs: botocore's connect/read timeouts), and every read also bounded here: a read
+    runs on a helper thread and is abandoned after the timeout (a library call cannot be
+    interrupted; the abandoned thread ends with its connection)."""
+
+    def _open(self, offset: int):
+        import fsspec
+        protocol = urlsplit(self.url).scheme
+        options = {}
+        if protocol == "s3":
+            options = {"config_kwargs": {"connect_timeout": self.policy.timeout, "read_timeout": self.policy.timeout,
+                                         "retries": {"max_attempts": 1}},  # retries are ours (resuming)
+                       # 4 MiB blocks read ahead (s3fs's default is 50 MB per open file: 32
+                       # readers per loader worker would hold 1.6 GB)
+                       "default_block_size": 4 << 20}
+        f = _bounded(lambda: fsspec.open(self.url, "rb", **options).open(), self.policy.timeout)
+        if offset:
+            _bounded(lambda: f.seek(offset), self.policy.timeout)
+        return f
+
+    def _read(self, buffer) -> int:
+        data = _bounded(lambda: self.source.read(len(buffer)), self.policy.timeout)
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _bounded(call, timeout: float):
+    """call() on a helper thread; TimeoutError if it has not returned within `timeout`."""
+    result: list = []
+
+    def run():
+        try:
+            result.append((True, call()))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            result.append((False, e))
+    helper = threading.Thread(target=run, daemon=True, name="bounded-read")
+    helper.start()
+    helper.join(timeout)
+    if not result:
+        raise TimeoutError("no answer")
+    ok, value = result[0]
+    if ok:
+        return value
+    if isinstance(value, PermissionError):  # credentials: a retry gets the same answer
+        raise ShardReadError(f"{type(value).__name__}: {value}")
+    raise value

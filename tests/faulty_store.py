@@ -1,0 +1,109 @@
+"""A loopback HTTP object store that misbehaves on purpose, as stuck and overloaded stores do
+(issue 32): per file it can stop answering mid-body while keeping the connection open,
+trickle at a fixed rate, answer 503 for a while, or reset the connection mid-body. Healthy
+files are served whole or from a Range offset (206), as S3 and GCS serve them.
+
+    with FaultyStore(directory, {"00003.tar": Fault("stall", after=4096)}) as store:
+        store.url("00003.tar")  # http://127.0.0.1:PORT/00003.tar
+"""
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+@dataclass
+class Fault:
+    kind: str  # "stall" | "slow" | "unavailable" | "reset"
+    after: int = 0  # stall/reset: bytes of the body sent first
+    rate: int = 1024  # slow: bytes per second
+    times: int | None = None  # unavailable/reset: the first this many requests; None: every one
+
+
+class FaultyStore:
+    def __init__(self, directory: Path, faults: dict[str, Fault] | None = None):
+        self.directory, self.faults = Path(directory), dict(faults or {})
+        self.requests: Counter = Counter()  # per file name
+        self.ranges: list[tuple[str, int]] = []  # (name, offset) of every Range request
+        self.stopping = threading.Event()
+        store = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                try:
+                    self.serve()
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: as it should
+                    pass
+
+            def serve(self):
+                name = self.path.lstrip("/").split("?")[0]
+                store.requests[name] += 1
+                path = store.directory / name
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                offset = 0
+                match = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
+                if match:
+                    offset = int(match.group(1))
+                    store.ranges.append((name, offset))
+                fault = store.faults.get(name)
+                active = fault is not None and (fault.times is None or store.requests[name] <= fault.times)
+                if active and fault.kind == "unavailable":
+                    self.send_error(503, "Slow Down")
+                    return
+                body = data[offset:]
+                self.send_response(206 if offset else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if not active:
+                    self.wfile.write(body)
+                elif fault.kind == "stall":  # the connection stays open, nothing more comes
+                    self.wfile.write(body[:fault.after])
+                    self.wfile.flush()
+                    store.stopping.wait()
+                elif fault.kind == "reset":
+                    self.wfile.write(body[:fault.after])
+                    self.wfile.flush()
+                    # RST instead of FIN: SO_LINGER with a zero timeout
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                elif fault.kind == "slow":
+                    step = max(1, fault.rate // 8)
+                    for start in range(0, len(body), step):
+                        if store.stopping.wait(step / fault.rate):
+                            return
+                        self.wfile.write(body[start:start + step])
+                        self.wfile.flush()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, name: str = "") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+
+    def __enter__(self) -> "FaultyStore":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+        time.sleep(0.05)

@@ -1,0 +1,113 @@
+"""Remote shards on stores that stall, trickle, refuse and reset (issue 32): no read blocks
+for longer than data.read_timeout_seconds x tries, a shard that cannot be read is counted
+and skipped, a shard that recovers within its retries is read whole, exactly once, and a
+dead dataset stops at once. The store is a real HTTP server on loopback
+(tests/faulty_store.py); the stream is the trainer's DataStream."""
+import os
+import time
+from collections import Counter
+
+import pytest
+
+from faulty_store import Fault, FaultyStore
+from pipeline.config import DataConfig
+from pipeline.data.loader import DataQualityError, DataStream
+from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.data.recipe import ImageSpec
+from pipeline.data.remote import ReadPolicy, ShardReadError, open_url
+from test_loader import first_error_within, jpeg_bytes, write_tar
+
+SHARDS, PER_SHARD = 6, 30
+FAST = ReadPolicy(timeout=1.0, retries=1, backoff=0.1)  # what the tests set as data.read_*
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """6 shards x 30 samples (~40 KB each) with their manifest."""
+    root = tmp_path_factory.mktemp("remote_shards")
+    for i in range(SHARDS):
+        write_tar(root / f"{i:05d}.tar", [{"__key__": f"s{i}_{j:02d}", "jpg": jpeg_bytes(i * PER_SHARD + j),
+                                           "txt": f"sample {j} of shard {i}"} for j in range(PER_SHARD)])
+    Manifest([ShardInfo(f"{i:05d}.tar", PER_SHARD) for i in range(SHARDS)]).write(str(root))
+    return root
+
+
+def remote_stream(url: str, *, workers=2, resampled=False, **data) -> DataStream:
+    cfg = DataConfig(train_shards=url, workers=workers, resampled=resampled, shuffle_buffer=0, readers=2,
+                     max_skip_rate=1.0, **{"read_timeout_seconds": FAST.timeout, "read_retries": FAST.retries,
+                                           **data})
+    stream = DataStream(cfg, batch_size=10, image=ImageSpec(32, "clip"), context_length=16, drop_last=False)
+    # the tests' backoff is 0.1 s (the default 1 s would only make them slower)
+    stream.base.read = ReadPolicy(cfg.read_timeout_seconds, cfg.read_retries, cfg.read_min_bytes_per_second, 0.1)
+    return stream
+
+
+def test_every_fault_either_reads_whole_or_fails_within_its_bound(tmp_path):
+    """The opener alone, byte for byte: a store that recovers within the retries gives the
+    same bytes (resumed with a Range request), one that does not fails in bounded time."""
+    data = os.urandom(200_000)
+    faults = {"stall.bin": Fault("stall", after=20_000), "slow.bin": Fault("slow", rate=1024),
+              "unavailable_once.bin": Fault("unavailable", times=1), "reset_once.bin": Fault("reset", after=50_000,
+                                                                                             times=1),
+              "reset.bin": Fault("reset", after=5_000), "unavailable.bin": Fault("unavailable")}
+    for name in [*faults, "healthy.bin"]:
+        (tmp_path / name).write_bytes(data)
+    with FaultyStore(tmp_path, faults) as store:
+        for name in ("healthy.bin", "unavailable_once.bin", "reset_once.bin"):
+            assert open_url(store.url(name), FAST).read() == data, name
+        assert ("reset_once.bin", 50_000) in store.ranges  # resumed where it broke, not from byte 0
+        bound = FAST.timeout * (FAST.retries + 1) + FAST.backoff * 2 ** FAST.retries + 1.0
+        for name, reason in (("stall.bin", "no byte in 1 s"), ("slow.bin", "bytes/s over 1 s, under"),
+                             ("reset.bin", "Connection reset"), ("unavailable.bin", "HTTP 503")):
+            start = time.monotonic()
+            with pytest.raises(ShardReadError, match=reason):
+                open_url(store.url(name), FAST).read()
+            assert time.monotonic() - start < bound, name
+            assert store.requests[name] == FAST.retries + 1, name
+        with pytest.raises(FileNotFoundError, match="HTTP 404"):  # not retried: it will not appear
+            open_url(store.url("missing.bin"), FAST).read()
+        assert store.requests["missing.bin"] == 1
+
+
+@pytest.mark.parametrize("fault,recovers", [
+    (Fault("stall", after=4096), False), (Fault("slow", rate=1024), False), (Fault("reset", after=4096), False),
+    (Fault("unavailable", times=1), True), (Fault("reset", after=8192, times=1), True)])
+def test_a_faulty_shard_among_healthy_ones_never_hangs_the_epoch(shard_dir, fault, recovers):
+    """Issue 32: one stalled shard among healthy ones hung the job with no message. Now the
+    epoch ends: every sample of every healthy shard exactly once, the faulty shard's either
+    whole (it recovered within the retries) or counted as unreadable_shard with the samples
+    it lost, in bounded time, with loader workers (the hang was inside a worker)."""
+    bad = "00003.tar"
+    with FaultyStore(shard_dir, {bad: fault}) as store:
+        stream = remote_stream(store.url())  # a remote directory: its manifest is read over HTTP too
+        start = time.monotonic()
+        keys = [k.split("#")[-1] for batch in stream for k in batch["keys"]]  # keys are url#key
+        elapsed = time.monotonic() - start
+    assert len(keys) == len(set(keys))
+    healthy = {f"s{i}_{j:02d}" for i in range(SHARDS) if i != 3 for j in range(PER_SHARD)}
+    read_from_bad = {k for k in keys if k.startswith("s3_")}
+    assert set(keys) - read_from_bad == healthy
+    if recovers:
+        assert len(read_from_bad) == PER_SHARD and not stream.skipped()
+    else:
+        assert stream.skipped() == Counter(unreadable_shard=PER_SHARD - len(read_from_bad))
+    assert elapsed < 30
+
+
+def test_a_dead_dataset_stops_at_once_with_default_settings(shard_dir, tmp_path):
+    """Issue 32: with every shard unreadable a resampled stream waited data.stall_seconds
+    (600 s) before it stopped. Once every shard has failed and no good sample came, nothing
+    can: it stops at once, naming the shards and why. Default read settings."""
+    for i in range(SHARDS):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"not a tar at all" * 64)
+    Manifest([ShardInfo(f"{i:05d}.tar", PER_SHARD) for i in range(SHARDS)]).write(str(tmp_path))
+    (tmp_path / "00005.tar").unlink()  # one of them missing: a 404
+    with FaultyStore(tmp_path) as store:
+        cfg = DataConfig(train_shards=store.url(), workers=1, resampled=True, readers=2)
+        start = time.monotonic()
+        error = first_error_within(DataStream(cfg, batch_size=10, image=ImageSpec(32, "clip"), context_length=16),
+                                   60)
+    assert isinstance(error, DataQualityError), error
+    message = str(error)
+    assert "\n" not in message and f"every one of the {SHARDS} shards failed before its first sample" in message
+    assert store.url("0000") in message and time.monotonic() - start < 60, message

@@ -111,3 +111,18 @@ def test_a_dead_dataset_stops_at_once_with_default_settings(shard_dir, tmp_path)
     message = str(error)
     assert "\n" not in message and f"every one of the {SHARDS} shards failed before its first sample" in message
     assert store.url("0000") in message and time.monotonic() - start < 60, message
+
+
+def test_pipe_commands_read_whole_and_a_silent_one_is_bounded(tmp_path):
+    """webdataset's `pipe:` shards: the command's output whole; a command that stops writing
+    (a stuck `aws s3 cp ... -`) is killed after the timeout and re-run from where it
+    stopped, then fails, in bounded time; a failing command is a failed read, not an EOF."""
+    data = os.urandom(100_000)
+    (tmp_path / "shard.bin").write_bytes(data)
+    assert open_url(f"pipe:cat {tmp_path / 'shard.bin'}", FAST).read() == data
+    start = time.monotonic()
+    with pytest.raises(ShardReadError, match=r"no byte in 1 s .*after 2 tries, at byte 100000"):
+        open_url(f"pipe:cat {tmp_path / 'shard.bin'}; sleep 30", FAST).read()
+    assert time.monotonic() - start < 5
+    with pytest.raises(ShardReadError, match="command exited with status 3"):
+        open_url("pipe:exit 3", FAST).read()

@@ -31,6 +31,7 @@ from eval.data import EvalDataError, read_classification, read_retrieval
 from eval.plots import bar_chart, confusion_matrix
 from pipeline.checkpoint import export, load_exported
 from pipeline.interop import InteropError
+from pipeline.redact import redact, redact_output
 from pipeline.tracking import default_tracking_uri, synced_run_id, training_experiment
 
 MAX_CONFUSION_CLASSES = 30
@@ -99,7 +100,7 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
             tags.update(reference="true", source_format=source["format"], source_sha256=source["sha256"],
                         source_file=source["file"])
         run = mlflow.start_run(run_name=f"{'reference' if source else 'eval'}-{payload.get('model_name', 'model')}",
-                               experiment_id=experiment_id, tags=tags)
+                               experiment_id=experiment_id, tags=redact(tags))
     with run:
         step = int(payload.get("step", 0))
         for r in results:
@@ -114,6 +115,7 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
 
 
 def main(argv=None) -> int:
+    redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     for r in results:
         r.update(model=payload.get("model_name", ""), checkpoint=str(args.checkpoint), step=payload.get("step"),
                  similarity=model.similarity)
-    results_path.write_text(json.dumps(results, indent=2))
+    results_path.write_text(json.dumps(redact(results), indent=2))
     for r in results:
         shown = {k: round(v, 4) for k, v in r["metrics"].items() if isinstance(v, float)}
         print(f"{r['task']:<24} {r['dataset']:<16} {shown}")

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.redact import redact_output
 from pipeline.tracking import default_tracking_uri, runs_page
 
 # Headline metrics, in the order the table shows them: the final training loss, then
@@ -105,6 +106,7 @@ def plot_curves(client, runs, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
+    redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
     parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True)

@@ -34,6 +34,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 import webdataset as wds
@@ -100,7 +101,7 @@ def local_copy(root: str | Path, split: str) -> Path:
     url = str(root).rstrip("/")
     cache = Path(os.environ.get("MSCLIP_CACHE", Path.home() / ".cache" / "msclip-pipeline")) / "eval"
     # the set's own name last: it names the dataset in MLflow
-    local = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / url.rsplit("/", 1)[-1]
+    local = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
     stamp = local / split / ".complete"
     if stamp.is_file():
         return local

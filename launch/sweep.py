@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from launch.demo import free_port
+from pipeline.redact import redact, redact_output
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE = "sweep.json"
@@ -143,9 +144,12 @@ def load_or_start(sweep_dir: Path, name: str, children: list[dict], start_parent
     if path.is_file():
         state = json.loads(path.read_text())
         planned = [(c["run_name"], c["overrides"], c["seed"]) for c in state["children"][:len(children)]]
-        if planned != [(c["run_name"], c["overrides"], c["seed"]) for c in children]:
+        # the file holds the overrides without credentials (save_state): compare them so
+        if planned != [(c["run_name"], redact(c["overrides"]), c["seed"]) for c in children]:
             raise SweepError(f"--name {name}: {path} holds a sweep of other variants or seeds; give this one "
                              f"another --name")
+        for saved, child in zip(state["children"], children):  # the launches use the real values
+            saved["overrides"] = child["overrides"]
         return state
     state = {"name": name, "parent_run_id": start_parent(), "children": children}
     save_state(sweep_dir, state)
@@ -155,7 +159,7 @@ def load_or_start(sweep_dir: Path, name: str, children: list[dict], start_parent
 def save_state(sweep_dir: Path, state: dict):
     sweep_dir.mkdir(parents=True, exist_ok=True)
     tmp = sweep_dir / f"{STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
+    tmp.write_text(json.dumps(redact(state), indent=1))  # a signed URL in an override stays in memory
     os.replace(tmp, sweep_dir / STATE)
 
 
@@ -280,6 +284,7 @@ def finish(client, state: dict, experiment_id: str, sweep_dir: Path):
 # ---- main ---------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
+    redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
     parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe every child starts from")

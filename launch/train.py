@@ -17,6 +17,7 @@ import sys
 
 from pipeline.config import ConfigError
 from pipeline.preflight import check_run
+from pipeline.redact import redact_output
 
 
 def parse_args(argv=None):
@@ -47,6 +48,7 @@ def validate(args):
 
 
 def main(argv=None):
+    redact_output()  # first: the logging handler below writes to the redacting stderr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     adopt_slurm_env()

@@ -626,7 +626,10 @@ def to_dict(cfg) -> dict:
 
 
 def format_config(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML, as it is shown and saved: without credentials (a signed
+    shard URL's signature, a tracking URL's password: pipeline/redact.py)."""
+    from pipeline.redact import redact
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
 
 
 def save_config(cfg, path: str | Path):

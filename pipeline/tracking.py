@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import TrackingConfig
+from pipeline.redact import MASK, redact, redact_output
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +118,47 @@ class SyncError(ValueError):
     """A record that cannot be sent as it is (metrics before any run_start)."""
 
 
+def _http_status(error: Exception) -> int:
+    from mlflow.exceptions import MlflowException
+    return error.get_http_status_code() if isinstance(error, MlflowException) else 0
+
+
 def _refused(error: Exception) -> bool:
     """MLflow answered and refused this record (a 4xx: an invalid value, a param that
     changed), or the record cannot be sent: sending it again cannot help. Anything else
-    (no answer, a 5xx, a locked sqlite file) is an outage: retried."""
-    from mlflow.exceptions import MlflowException
-    return isinstance(error, SyncError) or (isinstance(error, MlflowException)
-                                            and 400 <= error.get_http_status_code() < 500)
+    (no answer, a 5xx, a locked sqlite file) is an outage: retried. A refusal of the
+    credentials (401/403) refuses every record: it is not this record's (`_denied`)."""
+    status = _http_status(error)
+    return isinstance(error, SyncError) or (400 <= status < 500 and not _denied(error))
+
+
+def _denied(error: Exception) -> bool:
+    """The server refused who we are (401) or what we may do (403)."""
+    return _http_status(error) in (401, 403)
+
+
+def store_key(uri: str) -> str:
+    """How a tracking URI is written down (the sync state, the JSONL): without its
+    credentials (pipeline/redact.py)."""
+    return redact(uri)
 
 
 def synced_run_id(run_dir: str | Path, uri: str) -> str:
     """The MLflow run that `uri`'s store holds for this run folder ("" if none yet)."""
     path = Path(run_dir) / SYNC_STATE
     states = json.loads(path.read_text()) if path.is_file() else {}
-    return states.get(uri, {}).get("run_id", "")
+    return states.get(store_key(uri), {}).get("run_id", "")
 
 
 def recorded_tracking_uri(run_dir: str | Path) -> str:
-    """The tracking URI a run was configured with (its first run_start record), or ""."""
+    """The tracking URI a run was configured with (its first run_start record), or "". A
+    URI that carried credentials was written without them (`***@`): the credentials then
+    come from MLflow's environment (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN)."""
     path = Path(run_dir) / "metrics.jsonl"
     with open(path) as f:
         for line in f:
             if '"run_start"' in line:
-                return json.loads(line).get("tracking_uri", "")
+                return json.loads(line).get("tracking_uri", "").replace(f"{MASK}@", "")
     return ""
 
 
@@ -149,9 +168,10 @@ class RunSync:
 
     def __init__(self, run_dir: str | Path, uri: str, adopt_run_id: str = ""):
         self.run_dir, self.uri = Path(run_dir), uri
+        self.shown_uri = store_key(uri)  # what messages and files say
         self.jsonl = self.run_dir / "metrics.jsonl"
         self.state_path = self.run_dir / SYNC_STATE
-        entry = self._states().get(uri)
+        entry = self._states().get(self.shown_uri)
         if entry is None and adopt_run_id:
             # A run folder from before the replay existed: what its JSONL holds went to
             # this run already.
@@ -175,7 +195,7 @@ class RunSync:
     def _advance(self, offset: int):
         self.offset = offset
         states = self._states()
-        states[self.uri] = {"run_id": self.run_id, "offset": offset}
+        states[self.shown_uri] = {"run_id": self.run_id, "offset": offset}
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(states, indent=1))
         os.replace(tmp, self.state_path)  # never a half-written state
@@ -233,8 +253,8 @@ class RunSync:
                 raise
             self.refused += 1
             if self.refused <= 3:  # the first few say why; the count says how many
-                print(f"[tracking] MLflow at {self.uri} refused a record of {self.jsonl} (before byte {offset}): "
-                      f"{type(e).__name__}: {str(e)[:300]}", flush=True)
+                print(redact(f"[tracking] MLflow at {self.shown_uri} refused a record of {self.jsonl} (before byte "
+                             f"{offset}): {type(e).__name__}: {str(e)[:300]}"), flush=True)
         self._advance(offset)
         return 1
 
@@ -316,6 +336,7 @@ class MetricsLogger:
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self._lock = threading.Lock()  # the replay thread writes outage events too
         self.uri = cfg.tracking_uri or default_tracking_uri(output_dir)
+        self.shown_uri = store_key(self.uri)  # the URI itself (credentials and all) stays in memory
         self.cfg = cfg
         if cfg.mode == "online":
             self.sync = RunSync(self.run_dir, self.uri, adopt_run_id=run_id)  # before this run's records
@@ -323,7 +344,7 @@ class MetricsLogger:
                    tags=tag_strings({"git_commit": git_commit(), **(tags or {})}))
         if self.sync:
             self._closing, self._wake = threading.Event(), threading.Event()
-            self._down, self._system_metrics = False, None
+            self._down, self._system_metrics, self._was_denied = False, None, False
             self._thread = threading.Thread(target=self._replay, name="mlflow-replay", daemon=True)
             self._thread.start()
 
@@ -340,6 +361,9 @@ class MetricsLogger:
             try:
                 self.sync.push()
             except Exception as e:  # no answer: retry later, never lose or reorder a record
+                if _denied(e):  # retrying cannot change who we are: stop sending, keep everything
+                    self._denied(e)
+                    return
                 self._unreachable(e)
                 time.sleep(delay)
                 delay = min(2 * delay, RETRY_SECONDS[1])
@@ -347,7 +371,7 @@ class MetricsLogger:
             delay = RETRY_SECONDS[0]
             if self._down:
                 self._down = False
-                print(f"[tracking] MLflow at {self.uri} answers again: the records of the outage were sent",
+                print(f"[tracking] MLflow at {self.shown_uri} answers again: the records of the outage were sent",
                       flush=True)
                 self.event("mlflow_recovered")
             self._start_system_metrics()
@@ -356,12 +380,21 @@ class MetricsLogger:
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
 
+    def _denied(self, error: Exception):
+        print(redact(f"[tracking] MLflow at {self.shown_uri} refused the credentials (HTTP {_http_status(error)}: "
+                     f"{str(error)[:150]}); training goes on, every record stays in {self.jsonl_path}: send them "
+                     f"with the right credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD) by "
+                     f"`{self._sync_command()}`").replace("\n", " "), flush=True)
+        self.event("mlflow_denied", error=f"HTTP {_http_status(error)}")
+        self._was_denied = True
+
     def _unreachable(self, error: Exception):
         if self._down:
             return
         self._down = True
-        msg = (f"MLflow at {self.uri} is unavailable ({type(error).__name__}: {str(error)[:200]}); training goes "
+        msg = (f"MLflow at {self.shown_uri} is unavailable ({type(error).__name__}: {str(error)[:200]}); training goes "
                f"on, metrics stay in {self.jsonl_path} and are sent when it answers")
+        msg = redact(msg)
         log.warning(msg, exc_info=error)
         print(f"[tracking] {msg}", flush=True)
         self.event("mlflow_unavailable", error=f"{type(error).__name__}: {str(error)[:500]}")
@@ -380,9 +413,10 @@ class MetricsLogger:
         self._write({"event": name, "time": time.time(), **fields})
 
     def _write(self, record: dict):
+        """Every record, hence everything MLflow gets (replayed from here), without credentials."""
         if self.enabled:
             with self._lock, open(self.jsonl_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(redact(record)) + "\n")
 
     def log_params(self, params: dict):
         self.event("params", params=params)
@@ -413,7 +447,7 @@ class MetricsLogger:
                 self.sync.push()
                 return
             except Exception as e:  # noqa: BLE001 (a failing server must not fail a finished run)
-                print(f"[tracking] the model was not logged ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                print(redact(f"[tracking] the model was not logged ({type(e).__name__}: {str(e)[:200]})"), flush=True)
         print(f"[tracking] {exported} is logged as a model by `{self._sync_command()}`", flush=True)
 
     def close(self, status: str = "FINISHED"):
@@ -429,14 +463,14 @@ class MetricsLogger:
         self._hint_unsent()
 
     def _sync_command(self) -> str:
-        return f"python -m pipeline.tracking sync {self.run_dir} --tracking-uri {self.uri}"
+        return f"python -m pipeline.tracking sync {self.run_dir} --tracking-uri {self.shown_uri.replace(f'{MASK}@', '')}"
 
     def _hint_unsent(self):
         if not self.sync:
             print(f"[tracking] offline run: send it to MLflow with `{self._sync_command()}`", flush=True)
-        elif self.sync.pending():
+        elif self.sync.pending() and not self._was_denied:  # a refusal said it once already
             print(f"[tracking] {self.sync.pending()} records of {self.jsonl_path} are not in MLflow yet "
-                  f"({self.uri} did not take them in tracking.flush_seconds={self.cfg.flush_seconds:g}); "
+                  f"({self.shown_uri} did not take them in tracking.flush_seconds={self.cfg.flush_seconds:g}); "
                   f"send them with `{self._sync_command()}`", flush=True)
 
 
@@ -456,6 +490,7 @@ def main(argv=None) -> int:
     sync.add_argument("path", type=Path, help="a run folder (runs/NAME) or a folder of runs (runs/)")
     sync.add_argument("--tracking-uri", help="default: the URI each run was configured with")
     args = parser.parse_args(argv)
+    redact_output()
     folders = run_folders(args.path)
     if not folders:
         print(f"error: {args.path}: no metrics.jsonl in it or in the folders directly inside it", file=sys.stderr)

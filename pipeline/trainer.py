@@ -29,6 +29,7 @@ from pipeline.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, f
                              topology_free_grad_norm, train_step)
 from pipeline.lifecycle import Preempted, StopRequest, stop_with_launcher
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
+from pipeline.redact import redact
 from pipeline.tracking import MetricsLogger
 
 
@@ -64,9 +65,10 @@ def prepare_run_dir(cfg: RunConfig, ds_config: dict, module: TrainModule, run_na
     if rank == 0:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        # what goes out (the run folder, then MLflow's artifacts) goes without credentials
+        (run_dir / "ds_config.json").write_text(json.dumps(redact(ds_config), indent=2))
         (run_dir / "model.json").write_text(json.dumps({
-            "model_name": cfg.model.name, "arch": to_dict(module.encoder.arch), "config": to_dict(cfg),
+            "model_name": cfg.model.name, "arch": to_dict(module.encoder.arch), "config": redact(to_dict(cfg)),
             "similarity": module.similarity, "export_heads": module.export_heads()}, indent=2))
     return run_dir
 
@@ -152,7 +154,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
     state.mlflow_run_id = logger.run_id
     if rank == 0:
         print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"
-              f"[train] resolved config:\n{json.dumps(to_dict(cfg), indent=1)}", flush=True)
+              f"[train] resolved config:\n{json.dumps(redact(to_dict(cfg)), indent=1)}", flush=True)
         if initial:
             print(f"[train] model.init_from {cfg.model.init_from}: {initial[1]}", flush=True)
             if not resume:

@@ -81,20 +81,32 @@ class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (a sqlite backend, artifacts proxied by the
     server), as a team runs it. `stop()` and `start()` keep the same port and store."""
 
-    def __init__(self, root: Path, artifacts: str | None = None):
+    def __init__(self, root: Path, artifacts: str | None = None, admin_password: str = ""):
+        """admin_password: run MLflow's basic-auth app (`--app-name basic-auth`), its user
+        store in `root`, with `admin` as its administrator."""
         self.root, self.port, self.proc = root, free_port(), None
         self.artifacts = artifacts or str(root / "artifacts")
+        self.admin_password = admin_password
         self.uri = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120):
         import subprocess
         import time
         import urllib.request
+        import os
+        env, auth = dict(os.environ), []
+        if self.admin_password:
+            (self.root / "auth.ini").write_text(
+                f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
+                f"admin_username = admin\nadmin_password = {self.admin_password}\n"
+                f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(self.root / "auth.ini"), MLFLOW_FLASK_SERVER_SECRET_KEY="test-only")
+            auth = ["--app-name", "basic-auth"]
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--artifacts-destination", self.artifacts],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+             "--artifacts-destination", self.artifacts, *auth],
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]

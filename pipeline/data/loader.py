@@ -50,6 +50,7 @@ from pipeline.data.remote import ReadPolicy, is_remote, opened, read_policy
 from pipeline.data.samples import BatchMaker
 from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, check_readers, resolve_shards
 from pipeline.ranks import world
+from pipeline.redact import redact_output
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +401,7 @@ def leave_stop_signals_to_the_trainer(worker_id: int):
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    redact_output()  # a worker started by spawn has fresh streams; its warnings name shard URLs
 
 
 class DataStream:

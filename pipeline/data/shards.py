@@ -31,8 +31,15 @@ class ShardSet:
 
 
 def _is_remote_directory(part: str) -> bool:
-    """s3://bucket/shards or http://host/shards/: a directory with a manifest, not tars."""
-    return is_remote(part) and not part.startswith("pipe:") and not part.rstrip("/").endswith((".tar", ".tar.gz", "}"))
+    """s3://bucket/shards or http://host/shards/: a directory with a manifest, not tars (a
+    signed URL's query is not part of the name)."""
+    return is_remote(part) and not part.startswith("pipe:") and \
+        not _name(part).rstrip("/").endswith((".tar", ".tar.gz", "}"))
+
+
+def _name(url: str) -> str:
+    """A URL's path without its query (`.../00001.tar?X-Amz-Signature=...` -> `.../00001.tar`)."""
+    return url.split("?", 1)[0]
 
 
 def resolve_shards(spec: str, key: str = "data.train_shards", policy: ReadPolicy = ReadPolicy()) -> ShardSet:
@@ -50,15 +57,17 @@ def resolve_shards(spec: str, key: str = "data.train_shards", policy: ReadPolicy
         expanded = list(braceexpand.braceexpand(part))
         counts: dict[str, int] = {}
         if expanded and is_remote(part) and not part.startswith("pipe:"):
-            with contextlib.suppress(FileNotFoundError):  # a manifest beside remote tars is optional
-                counts = {s.name: s.samples for s in Manifest.read(expanded[0].rsplit("/", 1)[0], policy).shards}
+            # a manifest beside remote tars is optional (signed URLs sign each object: a 403)
+            with contextlib.suppress(OSError):
+                counts = {s.name: s.samples for s in Manifest.read(_name(expanded[0]).rsplit("/", 1)[0],
+                                                                   policy).shards}
         elif expanded and not is_remote(part) and (Path(expanded[0]).parent / MANIFEST_NAME).is_file():
             counts = {s.name: s.samples for s in Manifest.read(Path(expanded[0]).parent).shards}
         for url in expanded:
             if not is_remote(url) and not Path(url).is_file():
                 raise FileNotFoundError(f"{key}: shard {url} does not exist")
             urls.append(url)
-            samples.append(counts.get(url.rsplit("/", 1)[-1]))
+            samples.append(counts.get(_name(url).rsplit("/", 1)[-1]))
     if not urls:
         raise FileNotFoundError(f"{key}: {spec!r} names no shards")
     return ShardSet(urls, samples)

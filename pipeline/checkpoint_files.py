@@ -85,7 +85,7 @@ def resolve_resume(resume: str, ckpt_dir: str | Path, verify: bool = False) -> t
     checkpoint that is damaged is an error."""
     if not resume:
         return None
-    if resume == "latest":
+    if resume in ("latest", "auto"):  # the newest complete checkpoint, else a fresh start
         tags = complete_tags(ckpt_dir)
         for tag in reversed(tags if verify else tags[-1:]):
             problem = damage(Path(ckpt_dir) / tag) if verify else ""
@@ -98,7 +98,7 @@ def resolve_resume(resume: str, ckpt_dir: str | Path, verify: bool = False) -> t
             print(f"[train] checkpoint {Path(ckpt_dir) / tag} is damaged ({problem}); moved to {aside.name}, "
                   f"resuming from the previous complete one", flush=True)
         if tags:
-            raise FileNotFoundError(f"train.resume=latest: none of the {len(tags)} complete checkpoints in "
+            raise FileNotFoundError(f"train.resume={resume}: none of the {len(tags)} complete checkpoints in "
                                     f"{ckpt_dir} is intact")
         return None
     path = Path(resume)

@@ -193,7 +193,9 @@ class TrainConfig:
     # "continue" skips that save on every rank, trains on and tries again at the next one.
     # The final save, and one that fails midway, stop the run either way.
     save_failure: Literal["stop", "continue"] = "stop"
-    # "" starts fresh, "latest" picks the newest complete checkpoint, else a checkpoint path.
+    # "" starts fresh; "latest" (or "auto", the same: the form elastic launches use) picks
+    # the newest complete checkpoint of the run folder, or starts fresh when it has none, so
+    # that every attempt of a restarted job runs the same command; else a checkpoint path.
     resume: str = ""
     # One JSONL line per step naming the samples of rank 0's batch (a sha1 of their keys),
     # so a resumed run can be checked against a straight one sample for sample. On in tests.

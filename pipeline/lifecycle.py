@@ -96,3 +96,46 @@ def stop_with_launcher(stop: StopRequest, poll_seconds: float = 1.0, grace_secon
 
     if watched:
         threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
+class Heartbeat:
+    """A hung rank must not hang the job (issue 34): a rank stopped by SIGSTOP, or stuck in
+    a collective a peer never joins, makes no step. Each rank writes its last step to
+    `<run dir>/heartbeat/rank<N>.json` after every step (which rank reached which step,
+    for a post-mortem), and a watchdog thread ends the process, non-zero and with one
+    line, once no step has finished for `timeout_minutes` (train.timeout_minutes, the
+    collective timeout too): the launcher (torchrun's agent, the deepspeed launcher) then
+    ends the group, and torchrun with --max-restarts starts it again from the newest
+    checkpoint (train.resume=auto). A backend whose collectives honour the timeout ends
+    the waiting ranks the same way; one that spins (a shared-memory all-reduce) would
+    not, hence the watchdog on every rank."""
+
+    def __init__(self, run_dir, rank: int, timeout_minutes: float):
+        from pathlib import Path
+        self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank, self.timeout = rank, timeout_minutes * 60
+        self.step, self.last = 0, time.monotonic()
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, name="heartbeat-watchdog", daemon=True).start()
+
+    def beat(self, step: int):
+        import json
+        self.step, self.last = step, time.monotonic()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "step": step, "time": time.time(), "pid": os.getpid()}))
+        os.replace(tmp, self.path)
+
+    def stop(self):
+        self.done.set()
+
+    def _watch(self):
+        while not self.done.wait(min(10.0, self.timeout / 4)):
+            waited = time.monotonic() - self.last
+            if waited > self.timeout:
+                sys.stderr.write(f"error: rank {self.rank}: no step finished in {waited / 60:.1f} min (last step "
+                                 f"{self.step}), over train.timeout_minutes={self.timeout / 60:g}: a peer rank is "
+                                 f"hung or gone; exiting so that the launcher ends the group (torchrun "
+                                 f"--max-restarts restarts it from the newest checkpoint)\n")
+                sys.stderr.flush()
+                os._exit(3)

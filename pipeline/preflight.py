@@ -27,8 +27,8 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     ds_config = fill_ds_config(read_ds_config(deepspeed_config), cfg.train, cfg.optim, world)
     check_shards(cfg, world)
     check_output_dir(Path(cfg.train.output_dir))
-    if cfg.train.resume == "latest" and not cfg.train.run_name:
-        raise ConfigError("train.resume=latest needs train.run_name (which run to resume)")
+    if cfg.train.resume in ("latest", "auto") and not cfg.train.run_name:
+        raise ConfigError(f"train.resume={cfg.train.resume} needs train.run_name (which run to resume)")
     if cfg.train.resume:  # a path that is no checkpoint, or one this run cannot continue
         found = checkpoint_files.resolve_resume(cfg.train.resume,
                                                 Path(cfg.train.output_dir) / cfg.train.run_name / "checkpoints")

@@ -340,6 +340,7 @@ class MetricsLogger:
         self.cfg = cfg
         if cfg.mode == "online":
             self.sync = RunSync(self.run_dir, self.uri, adopt_run_id=run_id)  # before this run's records
+        self.starts_before = self._count_starts()  # > 0: this is a restart of the run
         self.event("run_start", tracking_uri=self.uri, mode=cfg.mode, experiment=cfg.experiment, run_name=run_name,
                    tags=tag_strings({"git_commit": git_commit(), **(tags or {})}))
         if self.sync:
@@ -347,6 +348,12 @@ class MetricsLogger:
             self._down, self._system_metrics, self._was_denied = False, None, False
             self._thread = threading.Thread(target=self._replay, name="mlflow-replay", daemon=True)
             self._thread.start()
+
+    def _count_starts(self) -> int:
+        if not self.jsonl_path.exists():
+            return 0
+        with open(self.jsonl_path, "rb") as f:
+            return sum(1 for line in f if b'"event": "run_start"' in line)
 
     @property
     def run_id(self) -> str:

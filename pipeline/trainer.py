@@ -27,7 +27,7 @@ from pipeline.ds_config import accumulation_steps, check_against_deepspeed
 from pipeline.data.recipe import ImageSpec
 from pipeline.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, full_fp32, lr_factor, param_groups,
                              topology_free_grad_norm, train_step)
-from pipeline.lifecycle import Preempted, StopRequest, stop_with_launcher
+from pipeline.lifecycle import Heartbeat, Preempted, StopRequest, stop_with_launcher
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.redact import redact
 from pipeline.tracking import MetricsLogger
@@ -92,7 +92,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
 
     stop = StopRequest()  # SIGTERM/SIGINT from here on: stop at a step boundary with a checkpoint
     stop_with_launcher(stop)
-    deepspeed.init_distributed(timeout=timedelta(minutes=cfg.train.timeout_minutes))
+    ranks.init_process_group(timedelta(minutes=cfg.train.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     release_shm_workspace()
     accum = accumulation_steps(cfg.train, world)
@@ -152,6 +152,16 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
                                  **({"mlflow.parentRunId": cfg.tracking.parent_run_id}
                                     if cfg.tracking.parent_run_id else {})})
     state.mlflow_run_id = logger.run_id
+    # every start of this run folder after the first is a restart, whoever restarted it
+    # (torchrun's agent, a SLURM requeue, a person): torchrun's own count misses the
+    # restarts a node leaving or joining causes, and each agent counts its own
+    restarts = logger.starts_before if rank == 0 else 0
+    if restarts:
+        print(f"[train] restart {restarts}: {world} ranks, "
+              f"{'resuming at step %d' % state.step if resume else 'no checkpoint yet: from step 0'}", flush=True)
+        logger.event("restart", restarts=restarts, world_size=world, step=state.step,
+                     torchelastic_restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+        logger.set_tags({"restarts": restarts})
     if rank == 0:
         print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"
               f"[train] resolved config:\n{json.dumps(redact(to_dict(cfg)), indent=1)}", flush=True)
@@ -177,7 +187,11 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
         logger.set_tags({"preempted": str(e)})
         print(f"[train] {e.reason}: stopped at step {e.step}, checkpoint saved; resume with train.resume=latest",
               flush=True)
-        return 0
+        # Under torchrun a 0 would tell the agent the job is done: ranks whose peer node's
+        # agent died stopped cleanly at step 5 of 24 and the job "succeeded" (issue 34).
+        # EX_TEMPFAIL makes the agent restart the group (on whatever nodes are left); an
+        # agent that is itself being stopped does not restart anything.
+        return 75 if "TORCHELASTIC_RUN_ID" in os.environ else 0
     finally:
         logger.close(status)
     if rank == 0:
@@ -258,11 +272,13 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
     window = new_window()
     image_tokens = engine.module.encoder.arch.grid_size ** 2  # patch tokens of an image
     batches = data.forever()
+    heartbeat = Heartbeat(run_dir, ranks.world()[0], cfg.train.timeout_minutes)  # a hung peer ends the group
     while state.step < cfg.train.steps:
         batch = next(batches)
         window["tokens_kept"] = token_schedule(batch, state.step, cfg, image_tokens)
         out = train_step(engine, batch, objective, accum, lr_factor(state.step, cfg.optim, cfg.train.steps), scales)
         state.step += 1
+        heartbeat.beat(state.step)
         state.samples_seen += cfg.train.global_batch_size
         add_to_window(window, out)
         if cfg.train.batch_digests:  # which samples made this step: the same on any topology
@@ -279,6 +295,7 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
             preempt(engine, data, run_dir, state, cfg, logger, stop, saved)
     save_checkpoint(engine, data, run_dir, state, cfg)  # the final one: never skipped
+    heartbeat.stop()
 
 
 def token_schedule(batch: dict, step: int, cfg: RunConfig, image_tokens: int) -> float:

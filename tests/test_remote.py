@@ -126,3 +126,24 @@ def test_pipe_commands_read_whole_and_a_silent_one_is_bounded(tmp_path):
     assert time.monotonic() - start < 5
     with pytest.raises(ShardReadError, match="command exited with status 3"):
         open_url("pipe:exit 3", FAST).read()
+
+
+def test_an_eval_set_on_a_store_that_stalls_is_one_line_in_bounded_time(tmp_path, monkeypatch):
+    """The evaluation reader copies a remote set through the same opener: a shard whose
+    store stops answering is an EvalDataError naming it, after the timeout and retries."""
+    from eval.data import EvalDataError, read_classification
+    monkeypatch.setenv("MSCLIP_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "store" / "digits"
+    (root / "test").mkdir(parents=True)
+    write_tar(root / "test" / "0.tar", [{"__key__": f"s{i}", "jpg": jpeg_bytes(i), "cls": b"0"} for i in range(40)])
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("zero\n")
+    faults = {"digits/test/0.tar": Fault("stall", after=4096)}
+    monkeypatch.setattr("eval.data.LIMITS", DataConfig(read_timeout_seconds=1, read_retries=1))
+    with FaultyStore(tmp_path / "store", faults) as store:
+        start = time.monotonic()
+        with pytest.raises(EvalDataError, match=r"digits/test/0.tar: cannot be read \(no byte in 1 s"):
+            read_classification(store.url("digits"), "test")
+        assert time.monotonic() - start < 10
+        store.faults.clear()  # the store recovers: the set reads whole (the broken copy was not kept as done)
+        assert len(read_classification(store.url("digits"), "test").images) == 40

@@ -69,6 +69,20 @@ def test_every_fault_either_reads_whole_or_fails_within_its_bound(tmp_path):
         assert store.requests["missing.bin"] == 1
 
 
+def test_a_consumer_that_pauses_is_not_a_slow_store(tmp_path):
+    """The progress clock runs only while a read waits: a reader whose consumer is busy for
+    longer than the timeout (a long evaluation, a full prefetch queue) reads on from the
+    same connection, no retry."""
+    data = os.urandom(50_000)
+    (tmp_path / "shard.bin").write_bytes(data)
+    with FaultyStore(tmp_path) as store:
+        stream = open_url(store.url("shard.bin"), FAST, buffer_size=1024)
+        head = stream.read(1024)
+        time.sleep(FAST.timeout * 1.5)
+        assert head + stream.read() == data
+        assert store.requests["shard.bin"] == 1
+
+
 @pytest.mark.parametrize("fault,recovers", [
     (Fault("stall", after=4096), False), (Fault("slow", rate=1024), False), (Fault("reset", after=4096), False),
     (Fault("unavailable", times=1), True), (Fault("reset", after=8192, times=1), True)])

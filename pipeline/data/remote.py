@@ -119,7 +119,9 @@ class _Resumable(io.RawIOBase):
         self.offset = 0  # bytes handed to the caller
         self.failures = 0  # failed tries so far
         self.source = None
-        self.window_start, self.window_bytes = 0.0, 0
+        # the progress clock counts time spent waiting in reads only: a consumer that pauses
+        # (a long evaluation, a full prefetch queue) is not a slow store
+        self.window_time, self.window_bytes = 0.0, 0
 
     def readable(self) -> bool:
         return True
@@ -129,9 +131,10 @@ class _Resumable(io.RawIOBase):
             try:
                 if self.source is None:
                     self.source = self._open(self.offset)
-                    self.window_start, self.window_bytes = time.monotonic(), 0
+                    self.window_time, self.window_bytes = 0.0, 0
+                start = time.monotonic()
                 n = self._read(buffer)
-                self._check_rate(n)
+                self._check_rate(n, time.monotonic() - start)
                 self.offset += n
                 return n
             except (FileNotFoundError, ShardReadError):  # another try gets the same answer
@@ -139,16 +142,16 @@ class _Resumable(io.RawIOBase):
             except Exception as e:  # noqa: BLE001 (a timeout, a reset, a 5xx, a library's own error)
                 self._failed(e)
 
-    def _check_rate(self, n: int):
-        """Fewer than min_bytes_per_second over a whole `timeout` window: no progress."""
+    def _check_rate(self, n: int, waited: float):
+        """Fewer than min_bytes_per_second over a whole `timeout` of waiting: no progress."""
         self.window_bytes += n
-        elapsed = time.monotonic() - self.window_start
-        if elapsed >= self.policy.timeout:
-            rate = self.window_bytes / elapsed
+        self.window_time += waited
+        if self.window_time >= self.policy.timeout:
+            rate = self.window_bytes / self.window_time
             if n and rate < self.policy.min_bytes_per_second:
-                raise _Retry(f"{rate:.0f} bytes/s over {elapsed:.0f} s, under "
+                raise _Retry(f"{rate:.0f} bytes/s over {self.window_time:.0f} s, under "
                              f"data.read_min_bytes_per_second={self.policy.min_bytes_per_second:g}")
-            self.window_start, self.window_bytes = time.monotonic(), 0
+            self.window_time, self.window_bytes = 0.0, 0
 
     def _failed(self, error: Exception):
         self._drop()

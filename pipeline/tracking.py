@@ -67,12 +67,23 @@ def git_commit() -> str:
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store (`X/mlflow.db` ->
+    `X/artifacts`); elsewhere the server's own root (None). Without it MLflow put them in
+    `./mlruns` of whatever folder the process ran in: the checkout, for launch/demo.sh with
+    any --workdir (issue 37)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
 def training_experiment(client, name: str) -> str:
-    """The id of experiment `name`, created as a model-training experiment, or marked as
-    one unless it already says what it is."""
+    """The id of experiment `name`, created as a model-training experiment (its artifacts
+    beside a sqlite store), or marked as one unless it already says what it is."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri),
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return experiment.experiment_id

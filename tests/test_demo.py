@@ -11,16 +11,34 @@ from conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
+def checkout_state() -> dict[str, int]:
+    """Every file of the checkout (ignored ones included: git would show an ignored folder
+    such as mlruns/ once, not what is new in it) and its modification time; .git, .venv
+    and caches aside."""
+    state = {}
+    for folder, dirs, files in os.walk(REPO_ROOT):
+        dirs[:] = [d for d in dirs if d not in (".git", ".venv", "__pycache__", ".pytest_cache")]
+        for name in files:
+            path = os.path.join(folder, name)
+            state[os.path.relpath(path, REPO_ROOT)] = os.stat(path).st_mtime_ns
+    return state
+
+
 def test_main_command_trains_evaluates_and_compares_both_variants(tmp_path, demo_data):
     from mlflow.tracking import MlflowClient
     from pipeline.model import build_model
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo").symlink_to(demo_data)  # built by the same data_prep.demo code
+    before = checkout_state()
     result = subprocess.run(["bash", "launch/demo.sh", "--steps", "12", "--workdir", str(tmp_path)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    # everything went under --workdir: nothing new in the checkout (artifacts landed in
+    # <checkout>/mlruns before; issue 37)
+    after = checkout_state()
+    assert after == before, sorted(p for p in after.keys() | before.keys() if after.get(p) != before.get(p))[:10]
     store = tmp_path / "runs" / "mlflow.db"
     assert f"mlflow ui --backend-store-uri sqlite:///{store}" in out
 

@@ -57,6 +57,10 @@ def test_an_experiment_that_says_its_kind_keeps_it(tmp_path):
     untagged = client.create_experiment("untagged")
     assert training_experiment(client, "untagged") == untagged
     assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
+    # a new experiment keeps its artifacts beside its sqlite store, wherever the process runs
+    # (MLflow's default was ./mlruns: the checkout, for every demo run; issue 37)
+    fresh = client.get_experiment_by_name("fresh")
+    assert fresh.artifact_location == (tmp_path / "artifacts").as_uri()
 
 
 def eval_set_on_s3(s3_server, digits: Path, scratch: Path) -> str:

@@ -28,12 +28,11 @@ def save_seconds(model_name: str, ds_path: str, out: Path, repeats: int) -> dict
     import torch
 
     from pipeline import checkpoint
-    from pipeline.config import OptimConfig, TrainConfig
+    from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
     from pipeline.ds_config import fill_ds_config, read_ds_config
     from pipeline.engine import param_groups
     from pipeline.model import build_model
     from pipeline.objectives import ComposedObjective, TrainModule
-    from pipeline.config import ObjectiveConfig
     torch.manual_seed(0)
     model = build_model(model_name)
     module = TrainModule(model, ComposedObjective(ObjectiveConfig(), model.arch))

@@ -8,7 +8,8 @@
 checkpoints/ directory (exported on the fly); with --format msclip|openai|open_clip and
 --model (and --source for open_clip) a released file, imported on the fly, whose run is
 tagged reference=true with the file's sha256 (`python -m eval.compare` shows it beside
-the trained runs). Metrics go into the run that trained the
+the trained runs). The MLflow store: --tracking-uri, else MLFLOW_TRACKING_URI, else
+runs/mlflow.db of the working folder. Metrics go into the run that trained the
 checkpoint with --training-run (its MLflow id is in the export), into run ID with
 --run-id, else into a new run tagged with the checkpoint; they are logged at the
 checkpoint's training step. Writes a JSON of
@@ -26,88 +27,44 @@ from pathlib import Path
 
 import torch
 
-from eval import linear_probe, retrieval, zeroshot
-from eval.data import EvalDataError, read_classification, read_retrieval
+from eval.data import EvalDataError
 from eval.plots import bar_chart, confusion_matrix
-from pipeline.checkpoint import export, load_exported
+from eval.runner import (add_run_arguments, evaluate_dataset, load_checkpoint, mlflow_metrics, read_dataset,
+                         resolve_training_run, start_run, tracking_uri)
 from pipeline.interop import InteropError
 from pipeline.redact import redact, redact_output
-from pipeline.tracking import default_tracking_uri, synced_run_id, training_experiment
+from pipeline.tracking import announce_store
 
 MAX_CONFUSION_CLASSES = 30
-
-
-def load_checkpoint(path: str, fmt: str = "ours", model_name: str | None = None, source: str | None = None):
-    """Our export or a run's checkpoints/; with `fmt` msclip/openai/open_clip, a released
-    file imported on the fly (pipeline/interop.py)."""
-    if fmt != "ours":
-        from pipeline.checkpoint import model_from_payload
-        from pipeline.interop import import_weights
-        if not model_name:
-            raise FileNotFoundError(f"--format {fmt}: name the model to build with --model (e.g. msclip-s-b32)")
-        payload, _ = import_weights(path, fmt, model_name, source)
-        return model_from_payload(payload), payload
-    path = Path(path)
-    if path.is_dir():  # a DeepSpeed checkpoints/ directory: consolidate first
-        tmp = Path(tempfile.mkdtemp()) / "model.pt"
-        export(path, tmp)
-        path = tmp
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
-    return load_exported(path)
 
 
 def run_tasks(model, args, device: str) -> tuple[list[dict], dict[str, Path]]:
     """Every requested task on every dataset -> CLIP_benchmark-style result records, plots."""
     results, artifacts = [], {}
     plot_dir = Path(tempfile.mkdtemp())
-    for root in args.zeroshot or []:
-        data = read_classification(root, args.split)
-        metrics = zeroshot.evaluate(model, data, args.batch_size, args.workers, device)
-        preds, targets = metrics.pop("predictions"), metrics.pop("targets")
-        results.append({"dataset": data.name, "task": "zeroshot_classification", "metrics": metrics})
-        if len(data.classnames) <= MAX_CONFUSION_CLASSES:
-            artifacts[f"confusion_{data.name}.png"] = confusion_matrix(
-                targets, preds, data.classnames, plot_dir / f"confusion_{data.name}.png", title=f"zero-shot {data.name}")
-    for root in args.linear_probe or []:
-        train, test = read_classification(root, "train"), read_classification(root, args.split)
-        metrics = linear_probe.evaluate(model, train, test, args.batch_size, args.workers, device, seed=args.seed)
-        results.append({"dataset": test.name, "task": "linear_probe", "metrics": metrics})
-    for root in args.retrieval or []:
-        data = read_retrieval(root, args.split)
-        results.append({"dataset": data.name, "task": "zeroshot_retrieval",
-                        "metrics": retrieval.evaluate(model, data, args.batch_size, args.workers, device)})
+    for task, roots in (("zeroshot_classification", args.zeroshot), ("linear_probe", args.linear_probe),
+                        ("zeroshot_retrieval", args.retrieval)):
+        for root in roots or []:
+            data = read_dataset(task, root, args.split)
+            metrics = evaluate_dataset(model, task, data, args.batch_size, args.workers, device, args.seed)
+            name = data[1].name if task == "linear_probe" else data.name
+            results.append({"dataset": name, "task": task, "metrics": metrics})
+            if task == "zeroshot_classification":
+                preds, targets = metrics.pop("predictions"), metrics.pop("targets")
+                if len(data.classnames) <= MAX_CONFUSION_CLASSES:
+                    artifacts[f"confusion_{name}.png"] = confusion_matrix(
+                        targets, preds, data.classnames, plot_dir / f"confusion_{name}.png", title=f"zero-shot {name}")
     if results:
         artifacts["results_by_dataset.png"] = bar_chart(results, plot_dir / "results_by_dataset.png")
     return results, artifacts
 
 
-def tracking_uri(args) -> str:
-    return args.tracking_uri or default_tracking_uri(Path(args.checkpoint).resolve().parents[1])
-
-
 def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, results_path: Path) -> str:
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(args))
-    if args.run_id:
-        run = mlflow.start_run(run_id=args.run_id)
-    else:
-        experiment_id = training_experiment(mlflow.MlflowClient(), args.experiment)
-        tags = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
-                "model": payload.get("model_name", "")}
-        source = payload.get("source")
-        if source:  # released weights (imported here or by `python -m pipeline.checkpoint import`)
-            tags.update(reference="true", source_format=source["format"], source_sha256=source["sha256"],
-                        source_file=source["file"])
-        run = mlflow.start_run(run_name=f"{'reference' if source else 'eval'}-{payload.get('model_name', 'model')}",
-                               experiment_id=experiment_id, tags=redact(tags))
-    with run:
+    with start_run(args, payload) as run:
         step = int(payload.get("step", 0))
         for r in results:
-            prefix = {"zeroshot_classification": "zeroshot", "linear_probe": "linear_probe",
-                      "zeroshot_retrieval": "retrieval"}[r["task"]]
-            mlflow.log_metrics({f"eval/{prefix}/{r['dataset']}/{k.replace('@', '_at_')}": float(v)
-                                for k, v in r["metrics"].items()}, step=step)
+            mlflow.log_metrics(mlflow_metrics(r["task"], r["dataset"], r["metrics"]), step=step)
         mlflow.log_artifact(str(results_path), "eval")
         for path in artifacts.values():
             mlflow.log_artifact(str(path), "eval")
@@ -130,12 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--training-run", action="store_true", help="log into the run that trained the checkpoint")
-    target.add_argument("--run-id", help="log into this run")
-    parser.add_argument("--experiment", default="eval", help="experiment of a new run (without --run-id)")
-    parser.add_argument("--tracking-uri", help="default: the sqlite store next to the run folders")
-    parser.add_argument("--no-mlflow", action="store_true")
+    add_run_arguments(parser)
     parser.add_argument("--output", help="results JSON (default: next to the checkpoint)")
     parser.add_argument("--similarity", choices=("auto", "pooled", "token"), default="auto",
                         help="zero-shot/retrieval similarity: pooled embeddings, or FILIP's token-wise one "
@@ -143,15 +95,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (args.zeroshot or args.linear_probe or args.retrieval):
         parser.error("name at least one task: --zeroshot, --linear-probe or --retrieval")
+    if not args.no_mlflow:
+        announce_store(tracking_uri(args))
     try:
         model, payload = load_checkpoint(args.checkpoint, args.format, args.model, args.source)
-        if args.training_run:
-            # the run this store holds for the run folder (runs/NAME/model.pt -> runs/NAME;
-            # an offline run synced later has one), else the run the export names
-            args.run_id = (synced_run_id(Path(args.checkpoint).resolve().parent, tracking_uri(args))
-                           or payload.get("mlflow_run_id") or None)
-            if not args.run_id:
-                raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
+        resolve_training_run(args, payload)
         if args.similarity != "auto":
             if args.similarity == "token" and model.token_heads is None:
                 raise FileNotFoundError(f"--similarity token: {args.checkpoint} has no FILIP heads "

@@ -4,7 +4,8 @@ metrics, and a plot of their loss and eval curves logged into each compared run.
     python -m eval.compare --experiment demo [--runs NAME_OR_ID ...] [--tracking-uri URI]
         [--no-plot] [--csv table.csv]
 
-Default store: the sqlite one the trainer writes next to the run folders (runs/mlflow.db).
+Store: --tracking-uri, else MLFLOW_TRACKING_URI, else runs/mlflow.db of the working folder
+(the rule of every entry point). Suite aggregates (`python -m eval.suite`) show as columns.
 Default runs: every training run of the experiment (runs with a `model` tag).
 """
 from __future__ import annotations
@@ -16,11 +17,12 @@ import tempfile
 from pathlib import Path
 
 from pipeline.redact import redact_output
-from pipeline.tracking import default_tracking_uri, runs_page
+from pipeline.tracking import announce_store, resolve_tracking_uri, runs_page
 
 # Headline metrics, in the order the table shows them: the final training loss, then
 # the eval metrics people compare (zero-shot top-1, linear probe top-1, retrieval RSUM).
 EVAL_SUFFIXES = ("/acc1", "/lp_acc1", "/rsum")
+SUITE_PREFIX = "eval/suite/"  # eval/suite/<suite>/<aggregate>, from python -m eval.suite
 
 
 class CompareError(ValueError):
@@ -48,8 +50,10 @@ def select_runs(client, experiment_name: str, wanted: list[str] | None):
 
 
 def eval_metric_names(runs) -> list[str]:
+    """The headline metric of every dataset, then the suites' aggregates (eval/suite/...)."""
     names = {k for r in runs for k in r.data.metrics if k.startswith("eval/") and k.endswith(EVAL_SUFFIXES)}
-    return sorted(names)
+    suites = {k for r in runs for k in r.data.metrics if k.startswith(SUITE_PREFIX) and not k.endswith("/datasets")}
+    return sorted(names - suites) + sorted(suites)
 
 
 def comparison_rows(runs) -> tuple[list[str], list[list[str]]]:
@@ -111,12 +115,14 @@ def main(argv=None) -> int:
                                      epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--runs", nargs="*", help="run names or ids (default: all training runs)")
-    parser.add_argument("--tracking-uri", default=default_tracking_uri("runs"))
+    parser.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db")
     parser.add_argument("--no-plot", action="store_true", help="do not log the curves plot")
     parser.add_argument("--csv", help="also write the table here")
     args = parser.parse_args(argv)
     from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    announce_store(uri)
+    client = MlflowClient(tracking_uri=uri)
     try:
         runs = select_runs(client, args.experiment, args.runs)
     except CompareError as e:

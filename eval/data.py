@@ -58,6 +58,11 @@ class EvalDataError(ValueError):
     pass
 
 
+class DatasetMissing(EvalDataError):
+    """The dataset is not there at all (a suite lists it and goes on), as opposed to
+    being there and broken."""
+
+
 @dataclass
 class ClassificationSet:
     name: str
@@ -65,6 +70,7 @@ class ClassificationSet:
     labels: list[int]
     classnames: list[str]
     templates: list[str]
+    key: str = ""  # where it was read from (dataset_key): names its cached features
 
 
 @dataclass
@@ -72,6 +78,18 @@ class RetrievalSet:
     name: str
     images: list  # file paths or encoded image bytes, one per image
     captions: list[list[str]]  # captions[i]: the captions of image i
+    key: str = ""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MSCLIP_CACHE", Path.home() / ".cache" / "msclip-pipeline"))
+
+
+def dataset_key(name: str, location: str | Path, split: str, count: int) -> str:
+    """`<name>-<hash of the resolved location, split and sample count>`: a folder name for
+    the features of one split of one dataset (eval/features.py FeatureCache)."""
+    where = str(Path(location).resolve()) if not is_remote(str(location)) else str(location)
+    return f"{name}-{hashlib.sha256(f'{where}#{split}#{count}'.encode()).hexdigest()[:12]}"
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -99,7 +117,7 @@ def local_copy(root: str | Path, split: str) -> Path:
     if not is_remote(str(root)):
         return Path(root)
     url = str(root).rstrip("/")
-    cache = Path(os.environ.get("MSCLIP_CACHE", Path.home() / ".cache" / "msclip-pipeline")) / "eval"
+    cache = cache_root() / "eval"
     # the set's own name last: it names the dataset in MLflow
     local = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
     stamp = local / split / ".complete"
@@ -109,8 +127,8 @@ def local_copy(root: str | Path, split: str) -> Path:
     try:
         nshards = read_bytes(f"{url}/{split}/nshards.txt", policy)
     except FileNotFoundError:
-        raise EvalDataError(f"{url}/{split}/nshards.txt: missing (a remote dataset must be in CLIP_benchmark's "
-                            f"webdataset layout)") from None
+        raise DatasetMissing(f"{url}/{split}/nshards.txt: missing (a remote dataset must be in CLIP_benchmark's "
+                             f"webdataset layout)") from None
     except OSError as e:
         raise EvalDataError(f"{url}/{split}/nshards.txt: cannot be read ({e})") from None
     (local / split).mkdir(parents=True, exist_ok=True)
@@ -138,7 +156,7 @@ def local_copy(root: str | Path, split: str) -> Path:
 def read_classification(root: str | Path, split: str = "test") -> ClassificationSet:
     root = local_copy(root, split)
     if not root.is_dir():
-        raise EvalDataError(f"{root}: no such dataset directory")
+        raise DatasetMissing(f"{root}: no such dataset directory")
     if (root / split / "nshards.txt").is_file():
         return _read_wds_classification(root, split)
     base = root / split if (root / split).is_dir() else root
@@ -164,7 +182,8 @@ def read_classification(root: str | Path, split: str = "test") -> Classification
                 labels.append(index[folder])
     if not images:
         raise EvalDataError(f"{base}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
-    return ClassificationSet(root.name, images, labels, classnames, read_templates(root))
+    return ClassificationSet(root.name, images, labels, classnames, read_templates(root),
+                             dataset_key(root.name, root, split, len(images)))
 
 
 def _wds_samples(root: Path, split: str):
@@ -207,7 +226,8 @@ def _read_wds_classification(root: Path, split: str) -> ClassificationSet:
     classnames = _read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else None
     if classnames is None:
         raise EvalDataError(f"{root / 'classnames.txt'}: missing")
-    return ClassificationSet(root.name, images, labels, classnames, read_templates(root))
+    return ClassificationSet(root.name, images, labels, classnames, read_templates(root),
+                             dataset_key(root.name, root, split, len(images)))
 
 
 def cut_caption(text: str) -> str:
@@ -226,9 +246,11 @@ def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
                 raise EvalDataError(f"{sample['__url__']}: sample {sample['__key__']} has no .txt captions")
             images.append(image)
             captions.append([cut_caption(c) for c in sample["txt"].decode(errors="replace").splitlines() if c.strip()])
-        return RetrievalSet(root.name, images, captions)
+        return RetrievalSet(root.name, images, captions, dataset_key(root.name, root, split, len(images)))
     karpathy = root if root.suffix == ".json" else next(
         (root / n for n in ("dataset_coco.json", "dataset_flickr30k.json") if (root / n).is_file()), None)
+    if not root.exists():
+        raise DatasetMissing(f"{root}: no such dataset directory or file")
     if karpathy is None or not karpathy.is_file():
         raise EvalDataError(f"{root}: neither a Karpathy split json (dataset_coco.json / dataset_flickr30k.json) "
                             f"nor {split}/nshards.txt")
@@ -248,7 +270,8 @@ def read_retrieval(root: str | Path, split: str = "test") -> RetrievalSet:
         captions.append([cut_caption(s["raw"]) for s in e["sentences"]])
     if not images:
         raise EvalDataError(f"{karpathy}: no images in split {split!r}")
-    return RetrievalSet(karpathy.stem.replace("dataset_", ""), images, captions)
+    name = karpathy.stem.replace("dataset_", "")
+    return RetrievalSet(name, images, captions, dataset_key(name, karpathy, split, len(images)))
 
 
 class ImageDataset(Dataset):

@@ -1,5 +1,11 @@
-"""Batched feature extraction with the model's eval transform."""
+"""Batched feature extraction with the model's eval transform, and a cache of the
+features one set of weights produced."""
 from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +17,52 @@ from pipeline.tokenizer import tokenize
 
 def model_transform(model):
     return eval_transform(model.arch.image_size, model.arch.normalization)
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of the weights (names, dtypes, shapes, bytes) and of how the model is measured:
+    the same weights give the same features whatever file or format they came from."""
+    digest = hashlib.sha256(getattr(model, "similarity", "pooled").encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Features of one set of weights on disk, so that a suite run again, resumed after a
+    kill or given one more dataset computes nothing twice:
+    `<root>/features/<weights fingerprint>/<dataset key>/<kind>.pt`. A dataset's key names
+    its resolved location and split (eval/data.py), so two sets called `digits` do not
+    share features. Files are written whole (temp + rename) and read weights-only."""
+
+    def __init__(self, root: str | Path, fingerprint: str):
+        self.dir = Path(root) / "features" / fingerprint[:32]
+        self.computed: list[str] = []  # what this process computed rather than read
+
+    def get(self, dataset_key: str, kind: str, compute: Callable):
+        path = self.dir / dataset_key / f"{kind}.pt"
+        if path.is_file():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception:  # noqa: BLE001 (unreadable: computed again and rewritten)
+                pass
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+        self.computed.append(f"{dataset_key}/{kind}")
+        return value
+
+
+def cached(cache: FeatureCache | None, dataset_key: str, kind: str, compute: Callable):
+    return compute() if cache is None or not dataset_key else cache.get(dataset_key, kind, compute)
+
+
+def texts_key(*groups: list[str]) -> str:
+    """A short name for a list of prompts or class names (the classifier they make)."""
+    return hashlib.sha256("\x00".join("\x01".join(g) for g in groups).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

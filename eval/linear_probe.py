@@ -38,7 +38,7 @@ from sklearn.model_selection import train_test_split
 from threadpoolctl import threadpool_limits
 
 from eval.data import ClassificationSet, image_loader
-from eval.features import image_features, model_transform
+from eval.features import FeatureCache, cached, image_features, model_transform
 
 LAMBDA_RANGE = (1e-6, 1e6)
 START_GRID = [10.0 ** e for e in range(-6, 7, 2)]
@@ -140,10 +140,14 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: 
 
 
 def evaluate(model, train: ClassificationSet, test: ClassificationSet, batch_size: int = 64, workers: int = 2,
-             device: str = "cpu", seed: int = 0, val_fraction: float = 0.2) -> dict:
+             device: str = "cpu", seed: int = 0, val_fraction: float = 0.2, cache: FeatureCache | None = None) -> dict:
     transform = model_transform(model)
-    x_tr, y_tr = image_features(model, image_loader(train.images, transform, batch_size, workers, train.labels),
-                                device, projected=False, desc=f"probe {train.name} train")
-    x_te, y_te = image_features(model, image_loader(test.images, transform, batch_size, workers, test.labels),
-                                device, projected=False, desc=f"probe {test.name} test")
+
+    def trunk_features(data: ClassificationSet, split: str):
+        return cached(cache, data.key, "trunk", lambda: image_features(
+            model, image_loader(data.images, transform, batch_size, workers, data.labels), device, projected=False,
+            desc=f"probe {data.name} {split}"))
+
+    x_tr, y_tr = trunk_features(train, "train")
+    x_te, y_te = trunk_features(test, "test")
     return probe(x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy(), seed, val_fraction, test.name)

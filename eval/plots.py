@@ -9,6 +9,8 @@ matplotlib.use("Agg")  # no display here or on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from eval.runner import HEADLINE  # noqa: E402
+
 
 def confusion_matrix(targets: list[int], preds: list[int], classnames: list[str], path: Path, title: str) -> Path:
     n = len(classnames)
@@ -34,14 +36,12 @@ def confusion_matrix(targets: list[int], preds: list[int], classnames: list[str]
     return path
 
 
-HEADLINE = {"zeroshot_classification": "acc1", "linear_probe": "lp_acc1", "zeroshot_retrieval": "rsum"}
-
-
-def bar_chart(results: list[dict], path: Path) -> Path:
-    """One bar per (task, dataset): its headline metric (accuracy in %, or RSUM)."""
+def bar_chart(results: list[dict], path: Path, title: str = "results by dataset") -> Path:
+    """One bar per (task, dataset): its headline metric (a record's own `metric` when it
+    names one; accuracy in %, or RSUM)."""
     labels, values = [], []
     for r in results:
-        key = HEADLINE[r["task"]]
+        key = r.get("metric") or HEADLINE[r["task"]]
         value = r["metrics"][key]
         labels.append(f"{r['task'].replace('zeroshot_', 'zs ')}\n{r['dataset']}")
         values.append(value if key == "rsum" else 100 * value)
@@ -50,7 +50,7 @@ def bar_chart(results: list[dict], path: Path) -> Path:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_xticks(range(len(values)), labels, fontsize=8)
     ax.set_ylabel("top-1 % (classification) / RSUM (retrieval)")
-    ax.set_title("results by dataset")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from eval.data import RetrievalSet, image_loader
-from eval.features import (image_features, image_tokens, model_transform, text_features, text_tokens,
-                           token_similarity_model)
+from eval.features import (FeatureCache, cached, image_features, image_tokens, model_transform, text_features,
+                           text_tokens, token_similarity_model)
 from pipeline.losses.filip import token_similarity
 
 
@@ -38,14 +38,16 @@ def recalls(scores: torch.Tensor, caption_image: torch.Tensor, ks=(1, 5, 10),
     return out
 
 
-def evaluate(model, data: RetrievalSet, batch_size: int = 64, workers: int = 2, device: str = "cpu") -> dict:
+def evaluate(model, data: RetrievalSet, batch_size: int = 64, workers: int = 2, device: str = "cpu",
+             cache: FeatureCache | None = None) -> dict:
     if token_similarity_model(model):
         return token_evaluate(model, data, batch_size, workers, device)
-    img, _ = image_features(model, image_loader(data.images, model_transform(model), batch_size, workers), device,
-                            desc=f"retrieval {data.name}")
+    img, _ = cached(cache, data.key, "image", lambda: image_features(
+        model, image_loader(data.images, model_transform(model), batch_size, workers), device,
+        desc=f"retrieval {data.name}"))
     captions = [c for caps in data.captions for c in caps]
     caption_image = torch.tensor([i for i, caps in enumerate(data.captions) for _ in caps])
-    txt = text_features(model, captions, device)
+    txt = cached(cache, data.key, "captions", lambda: text_features(model, captions, device))
     return recalls(img @ txt.T, caption_image)
 
 

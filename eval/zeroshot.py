@@ -6,21 +6,25 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from eval.data import ClassificationSet, image_loader
-from eval.features import (image_features, image_to_class_scores, image_tokens, model_transform,
-                           token_similarity_model, zeroshot_token_classifier, zeroshot_weights)
+from eval.features import (FeatureCache, cached, image_features, image_to_class_scores, image_tokens,
+                           model_transform, texts_key, token_similarity_model, zeroshot_token_classifier,
+                           zeroshot_weights)
 
 
 def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
     return (logits.topk(k, dim=1).indices == target[:, None]).any(dim=1).float().mean().item()
 
 
-def evaluate(model, data: ClassificationSet, batch_size: int = 64, workers: int = 2, device: str = "cpu") -> dict:
+def evaluate(model, data: ClassificationSet, batch_size: int = 64, workers: int = 2, device: str = "cpu",
+             cache: FeatureCache | None = None) -> dict:
     loader = image_loader(data.images, model_transform(model), batch_size, workers, data.labels)
     if token_similarity_model(model):
         logits, target = token_logits(model, data, loader, device)
     else:
-        classifier = zeroshot_weights(model, data.classnames, data.templates, device)  # (E, C)
-        feats, target = image_features(model, loader, device, desc=f"zero-shot {data.name}")
+        classifier = cached(cache, data.key, f"classifier-{texts_key(data.classnames, data.templates)}",
+                            lambda: zeroshot_weights(model, data.classnames, data.templates, device))  # (E, C)
+        feats, target = cached(cache, data.key, "image_labels", lambda: image_features(
+            model, loader, device, desc=f"zero-shot {data.name}"))
         logits = 100.0 * feats @ classifier  # the scale does not change the ranking
     pred = logits.argmax(dim=1)
     metrics = {"acc1": topk_accuracy(logits, target, 1),

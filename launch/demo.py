@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     else:
         print(f"== demo data: reusing {data}", flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    # the demo's own store, whatever MLFLOW_TRACKING_URI says: train, eval and compare read it
+    store = f"sqlite:///{runs / 'mlflow.db'}"
     digits = str(data / "eval" / "digits")
     names = []
     for variant in args.variants:
@@ -67,12 +69,13 @@ def main(argv=None) -> int:
         run([str(Path(python).with_name("deepspeed")), "--num_gpus", str(args.procs), "--master_port", str(free_port()),
              "launch/train.py", "--deepspeed_config", "ds_configs/cpu_fp32.json", "--config", recipe, *extra, *args.set,
              f"train.steps={args.steps}", f"train.run_name={name}", f"train.output_dir={runs}",
+             f"tracking.tracking_uri={store}",
              f"data.train_shards={data}/shards/digits::{data}/shards/photos", f"eval.dataset={digits}",
              f"eval.every_steps={max(args.steps // 4, 1)}"], f"train {variant}")
         run([python, "-m", "eval", "--checkpoint", str(runs / name / "model.pt"), "--zeroshot", digits,
-             "--linear-probe", digits, "--training-run"], f"evaluate {variant}")
+             "--linear-probe", digits, "--training-run", "--tracking-uri", store], f"evaluate {variant}")
     run([python, "-m", "eval.compare", "--experiment", EXPERIMENT, "--runs", *names,
-         "--tracking-uri", f"sqlite:///{runs / 'mlflow.db'}", "--csv", str(runs / f"comparison-{stamp}.csv")],
+         "--tracking-uri", store, "--csv", str(runs / f"comparison-{stamp}.csv")],
         "compare")
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min. Look at the runs with:\n"
           f"  {Path(python).with_name('mlflow')} ui --backend-store-uri sqlite:///{runs / 'mlflow.db'}\n"

@@ -323,10 +323,11 @@ def main(argv=None) -> int:
         return 2
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import default_tracking_uri, runs_page, training_experiment
+    from pipeline.tracking import announce_store, resolve_tracking_uri, runs_page, training_experiment
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     output_dir = Path(cfg.train.output_dir).resolve()
-    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri(output_dir)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, output_dir)
+    announce_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = training_experiment(client, cfg.tracking.experiment)
     sweep_dir = output_dir / name

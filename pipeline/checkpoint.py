@@ -264,7 +264,9 @@ def main(argv=None):
                     help="ours: from a run's checkpoints/; open_clip: from our export (model.pt) of a clip-* model")
     ex.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory (ours) or model.pt (open_clip)")
     ex.add_argument("--tag", help="e.g. step_00000200 (default: the newest complete one)")
-    ex.add_argument("--output", required=True, help=".pt, or .safetensors for open_clip")
+    ex.add_argument("--output", required=True,
+                    help="ours: a .pt file; open_clip: a folder (open_clip's hf-hub layout, any clip-* size), or a "
+                         ".pt/.safetensors file of weights alone (sizes one of open_clip's named configs builds)")
     im = sub.add_parser("import", help="MS-CLIP / OpenAI / open_clip weights -> our export format (model.pt)")
     im.add_argument("--format", required=True, choices=("msclip", "openai", "open_clip"),
                     help="msclip: a released MS-CLIP checkpoint (Hxyou/MSCLIP state dict)")
@@ -284,8 +286,12 @@ def main(argv=None):
                   f"{payload['arch']['activation']})")
         elif args.format == "open_clip":
             name = export_open_clip(args.checkpoint, args.output)
-            print(f"wrote {args.output}; load it with open_clip.create_model_and_transforms({name!r}, "
-                  f"pretrained={args.output!r})")
+            if name.startswith("local-dir:"):
+                print(f"wrote {args.output}; load it with open_clip.create_model_and_transforms({name!r}); "
+                      f"CLIP_benchmark: clip_benchmark eval --model {name} --pretrained '' ...")
+            else:
+                print(f"wrote {args.output}; load it with open_clip.create_model_and_transforms({name!r}, "
+                      f"pretrained={args.output!r})")
         else:
             print(f"wrote {export(args.checkpoint, args.output, args.tag)}")
     except (InteropError, FileNotFoundError, ValueError) as e:

@@ -238,6 +238,11 @@ class EvalConfig:
     # evaluates while the other ranks wait.
     dataset: str = ""
     split: str = "test"
+    # Or a suite (python -m eval.suite: a shipped suite's name or a suite file) with the
+    # folder its datasets are under: each dataset's metrics and the suite's aggregates are
+    # logged at the step (keep it small; datasets not found are listed and skipped).
+    suite: str = ""
+    root: str = ""
     batch_size: int = 64
     workers: int = 2
 
@@ -245,8 +250,10 @@ class EvalConfig:
         _check_range("eval.every_steps", self.every_steps, 0)
         _check_range("eval.batch_size", self.batch_size, 1)
         _check_range("eval.workers", self.workers, 0)
-        if self.every_steps and not self.dataset:
-            raise ConfigError("eval.dataset: eval.every_steps is set but no dataset is named")
+        if self.dataset and self.suite:
+            raise ConfigError("eval.suite: eval.dataset is set too; name one of them")
+        if self.every_steps and not (self.dataset or self.suite):
+            raise ConfigError("eval.dataset: eval.every_steps is set but no dataset is named (nor eval.suite)")
 
 
 OBJECTIVE_NAMES = ("clip", "slip", "filip", "mlm", "simsiam", "nn", "pyramid", "mixup")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pipeline.model import build_model
-from pipeline.model.configs import ModelArch, resolve_arch
+from pipeline.model.configs import NORMALIZATION, ModelArch, resolve_arch
 
 
 class InteropError(ValueError):
@@ -336,24 +336,68 @@ def _arch_dict(arch: ModelArch) -> dict:
     return to_dict(arch)
 
 
+def open_clip_config(arch: ModelArch) -> dict:
+    """open_clip's own description of `arch` (the `open_clip_config.json` of its hf-hub and
+    local-dir layouts: `model_cfg` as open_clip's model configs spell it, `preprocess_cfg`
+    as our eval transform: shortest side resized bicubic, centre crop, our normalization).
+    Any plain CLIP size has one, not only open_clip's named configs."""
+    if arch.share != "none" or arch.early_conv_stem or arch.parallel_branch or arch.roi_dim:
+        raise InteropError("this model shares weights between its towers or has MS-CLIP's / PyramidCLIP's extra "
+                           "parts; open_clip has no such model, so its export stays ours")
+    if arch.ln_eps != 1e-5:  # open_clip's LayerNorms use torch's default
+        raise InteropError(f"ln_eps {arch.ln_eps}: open_clip's LayerNorm eps is 1e-5")
+    if arch.vision_width % arch.vision_heads:
+        raise InteropError(f"vision_width {arch.vision_width} is not a multiple of vision_heads {arch.vision_heads}")
+    mean, std = NORMALIZATION[arch.normalization]
+    return {
+        "model_cfg": {
+            "embed_dim": arch.embed_dim,
+            "quick_gelu": arch.activation == "quick_gelu",
+            "vision_cfg": {"image_size": arch.image_size, "layers": arch.vision_layers, "width": arch.vision_width,
+                           "patch_size": arch.patch_size, "head_width": arch.vision_width // arch.vision_heads,
+                           "mlp_ratio": arch.mlp_ratio},
+            "text_cfg": {"context_length": arch.context_length, "vocab_size": arch.vocab_size,
+                         "width": arch.text_width, "heads": arch.text_heads, "layers": arch.text_layers,
+                         "mlp_ratio": arch.mlp_ratio},
+        },
+        "preprocess_cfg": {"mean": list(mean), "std": list(std), "interpolation": "bicubic",
+                           "resize_mode": "shortest"},
+    }
+
+
+OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
+
+
 def export_open_clip(exported: str | Path, output: str | Path) -> str:
-    """Our export of a clip-* model -> an open_clip state dict file; returns the open_clip
-    model name that loads it (`open_clip.create_model(name, pretrained=output)`)."""
+    """Our export of a clip-* model -> open_clip. `output` a folder: open_clip's hf-hub
+    layout (open_clip_config.json + open_clip_model.safetensors), for any plain CLIP size;
+    returns `local-dir:<folder>`, the name open_clip.create_model_and_transforms (and
+    CLIP_benchmark's --model) loads it by. `output` a .pt/.safetensors file: the weights
+    alone, for a size one of open_clip's named configs builds; returns that name
+    (`open_clip.create_model(name, pretrained=output)`)."""
+    import json
     from pipeline.checkpoint import load_exported
     model, payload = load_exported(exported)
-    if model.arch.share != "none" or model.arch.early_conv_stem or model.arch.parallel_branch:
-        raise InteropError(f"{exported}: {payload.get('model_name', 'this model')} shares weights between its towers "
-                           f"or has MS-CLIP's convolutions; open_clip has no such model, so its export stays ours")
-    name = open_clip_name(model.arch)
-    state_dict = to_open_clip(model.state_dict())
+    try:
+        config = open_clip_config(model.arch)
+    except InteropError as e:
+        raise InteropError(f"{exported}: {payload.get('model_name', 'this model')}: {e}") from None
+    state_dict = {k: v.contiguous() for k, v in to_open_clip(model.state_dict()).items()}
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(output))
-    else:
-        torch.save(state_dict, output)
-    return name
+    if output.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        name = open_clip_name(model.arch)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file(state_dict, str(output))
+        else:
+            torch.save(state_dict, output)
+        return name
+    from safetensors.torch import save_file
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, str(output / OPEN_CLIP_WEIGHTS))
+    (output / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return f"local-dir:{output.resolve()}"
 
 
 # ---- starting a run from weights (model.init_from) -------------------------------------------------

@@ -41,7 +41,7 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     if cfg.train.unmasked_steps and not cfg.model.token_drop:
         raise ConfigError(f"train.unmasked_steps: {cfg.train.unmasked_steps} unmasked steps, but model.token_drop is 0 "
                           f"(nothing is masked before them)")
-    if cfg.eval.every_steps and not is_remote(cfg.eval.dataset) and not Path(cfg.eval.dataset).is_dir():
+    if cfg.eval.every_steps and cfg.eval.dataset and not is_remote(cfg.eval.dataset) and not Path(cfg.eval.dataset).is_dir():
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
     return cfg, ds_config, world

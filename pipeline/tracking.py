@@ -53,6 +53,20 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def resolve_tracking_uri(given: str = "", output_dir: str | Path = "runs") -> str:
+    """The one rule of every entry point (train, eval, eval.suite, eval.compare, sweep):
+    the URI given (--tracking-uri, tracking.tracking_uri), else MLFLOW_TRACKING_URI, else
+    the sqlite store in the run folders' directory: `runs/mlflow.db` of the working folder
+    (training: `<train.output_dir>/mlflow.db`). `pipeline.tracking sync` first takes the
+    URI each run recorded."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI", "") or default_tracking_uri(output_dir)
+
+
+def announce_store(uri: str) -> None:
+    """Each entry point says where its runs go before it does anything else."""
+    print(f"mlflow store: {store_key(uri)}", flush=True)
+
+
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -346,7 +360,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self._lock = threading.Lock()  # the replay thread writes outage events too
-        self.uri = cfg.tracking_uri or default_tracking_uri(output_dir)
+        self.uri = resolve_tracking_uri(cfg.tracking_uri, output_dir)
         self.shown_uri = store_key(self.uri)  # the URI itself (credentials and all) stays in memory
         self.cfg = cfg
         if cfg.mode == "online":
@@ -515,7 +529,8 @@ def main(argv=None) -> int:
         return 2
     failed = 0
     for folder in folders:
-        uri = args.tracking_uri or recorded_tracking_uri(folder) or default_tracking_uri(folder.parent)
+        uri = args.tracking_uri or recorded_tracking_uri(folder) or resolve_tracking_uri("", folder.parent)
+        announce_store(uri)
         replay = RunSync(folder, uri)
         try:
             sent = replay.push()

@@ -30,7 +30,7 @@ from pipeline.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, f
 from pipeline.lifecycle import Heartbeat, Preempted, StopRequest, stop_with_launcher
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.redact import redact
-from pipeline.tracking import MetricsLogger
+from pipeline.tracking import MetricsLogger, store_key
 
 
 def prepare(cfg: RunConfig, ds_config: dict, deepspeed_config: str) -> tuple[PeriodicZeroShot | None, tuple | None]:
@@ -164,6 +164,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
         logger.set_tags({"restarts": restarts})
     if rank == 0:
         print(f"[train] run {run_dir} ({'resumed at step %d' % state.step if resume else 'fresh'})\n"
+              f"[train] mlflow store: {store_key(logger.uri)} (tracking.mode={cfg.tracking.mode})\n"
               f"[train] resolved config:\n{json.dumps(redact(to_dict(cfg)), indent=1)}", flush=True)
         if initial:
             print(f"[train] model.init_from {cfg.model.init_from}: {initial[1]}", flush=True)

@@ -38,8 +38,8 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
-def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
-    """msclip-s-tiny trained on the demo shards (single process, plain loop: the
+def train_demo_model(demo_data: Path, path: Path, steps: int = 400, model_name: str = "msclip-s-tiny") -> Path:
+    """A tiny model (msclip-s-tiny unless named) trained on the demo shards (single process, plain loop: the
     launcher's own runs are tested elsewhere), exported as the trainer exports it."""
     import torch
     from pipeline.config import DataConfig, to_dict
@@ -49,7 +49,7 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
     from pipeline.model import build_model
 
     torch.manual_seed(0)
-    model = build_model("msclip-s-tiny")
+    model = build_model(model_name)
     lr, warmup = 5e-4, 50
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
     shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
@@ -66,7 +66,7 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = 400) -> Path:
         opt.step()
         if step + 1 == steps:
             break
-    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "msclip-s-tiny",
+    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": model_name,
                 "step": steps}, path)
     return path
 

@@ -9,7 +9,9 @@ from pipeline.config import (ConfigError, DataConfig, ModelConfig, OptimConfig, 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = REPO_ROOT / "launch" / "sweeps"  # launch.sweep --list files: variants, not run configs
-SHIPPED = sorted(p for p in (REPO_ROOT / "launch").rglob("*.yaml") if SWEEPS not in p.parents)
+# run configs: every YAML under launch/ but the sweep lists and the eval suites (tests/test_suite.py)
+SHIPPED = sorted(p for p in (REPO_ROOT / "launch").rglob("*.yaml")
+                 if SWEEPS not in p.parents and REPO_ROOT / "launch" / "eval_suites" not in p.parents)
 
 
 def test_there_are_shipped_configs():

@@ -28,7 +28,12 @@ for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3", "
 
 
 def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_path, demo_data):
-    common = ["model.name=msclip-s-tiny", f"data.train_shards={demo_data}/shards/photos", "data.workers=0",
+    # evaluation during training by a suite (eval.suite): one dataset there, one not
+    suite = tmp_path / "mini.yaml"
+    suite.write_text("name: mini\ndatasets:\n  - {name: digits, task: zeroshot_classification, paths: [digits]}\n"
+                     "  - {name: imagenet1k, task: zeroshot_classification, paths: [wds_imagenet1k]}\n")
+    common = [f"eval.suite={suite}", f"eval.root={demo_data / 'eval'}", "eval.every_steps=3", "eval.workers=0",
+              "model.name=msclip-s-tiny", f"data.train_shards={demo_data}/shards/photos", "data.workers=0",
               "data.readers=1", "data.shuffle_buffer=50", "train.global_batch_size=8", "train.micro_batch_size=8",
               "train.log_every=1",
               "optim.warmup_steps=2", f"train.output_dir={tmp_path / 'runs'}",
@@ -43,6 +48,7 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
                            str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), *common],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("[eval] suite mini: imagenet1k skipped") == 3  # once per start
 
     def records(name):
         return [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
@@ -57,5 +63,8 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
     assert losses("split") == losses("straight")  # exactly, in fp32
     assert digests("split") == digests("straight") and len(digests("straight")) == 6  # the same samples each step
     assert sum(r.get("event") == "run_start" for r in records("split")) == 2  # it did resume
+    evals = {r["step"]: r for r in records("straight") if "eval/suite/mini/mean" in r}
+    assert sorted(evals) == [3, 6] and all(r["eval/suite/mini/mean"] == r["eval/zeroshot/digits/acc1"]
+                                           for r in evals.values())
     kept = {r["step"]: r["tokens_kept"] for r in records("straight") if "tokens_kept" in r}
     assert kept == {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.5, 5: 1.0, 6: 1.0}  # msclip-s-tiny: 8 of 16 patch tokens

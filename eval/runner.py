@@ -1,0 +1,114 @@
+"""What `python -m eval` and `python -m eval.suite` share: loading the model evaluated,
+reading and evaluating one dataset on one task, and the MLflow run the results go into."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from eval import linear_probe, retrieval, zeroshot
+from eval.data import read_classification, read_retrieval
+from eval.features import FeatureCache
+from pipeline.checkpoint import export, load_exported
+from pipeline.redact import redact
+from pipeline.tracking import resolve_tracking_uri, synced_run_id, training_experiment
+
+# CLIP_benchmark's task names; the MLflow metric prefix of each (eval/<prefix>/<dataset>/<metric>)
+METRIC_PREFIX = {"zeroshot_classification": "zeroshot", "linear_probe": "linear_probe",
+                 "zeroshot_retrieval": "retrieval"}
+TASKS = tuple(METRIC_PREFIX)
+# The number a dataset contributes to tables and aggregates, per task (a suite may name another)
+HEADLINE = {"zeroshot_classification": "acc1", "linear_probe": "lp_acc1", "zeroshot_retrieval": "rsum"}
+
+
+def load_checkpoint(path: str, fmt: str = "ours", model_name: str | None = None, source: str | None = None):
+    """Our export or a run's checkpoints/; with `fmt` msclip/openai/open_clip, a released
+    file imported on the fly (pipeline/interop.py)."""
+    if fmt != "ours":
+        from pipeline.checkpoint import model_from_payload
+        from pipeline.interop import import_weights
+        if not model_name:
+            raise FileNotFoundError(f"--format {fmt}: name the model to build with --model (e.g. msclip-s-b32)")
+        payload, _ = import_weights(path, fmt, model_name, source)
+        return model_from_payload(payload), payload
+    path = Path(path)
+    if path.is_dir():  # a DeepSpeed checkpoints/ directory: consolidate first
+        tmp = Path(tempfile.mkdtemp()) / "model.pt"
+        export(path, tmp)
+        path = tmp
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
+    return load_exported(path)
+
+
+def read_dataset(task: str, root: str | Path, split: str = "test", train_split: str = "train"):
+    """The data one task reads: a ClassificationSet, (train, test) ClassificationSets for
+    the linear probe, or a RetrievalSet."""
+    if task == "linear_probe":
+        return read_classification(root, train_split), read_classification(root, split)
+    if task == "zeroshot_retrieval":
+        return read_retrieval(root, split)
+    return read_classification(root, split)
+
+
+def evaluate_dataset(model, task: str, data, batch_size: int, workers: int, device: str, seed: int = 0,
+                     cache: FeatureCache | None = None) -> dict:
+    """CLIP_benchmark-style metrics of one dataset (zero-shot also returns its predictions
+    and targets, for the confusion matrix)."""
+    if task == "linear_probe":
+        train, test = data
+        return linear_probe.evaluate(model, train, test, batch_size, workers, device, seed=seed, cache=cache)
+    if task == "zeroshot_retrieval":
+        return retrieval.evaluate(model, data, batch_size, workers, device, cache=cache)
+    return zeroshot.evaluate(model, data, batch_size, workers, device, cache=cache)
+
+
+def mlflow_metrics(task: str, dataset: str, metrics: dict) -> dict[str, float]:
+    return {f"eval/{METRIC_PREFIX[task]}/{dataset}/{k.replace('@', '_at_')}": float(v)
+            for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ---- which MLflow run receives the results ---------------------------------------------------
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--training-run", action="store_true", help="log into the run that trained the checkpoint")
+    target.add_argument("--run-id", help="log into this run")
+    parser.add_argument("--experiment", default="eval", help="experiment of a new run (without --run-id)")
+    parser.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db")
+    parser.add_argument("--no-mlflow", action="store_true")
+
+
+def tracking_uri(args) -> str:
+    return resolve_tracking_uri(args.tracking_uri)
+
+
+def resolve_training_run(args, payload: dict) -> None:
+    """--training-run: the run this store holds for the run folder (runs/NAME/model.pt ->
+    runs/NAME; an offline run synced later has one), else the run the export names."""
+    if args.training_run:
+        args.run_id = (synced_run_id(Path(args.checkpoint).resolve().parent, tracking_uri(args))
+                       or payload.get("mlflow_run_id") or None)
+        if not args.run_id:
+            raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
+
+
+def start_run(args, payload: dict, extra_tags: dict | None = None):
+    """The MLflow run the results go into: --run-id / --training-run's, else a new one
+    tagged with the checkpoint (reference=true for released weights)."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(args))
+    if args.run_id:
+        run = mlflow.start_run(run_id=args.run_id)
+        if extra_tags:
+            mlflow.set_tags(redact(extra_tags))
+        return run
+    experiment_id = training_experiment(mlflow.MlflowClient(), args.experiment)
+    tags = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
+            "model": payload.get("model_name", ""), **(extra_tags or {})}
+    source = payload.get("source")
+    if source:  # released weights (imported here or by `python -m pipeline.checkpoint import`)
+        tags.update(reference="true", source_format=source["format"], source_sha256=source["sha256"],
+                    source_file=source["file"])
+    return mlflow.start_run(run_name=f"{'reference' if source else 'eval'}-{payload.get('model_name', 'model')}",
+                            experiment_id=experiment_id, tags=redact(tags))

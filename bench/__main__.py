@@ -21,30 +21,28 @@ import json
 import time
 from pathlib import Path
 
-DEMO_SHARDS = Path("data/demo/shards/digits")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="bench/latest.json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="clip-b32", help="the train-step comparison's model (clip-*)")
     args = parser.parse_args(argv)
     from bench import (bench_fast_paths, bench_loader, bench_loss_memory, bench_objectives, bench_tokenizer,
                        bench_train)
-    if not DEMO_SHARDS.exists():
-        from data_prep.demo import build
-        build("data/demo")
+    from data_prep.demo import build, demo_location
+    demo = demo_location()
+    if not (demo / "shards" / "digits").exists():
+        build(str(demo))
     quick = args.quick
     started = time.time()
     sections = {}
     print("== tokenizer"); sections["tokenizer"] = bench_tokenizer.main(["--captions", "2000" if quick else "20000"])
-    print("== loader"); sections["loader"] = bench_loader.main(["--shards", str(DEMO_SHARDS), "--workers", "2",
+    print("== loader"); sections["loader"] = bench_loader.main(["--shards", str(demo / "shards" / "digits"), "--workers", "2",
                                                                 "--batches", "20" if quick else "60"])
     print("== train step")
     train_results, train_ratios = bench_train.main(
         ["--model", args.model, "--batch-size", "4" if quick else "8", "--steps", "1" if quick else "2",
-         "--repeats", "1" if quick else "2", "--memory", "--shards", str(DEMO_SHARDS),
+         "--repeats", "1" if quick else "2", "--memory", "--shards", str(demo / "shards" / "digits"),
          "--precisions", "fp32,bf16,bf16_engine",
          "--variants", "" if quick else args.model.replace("clip-", "msclip-") + "," + args.model.replace("clip-", "msclip-s-")])
     sections["train"] = {"results": train_results, "ratios": train_ratios}

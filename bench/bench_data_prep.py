@@ -95,7 +95,7 @@ def run(kind: str, pattern: str, output: Path, args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_data_prep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_data_prep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--files", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="DuckDB threads (0: every core)")

@@ -1,7 +1,9 @@
 """What each fast path buys, on against off, in one process, alternating, best of
---repeats (bench_train covers bf16 autocast against fp32):
+--repeats (bench_train covers bf16 autocast against fp32).
 
     python -m bench.bench_fast_paths [--repeats 3] [--quick]
+
+The fast paths:
 
 * jpeg_draft (data.jpeg_draft): decode + eval transform of a 1280x854 JPEG to 224 px,
   with PIL's reduced-scale DCT decoding against a full decode;
@@ -133,7 +135,7 @@ def fused_adamw(repeats: int, quick: bool) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_fast_paths", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_fast_paths", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
     args = parser.parse_args(argv)

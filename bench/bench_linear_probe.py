@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data_prep.demo import demo_location
+
 
 @contextlib.contextmanager
 def cuda_calls_stay_on_cpu():
@@ -109,9 +111,10 @@ def digit_features(dataset: Path, checkpoint: str | None, seed: int = 0):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_linear_probe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_linear_probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="an export (model.pt); default: msclip-s-tiny at its seeded init")
-    parser.add_argument("--dataset", default="data/demo/eval/digits", help="class folders with train/ and test/")
+    parser.add_argument("--dataset", default=str(demo_location() / "eval" / "digits"),
+                        help="class folders with train/ and test/ (default: the demo's, MSCLIP_DEMO_DATA)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     x_train, y_train, x_test, y_test = digit_features(Path(args.dataset), args.checkpoint, args.seed)

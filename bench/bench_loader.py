@@ -32,6 +32,7 @@ import open_clip
 import torch
 from open_clip_train.data import get_wds_dataset
 
+from data_prep.demo import demo_location
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataStream
 from pipeline.data.recipe import ImageSpec
@@ -121,8 +122,9 @@ def remote(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", default="data/demo/shards/digits")
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", default=str(demo_location() / "shards" / "digits"),
+                        help="default: the demo's (MSCLIP_DEMO_DATA, else data/demo of the checkout)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--readers", type=int, default=64,
                         help="data.readers (virtual readers); --readers WORKERS is one reader per worker")

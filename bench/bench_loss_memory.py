@@ -53,7 +53,7 @@ def measure(local: int, world: int, dim: int, local_loss: bool) -> tuple[float, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_loss_memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_loss_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--local-batch", type=int, default=512)
     parser.add_argument("--worlds", default="1,2,4,8,16")
     parser.add_argument("--dim", type=int, default=512)

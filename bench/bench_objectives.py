@@ -60,7 +60,7 @@ def make_step(name: str, args, batch: dict):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_objectives", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_objectives", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="msclip-s-tiny")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)

@@ -38,7 +38,7 @@ def best_rate(make, captions, repeats: int, warm: bool) -> tuple[float, torch.Te
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")

@@ -230,7 +230,7 @@ def one_model_steps(model_name: str, precision: str, batch_size: int, steps: int
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="clip-b32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.demo import demo_location
 from launch.demo import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +44,12 @@ def launch(workdir: Path, name: str, processes: int, micro: int, steps: int, sha
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.topology_drift", description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", default="4,2,1")
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--demo", default="data/demo")
+    parser.add_argument("--demo", default=str(demo_location()),
+                        help="the demo dataset (default: MSCLIP_DEMO_DATA, else data/demo of the checkout)")
     args = parser.parse_args(argv)
     shards = f"{args.demo}/shards/digits::{args.demo}/shards/photos"
     with tempfile.TemporaryDirectory() as tmp:

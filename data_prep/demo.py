@@ -71,6 +71,13 @@ PHOTO_TAGS = {"china.jpg": "temple, pagoda, china, architecture, roof", "flower.
 DIGIT_TAGS = "{w}, {n}, digit, handwriting"
 
 
+def demo_location() -> Path:
+    """Where the tools (bench, bench.topology_drift, ...) look for the demo dataset unless
+    told: MSCLIP_DEMO_DATA, else data/demo of the checkout (where `bash launch/demo.sh`
+    builds it without --workdir), whatever the working folder."""
+    return Path(os.environ.get("MSCLIP_DEMO_DATA") or Path(__file__).resolve().parents[1] / "data" / "demo")
+
+
 def photo_paths() -> dict[str, Path]:
     import matplotlib
     import sklearn.datasets
@@ -167,8 +174,8 @@ def build(output: str, image_size: int = 64, renders: int = 4, crops_per_photo: 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="data/demo")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--renders", type=int, default=4, help="training renders per digit scan")

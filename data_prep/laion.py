@@ -191,8 +191,8 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.laion", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_prep.laion", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="parquet file(s): a glob, or a comma-separated list")
     parser.add_argument("--output", required=True, help="parquet to write (key, url, caption)")
     parser.add_argument("--min-similarity", type=float, default=0.28, help="CLIP image-text similarity floor (0.28)")

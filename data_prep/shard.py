@@ -116,8 +116,8 @@ def build_manifest(output: str, source: str = "") -> Manifest:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="parquet with url and caption columns")
     parser.add_argument("--output", required=True, help="shard directory (any fsspec path)")
     parser.add_argument("--image-size", type=int, default=256)

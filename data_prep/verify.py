@@ -109,8 +109,8 @@ def verify(directory: str, write_manifest: bool = False, policy: ReadPolicy = re
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", help="a shard directory: local, or s3://, gs://, http(s):// with a manifest")
     parser.add_argument("--write-manifest", action="store_true", help="(re)write manifest.yaml (local directories)")
     defaults = DataConfig()

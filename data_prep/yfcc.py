@@ -146,8 +146,8 @@ def convert(input_path: str, output_path: str, ids_path: str | None = None, min_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.yfcc", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m data_prep.yfcc", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="yfcc100m_dataset file (.bz2/.gz/plain) or - for stdin")
     parser.add_argument("--output", required=True, help="parquet to write (key, url, caption, tags)")
     parser.add_argument("--ids", help="keep only these photo ids (one per line), e.g. the YFCC15M list")

@@ -73,8 +73,8 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
 
 def main(argv=None) -> int:
     redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--zeroshot", nargs="*", metavar="DATASET", help="classification dataset roots")
     parser.add_argument("--linear-probe", nargs="*", metavar="DATASET", help="roots with train/ and test/ splits")

@@ -111,8 +111,8 @@ def plot_curves(client, runs, path: Path) -> Path:
 
 def main(argv=None) -> int:
     redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
-    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--runs", nargs="*", help="run names or ids (default: all training runs)")
     parser.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db")

@@ -267,8 +267,8 @@ def log_to_mlflow(run: SuiteRun, aggregates: dict, args, payload: dict, artifact
 
 def main(argv=None) -> int:
     redact_output()
-    parser = argparse.ArgumentParser(prog="python -m eval.suite", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m eval.suite", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model.pt, a run's checkpoints/, or released weights "
                                                             "with --format")
     parser.add_argument("--suite", required=True, help="a shipped suite's name or a suite YAML file")

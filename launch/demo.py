@@ -37,7 +37,7 @@ def run(cmd: list[str], stage: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bash launch/demo.sh", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bash launch/demo.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400, help="training steps per variant (global batch 64)")
     parser.add_argument("--workdir", default=".", help="where data/demo and runs/ go")
     parser.add_argument("--variants", nargs="+", default=["clip-tiny", "msclip-s-tiny"])
@@ -81,6 +81,8 @@ def main(argv=None) -> int:
           f"  {Path(python).with_name('mlflow')} ui --backend-store-uri sqlite:///{runs / 'mlflow.db'}\n"
           f"and open the page `eval.compare` printed above (experiment '{EXPERIMENT}', the model-training view), "
           f"select both runs, Compare.", flush=True)
+    if data != REPO_ROOT / "data" / "demo":  # the bench tools look in the checkout unless told
+        print(f"The bench tools find this demo data with: export MSCLIP_DEMO_DATA={data}", flush=True)
     return 0
 
 

@@ -285,8 +285,8 @@ def finish(client, state: dict, experiment_id: str, sweep_dir: Path):
 
 def main(argv=None) -> int:
     redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
-    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.splitlines()[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe every child starts from")
     parser.add_argument("--deepspeed_config", required=True)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2")

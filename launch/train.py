@@ -21,7 +21,7 @@ from pipeline.redact import redact_output
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deepspeed launch/train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--deepspeed_config", required=True, help="ds_configs/*.json (DeepSpeed knobs only)")
     parser.add_argument("--config", help="run YAML (launch/recipes/*.yaml)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")

@@ -271,9 +271,12 @@ def test_init_from_reads_a_released_msclip_checkpoint(tmp_path):
     build_model("msclip-s-tiny").load_state_dict(state)
 
 
-def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp_path, demo_data):
+def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp_path, demo_data, monkeypatch,
+                                                                            capsys):
     """`python -m eval --format msclip` imports on the fly and tags the run reference=true
-    with the file's sha256; `python -m eval.compare` shows it as a reference line."""
+    with the file's sha256; `python -m eval.compare` shows it as a reference line. Neither
+    is told the store: both follow the one rule (MLFLOW_TRACKING_URI, else
+    ./runs/mlflow.db) and say which store they use."""
     import csv
 
     from mlflow.tracking import MlflowClient
@@ -282,12 +285,19 @@ def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp
     from eval.compare import main as compare_main
     from msclip_weights import seeded_state_dict
     from pipeline.interop import sha256
+    from pipeline.tracking import resolve_tracking_uri
     tiny = REFERENCE["tiny"]
-    path = tmp_path / "released_ckpt.pth"
+    path = tmp_path / "downloads" / "weights" / "released_ckpt.pth"
+    path.parent.mkdir(parents=True)
     torch.save(seeded_state_dict(tiny["shapes"], tiny["shared"]), path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/mlflow.db")
+    assert resolve_tracking_uri() == "sqlite:////elsewhere/mlflow.db"
+    assert resolve_tracking_uri("http://given:5000") == "http://given:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert eval_main(["--checkpoint", str(path), "--format", "msclip", "--model", "msclip-s-tiny", "--zeroshot",
-                      str(demo_data / "eval" / "digits"), "--workers", "0", "--tracking-uri", uri,
+                      str(demo_data / "eval" / "digits"), "--workers", "0",
                       "--experiment", "cmp", "--output", str(tmp_path / "r.json")]) == 0
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
@@ -295,6 +305,7 @@ def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp
     assert "eval/zeroshot/digits/acc1" in run.data.metrics
     assert client.get_experiment_by_name("cmp").tags["mlflow.experimentKind"] == "custom_model_development"
     table = tmp_path / "t.csv"
-    assert compare_main(["--experiment", "cmp", "--tracking-uri", uri, "--csv", str(table), "--no-plot"]) == 0
+    assert compare_main(["--experiment", "cmp", "--csv", str(table), "--no-plot"]) == 0
+    assert capsys.readouterr().out.count(f"mlflow store: {uri}\n") == 2
     header, row = list(csv.reader(table.open()))
     assert dict(zip(header, row))["kind"] == "reference"

@@ -10,7 +10,7 @@ from . import MODEL_CONFIGS, build_model
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.model", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(MODEL_CONFIGS)}")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in MODEL_CONFIGS]

@@ -12,6 +12,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: real-CUDA tests (bench/gpu.sh); skipped where no GPU is present")
 
 
+def new_in_checkout() -> set[str]:
+    """Untracked and ignored paths of the checkout, as git lists them (.venv aside)."""
+    import subprocess
+    listed = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO_ROOT, capture_output=True,
+                            text=True).stdout.splitlines()
+    return {line[3:] for line in listed if line[:2] in ("??", "!!") and line[3:] != ".venv/"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """Tests write under their temporary folders, never into the checkout (an MLflow
+    experiment made without an artifact location once put ./mlruns there): a path that
+    is new at the end of the session is an error of the last test."""
+    before = new_in_checkout()
+    yield
+    added = sorted(new_in_checkout() - before)
+    assert not added, f"the test session left new files in the checkout: {', '.join(added[:10])}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,9 +11,12 @@ from eval.compare import main
 @pytest.fixture
 def store(tmp_path):
     import mlflow
+
+    from pipeline.tracking import training_experiment
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("cmp")
+    # as the trainer creates it: artifacts beside the store (MLflow's default is ./mlruns)
+    mlflow.set_experiment(experiment_id=training_experiment(mlflow.MlflowClient(), "cmp"))
     for name, model, total, losses, acc in (("base", "clip-tiny", 8_830_000, [4.1, 3.9], 0.2),
                                             ("shared", "msclip-s-tiny", 7_790_000, [4.0, 2.0], 0.9)):
         with mlflow.start_run(run_name=name, tags={"model": model}):

@@ -101,8 +101,10 @@ def stop_with_launcher(stop: StopRequest, poll_seconds: float = 1.0, grace_secon
 class Heartbeat:
     """A hung rank must not hang the job (issue 34): a rank stopped by SIGSTOP, or stuck in
     a collective a peer never joins, makes no step. Each rank writes its last step to
-    `<run dir>/heartbeat/rank<N>.json` after every step (which rank reached which step,
-    for a post-mortem), and a watchdog thread ends the process, non-zero and with one
+    `<run dir>/heartbeat/rank<N>.json` (which rank reached which step, for a post-mortem:
+    at most every WRITE_SECONDS, and at the end, since on a network filesystem a file
+    written every step is a metadata operation every step), and a watchdog thread that
+    reads the step from memory ends the process, non-zero and with one
     line, once no step has finished for `timeout_minutes` (train.timeout_minutes, the
     collective timeout too): the launcher (torchrun's agent, the deepspeed launcher) then
     ends the group, and torchrun with --max-restarts starts it again from the newest
@@ -110,24 +112,32 @@ class Heartbeat:
     the waiting ranks the same way; one that spins (a shared-memory all-reduce) would
     not, hence the watchdog on every rank."""
 
+    WRITE_SECONDS = 5.0
+
     def __init__(self, run_dir, rank: int, timeout_minutes: float):
         from pathlib import Path
         self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank, self.timeout = rank, timeout_minutes * 60
-        self.step, self.last = 0, time.monotonic()
+        self.step, self.last, self.written = 0, time.monotonic(), float("-inf")
         self.done = threading.Event()
         threading.Thread(target=self._watch, name="heartbeat-watchdog", daemon=True).start()
 
     def beat(self, step: int):
-        import json
         self.step, self.last = step, time.monotonic()
+        if self.last - self.written >= self.WRITE_SECONDS:
+            self._write()
+
+    def _write(self):
+        import json
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "step": step, "time": time.time(), "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"rank": self.rank, "step": self.step, "time": time.time(), "pid": os.getpid()}))
         os.replace(tmp, self.path)
+        self.written = time.monotonic()
 
     def stop(self):
         self.done.set()
+        self._write()  # the last step, whenever the previous write was
 
     def _watch(self):
         while not self.done.wait(min(10.0, self.timeout / 4)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import re
 import sys
+import threading
 
 MASK = "***"
 
@@ -46,24 +47,29 @@ def redact(value):
 
 class RedactingStream(io.TextIOBase):
     """A text stream that redacts each line before passing it on (a URL is never split
-    across lines, so a line at a time sees it whole)."""
+    across lines, so a line at a time sees it whole). One lock around the pending line:
+    threads printing at once (MLflow's replay, the loader, the loop) do not interleave
+    inside a line; re-entrant, as a signal handler may print while the main thread writes."""
 
     def __init__(self, stream):
         super().__init__()
         self.stream, self.pending = stream, ""
+        self._lock = threading.RLock()
 
     def write(self, text: str) -> int:
-        self.pending += text
-        if "\n" in self.pending:
-            lines, self.pending = self.pending.rsplit("\n", 1)
-            self.stream.write(redact(lines) + "\n")
+        with self._lock:
+            self.pending += text
+            if "\n" in self.pending:
+                lines, self.pending = self.pending.rsplit("\n", 1)
+                self.stream.write(redact(lines) + "\n")
         return len(text)
 
     def flush(self):
-        if self.pending:
-            self.stream.write(redact(self.pending))
-            self.pending = ""
-        self.stream.flush()
+        with self._lock:
+            if self.pending:
+                self.stream.write(redact(self.pending))
+                self.pending = ""
+            self.stream.flush()
 
     def fileno(self):
         return self.stream.fileno()

@@ -35,3 +35,16 @@ def test_ctrl_c_then_the_launchers_sigterm_stop_at_a_step_but_a_second_ctrl_c_en
     assert child.returncode == 0, child.stderr
     assert "stop requested by SIGINT" in child.stdout
     assert run_child("SIGINT", "SIGINT").returncode == -signal.SIGINT
+
+
+def test_the_heartbeat_file_is_written_every_few_seconds_and_at_the_end_not_every_step(tmp_path):
+    import json
+
+    from pipeline.lifecycle import Heartbeat
+    heartbeat = Heartbeat(tmp_path, 3, timeout_minutes=60)
+    beats = tmp_path / "heartbeat" / "rank3.json"
+    for step in range(1, 101):  # far faster than Heartbeat.WRITE_SECONDS
+        heartbeat.beat(step)
+    assert json.loads(beats.read_text())["step"] == 1  # the first beat only
+    heartbeat.stop()
+    assert json.loads(beats.read_text())["step"] == 100

@@ -46,14 +46,14 @@ def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective, d
     photos_copy = tmp_path / "photos_copy"
     if "{photos_copy}" in data.get("train_shards", ""):
         shutil.copytree(demo_data / "shards" / "photos", photos_copy)
-    config = run_config(tmp_path, demo_data, name, train={"steps": 30, "log_every": 5, "save_every": 30},
+    config = run_config(tmp_path, demo_data, name, train={"steps": 12, "log_every": 4, "save_every": 12},
                         objective={**objective, **SMALL_HEADS},
                         data={k: v.format(demo=demo_data, photos_copy=photos_copy) if isinstance(v, str) else v
                               for k, v in data.items()})
     launch(config, REPO_ROOT / "ds_configs" / "cpu_fp32.json")
     run_dir = tmp_path / "runs" / name
     losses = step_losses(run_dir)  # that the objective learns: test_objectives.py's one-step property
-    assert sorted(losses) == [5, 10, 15, 20, 25, 30] and all(math.isfinite(v) for v in losses.values()), losses
+    assert sorted(losses) == [4, 8, 12] and all(math.isfinite(v) for v in losses.values()), losses
     assert len(set(losses.values())) > 1, losses  # the weights move
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -64,7 +64,7 @@ def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective, d
     parts = [*weights, *(["pyramid_peer", "pyramid_cross"] if "pyramid" in weights else [])]
     for term in parts:
         history = client.get_metric_history(run.info.run_id, f"loss_{term}")
-        assert sorted(m.step for m in history) == [5, 10, 15, 20, 25, 30], term
+        assert sorted(m.step for m in history) == [4, 8, 12], term
     assert run.data.params["data.sampling"] == data.get("sampling", "mixed")
     model, payload = load_exported(run_dir / "model.pt")  # strict load: no training heads in the export
     # FILIP's token heads travel with the export; FILIP alone is evaluated token-wise

@@ -11,7 +11,7 @@ from eval.data import read_classification, read_retrieval
 from eval.features import FeatureCache
 from pipeline.checkpoint import export, load_exported
 from pipeline.redact import redact
-from pipeline.tracking import resolve_tracking_uri, synced_run_id, training_experiment
+from pipeline.tracking import resolve_tracking_uri, synced_run_id, training_experiment, use_store
 
 # CLIP_benchmark's task names; the MLflow metric prefix of each (eval/<prefix>/<dataset>/<metric>)
 METRIC_PREFIX = {"zeroshot_classification": "zeroshot", "linear_probe": "linear_probe",
@@ -97,7 +97,7 @@ def start_run(args, payload: dict, extra_tags: dict | None = None):
     """The MLflow run the results go into: --run-id / --training-run's, else a new one
     tagged with the checkpoint (reference=true for released weights)."""
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(args))
+    use_store(tracking_uri(args))
     if args.run_id:
         run = mlflow.start_run(run_id=args.run_id)
         if extra_tags:

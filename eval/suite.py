@@ -207,7 +207,8 @@ class SuiteRun:
                 self.failed.append(entry.name)
                 print(f"error: {entry.name}: {e}", file=sys.stderr, flush=True)
                 continue
-            metrics.pop("predictions", None), metrics.pop("targets", None)
+            for per_sample in ("predictions", "targets"):  # the table keeps numbers, not arrays
+                metrics.pop(per_sample, None)
             if entry.headline not in metrics:
                 raise SuiteError(f"{self.suite.file}: {entry.name}.metric: {entry.headline!r} is not a metric of "
                                  f"{entry.task} ({', '.join(metrics)})")

@@ -62,6 +62,20 @@ def resolve_tracking_uri(given: str = "", output_dir: str | Path = "runs") -> st
     return given or os.environ.get("MLFLOW_TRACKING_URI", "") or default_tracking_uri(output_dir)
 
 
+def use_store(uri: str) -> None:
+    """mlflow.set_tracking_uri for this process only. MLflow's own also exports
+    MLFLOW_TRACKING_URI so that subprocesses inherit it; under the rule above, a training
+    run started later from this process (a notebook, the sweep) would then log into this
+    store instead of its own."""
+    import mlflow
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def announce_store(uri: str) -> None:
     """Each entry point says where its runs go before it does anything else."""
     print(f"mlflow store: {store_key(uri)}", flush=True)
@@ -329,7 +343,7 @@ class RunSync:
             import mlflow
 
             from pipeline.mlflow_model import log_model
-            mlflow.set_tracking_uri(self.uri)
+            use_store(self.uri)
             with mlflow.start_run(run_id=self.run_id):
                 uri = log_model(record["path"])
             print(f"[tracking] model logged: {uri}", flush=True)

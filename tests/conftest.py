@@ -1,3 +1,4 @@
+import os
 import socket
 import sys
 from pathlib import Path
@@ -29,6 +30,19 @@ def checkout_stays_clean():
     yield
     added = sorted(new_in_checkout() - before)
     assert not added, f"the test session left new files in the checkout: {', '.join(added[:10])}"
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store_stays_in_its_test():
+    """mlflow.set_tracking_uri (tests call it to read their store back) exports
+    MLFLOW_TRACKING_URI; left in os.environ it would send every later training subprocess's
+    runs into that test's store (the environment wins over train.output_dir's store)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """OpenAI / open_clip weights in and out (issue 15), against open_clip itself: random
 weights in open_clip's own models stand in for released ones (no downloads here)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,9 @@ def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp
     assert eval_main(["--checkpoint", str(path), "--format", "msclip", "--model", "msclip-s-tiny", "--zeroshot",
                       str(demo_data / "eval" / "digits"), "--workers", "0",
                       "--experiment", "cmp", "--output", str(tmp_path / "r.json")]) == 0
+    # the store eval used is not exported (mlflow.set_tracking_uri would): a training run
+    # started next from this process still logs into its own store
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
     assert run.data.tags["reference"] == "true" and run.data.tags["source_sha256"] == sha256(path)

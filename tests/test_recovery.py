@@ -89,7 +89,10 @@ def test_a_killed_rank_then_a_hung_rank_are_restarted_by_torchrun_from_the_newes
     stopped process too: nothing is left behind) and restarts it. The run finishes; every
     step redone repeats its loss exactly; one MLflow run, tagged restarts=2; the heartbeat
     files say which step each rank reached."""
-    config = run_config(tmp_path, demo_data, "healed", train={"steps": 12, "log_every": 1, "save_every": 2,
+    # 20 steps: the SIGSTOP must land before the last step (with 12, the few left after it
+    # once ran out before the signal did)
+    steps = 20
+    config = run_config(tmp_path, demo_data, "healed", train={"steps": steps, "log_every": 1, "save_every": 2,
                                                                "timeout_minutes": 0.25})
     run_dir = tmp_path / "runs" / "healed"
     proc = elastic(config, ds_config(tmp_path))
@@ -107,14 +110,14 @@ def test_a_killed_rank_then_a_hung_rank_are_restarted_by_torchrun_from_the_newes
     assert "no step finished in" in out and "over train.timeout_minutes=0.25" in out, out[-3000:]
     assert not psutil.pid_exists(stopped.pid) or stopped.status() == psutil.STATUS_ZOMBIE
     losses = logged_twice_agree(run_dir)
-    assert sorted(losses) == list(range(1, 13)) and any(len(v) == 2 for v in losses.values())
+    assert sorted(losses) == list(range(1, steps + 1)) and any(len(v) == 2 for v in losses.values())
     restarts = [r for r in jsonl(run_dir) if r.get("event") == "restart"]
     assert [r["restarts"] for r in restarts] == [1, 2] and all(r["world_size"] == 2 for r in restarts), restarts
     assert "[train] restart 2: 2 ranks, resuming at step" in out
     run = mlflow_run(run_dir)
     assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "2"
     beats = {p.name: json.loads(p.read_text()) for p in (run_dir / "heartbeat").glob("rank*.json")}
-    assert sorted(beats) == ["rank0.json", "rank1.json"] and all(b["step"] == 12 for b in beats.values()), beats
+    assert sorted(beats) == ["rank0.json", "rank1.json"] and all(b["step"] == steps for b in beats.values()), beats
 
 
 def agent(config: Path, ds: Path, endpoint: str, name: str, log: Path) -> subprocess.Popen:

@@ -33,16 +33,13 @@ def checkout_stays_clean():
 
 
 @pytest.fixture(autouse=True)
-def mlflow_store_stays_in_its_test():
-    """mlflow.set_tracking_uri (tests call it to read their store back) exports
-    MLFLOW_TRACKING_URI; left in os.environ it would send every later training subprocess's
-    runs into that test's store (the environment wins over train.output_dir's store)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+def mlflow_store_stays_in_its_test(monkeypatch):
+    """No test sees the developer's MLFLOW_TRACKING_URI (under the store rule it would send
+    every test run to their server), and none leaves one behind: mlflow.set_tracking_uri,
+    which tests call to read their store back, exports it, and later training subprocesses
+    would log into that test's store. monkeypatch puts the variable back as it was."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # records its value (delenv of an absent one records nothing)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
 def free_port() -> int:

@@ -206,7 +206,8 @@ class TrainConfig:
     # of one logging window (log_every); 0 stops at the first. A run that skips most of
     # its updates (a diverged lr) trains nothing while it looks alive.
     max_skipped_steps: float = 0.5
-    # A collective that waits longer than this ends the run (a dead rank must not hang it).
+    # A step that takes longer than this ends the run in one line on every rank (a dead or
+    # hung rank must not hang it); collectives time out a minute later (lifecycle.py).
     timeout_minutes: float = 30.0
     # The last unmasked_steps steps train on every token (FLIP's unmasked tuning at the end
     # of a model.token_drop run): the gap between training on kept tokens and evaluating

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import torch
 
@@ -98,6 +99,16 @@ def stop_with_launcher(stop: StopRequest, poll_seconds: float = 1.0, grace_secon
         threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
+def collective_timeout(timeout_minutes: float) -> timedelta:
+    """How long a collective may wait: the step deadline (train.timeout_minutes) plus a
+    minute. Every rank's Heartbeat watchdog ends a hung step in one line at the deadline;
+    a backend's timeout firing first (gloo raises, NCCL aborts) would end it with a
+    traceback that does not say a peer is hung. Before the first step (rendezvous, loading a
+    checkpoint) the collective timeout is what ends a wait, a minute later than the
+    deadline."""
+    return timedelta(minutes=timeout_minutes + 1)
+
+
 class Heartbeat:
     """A hung rank must not hang the job (issue 34): a rank stopped by SIGSTOP, or stuck in
     a collective a peer never joins, makes no step. Each rank writes its last step to
@@ -140,9 +151,13 @@ class Heartbeat:
         self._write()  # the last step, whenever the previous write was
 
     def _watch(self):
-        while not self.done.wait(min(10.0, self.timeout / 4)):
+        # Wakes when the deadline of the last beat falls due, not on a period: the collective
+        # a hung peer blocks began after that beat, so its own timeout (a margin later, see
+        # collective_timeout) comes after this line; woken every timeout/4, the watchdog
+        # lost that race to gloo's traceback in CI.
+        while not self.done.wait(max(0.0, self.last + self.timeout - time.monotonic())):
             waited = time.monotonic() - self.last
-            if waited > self.timeout:
+            if waited >= self.timeout:
                 sys.stderr.write(f"error: rank {self.rank}: no step finished in {waited / 60:.1f} min (last step "
                                  f"{self.step}), over train.timeout_minutes={self.timeout / 60:g}: a peer rank is "
                                  f"hung or gone; exiting so that the launcher ends the group (torchrun "

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from pipeline.ds_config import accumulation_steps, check_against_deepspeed
 from pipeline.data.recipe import ImageSpec
 from pipeline.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, full_fp32, lr_factor, param_groups,
                              topology_free_grad_norm, train_step)
-from pipeline.lifecycle import Heartbeat, Preempted, StopRequest, stop_with_launcher
+from pipeline.lifecycle import Heartbeat, Preempted, StopRequest, collective_timeout, stop_with_launcher
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.redact import redact
 from pipeline.tracking import MetricsLogger, store_key
@@ -92,7 +91,7 @@ def run(cfg: RunConfig, ds_config: dict, evaluator: PeriodicZeroShot | None, ini
 
     stop = StopRequest()  # SIGTERM/SIGINT from here on: stop at a step boundary with a checkpoint
     stop_with_launcher(stop)
-    ranks.init_process_group(timedelta(minutes=cfg.train.timeout_minutes))
+    ranks.init_process_group(collective_timeout(cfg.train.timeout_minutes))
     rank, world = dist.get_rank(), dist.get_world_size()
     release_shm_workspace()
     accum = accumulation_steps(cfg.train, world)

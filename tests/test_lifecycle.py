@@ -1,5 +1,6 @@
 """How a rank takes signals (pipeline/lifecycle.py), in a child interpreter so that a
 signal that ends the process ends the child, not pytest."""
+import os
 import signal
 import subprocess
 import sys
@@ -48,3 +49,40 @@ def test_the_heartbeat_file_is_written_every_few_seconds_and_at_the_end_not_ever
     assert json.loads(beats.read_text())["step"] == 1  # the first beat only
     heartbeat.stop()
     assert json.loads(beats.read_text())["step"] == 100
+
+
+HUNG_PEER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from pipeline.lifecycle import Heartbeat, collective_timeout
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=collective_timeout({minutes}))
+if rank == 1:
+    time.sleep(60)  # hung: never joins the step's collective
+heartbeat = Heartbeat(sys.argv[1], rank, {minutes})
+time.sleep(0.1)  # a step
+heartbeat.beat(1)
+dist.all_reduce(torch.ones(1))  # the next step's collective, which the peer never joins
+print("the collective returned")
+"""
+
+
+def test_a_rank_waiting_on_a_hung_peer_ends_in_the_watchdogs_line_not_the_backends_traceback(tmp_path):
+    """The step deadline (train.timeout_minutes) must be what ends a rank whose peer hangs:
+    gloo's own timeout, firing first, ended it with a traceback that never says a peer is
+    hung, and the restart test read no line (CI). The collective began after the last
+    beat, so the watchdog, woken at that beat's deadline, speaks first."""
+    from conftest import free_port
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO_ROOT)}
+    script = HUNG_PEER.format(minutes=0.02)  # a 1.2 s deadline
+    hung, waiting = (subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT,
+                                      env={**env, "RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for rank in (1, 0))
+    try:
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        hung.kill()
+        hung.communicate()
+    assert waiting.returncode == 3, err
+    assert "error: rank 0: no step finished in" in err and "Traceback" not in err, err
+    assert "over train.timeout_minutes=0.02" in err and "the collective returned" not in out

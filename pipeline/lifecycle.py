@@ -116,12 +116,12 @@ class Heartbeat:
     at most every WRITE_SECONDS, and at the end, since on a network filesystem a file
     written every step is a metadata operation every step), and a watchdog thread that
     reads the step from memory ends the process, non-zero and with one
-    line, once no step has finished for `timeout_minutes` (train.timeout_minutes, the
-    collective timeout too): the launcher (torchrun's agent, the deepspeed launcher) then
-    ends the group, and torchrun with --max-restarts starts it again from the newest
-    checkpoint (train.resume=auto). A backend whose collectives honour the timeout ends
-    the waiting ranks the same way; one that spins (a shared-memory all-reduce) would
-    not, hence the watchdog on every rank."""
+    line, once no step has finished for `timeout_minutes` (train.timeout_minutes): the
+    launcher (torchrun's agent, the deepspeed launcher) then ends the group, and torchrun
+    with --max-restarts starts it again from the newest checkpoint (train.resume=auto).
+    The backend's collective timeout, a minute later (collective_timeout), is the second
+    line of defence; a backend that spins (a shared-memory all-reduce) never times out,
+    hence the watchdog on every rank."""
 
     WRITE_SECONDS = 5.0
 

@@ -121,7 +121,8 @@ class Heartbeat:
     with --max-restarts starts it again from the newest checkpoint (train.resume=auto).
     The backend's collective timeout, a minute later (collective_timeout), is the second
     line of defence; a backend that spins (a shared-memory all-reduce) never times out,
-    hence the watchdog on every rank."""
+    hence the watchdog on every rank. Work between steps (an evaluation, a save) counts
+    against the same deadline; `doing` names it, so that the line says what ran long."""
 
     WRITE_SECONDS = 5.0
 
@@ -131,13 +132,19 @@ class Heartbeat:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank, self.timeout = rank, timeout_minutes * 60
         self.step, self.last, self.written = 0, time.monotonic(), float("-inf")
+        self.activity = ""  # what the rank does after its last step, when not stepping
         self.done = threading.Event()
         threading.Thread(target=self._watch, name="heartbeat-watchdog", daemon=True).start()
 
     def beat(self, step: int):
-        self.step, self.last = step, time.monotonic()
+        self.step, self.last, self.activity = step, time.monotonic(), ""
         if self.last - self.written >= self.WRITE_SECONDS:
             self._write()
+
+    def doing(self, activity: str):
+        """Work between two steps (e.g. "the evaluation at step 40"): the deadline still
+        runs, and the watchdog's line names this work, not only a hung peer."""
+        self.activity = activity
 
     def _write(self):
         import json
@@ -158,9 +165,13 @@ class Heartbeat:
         while not self.done.wait(max(0.0, self.last + self.timeout - time.monotonic())):
             waited = time.monotonic() - self.last
             if waited >= self.timeout:
+                then, cause = "", "a peer rank is hung or gone"
+                if self.activity:  # an evaluation or a save ran long, or a peer hung during it
+                    then = f", then {self.activity}"
+                    cause = f"{self.activity} took longer (raise train.timeout_minutes), or a peer rank is hung or gone"
                 sys.stderr.write(f"error: rank {self.rank}: no step finished in {waited / 60:.1f} min (last step "
-                                 f"{self.step}), over train.timeout_minutes={self.timeout / 60:g}: a peer rank is "
-                                 f"hung or gone; exiting so that the launcher ends the group (torchrun "
-                                 f"--max-restarts restarts it from the newest checkpoint)\n")
+                                 f"{self.step}{then}), over train.timeout_minutes={self.timeout / 60:g}: {cause}; "
+                                 f"exiting so that the launcher ends the group (torchrun --max-restarts restarts "
+                                 f"it from the newest checkpoint)\n")
                 sys.stderr.flush()
                 os._exit(3)

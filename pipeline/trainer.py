@@ -288,13 +288,16 @@ def train(engine, data: DataStream, state, logger, cfg: RunConfig, run_dir: Path
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_window(logger, engine, data, state, out, window, cfg, flops_per_sample, world)
         if evaluator and evaluator.due(state.step):
+            heartbeat.doing(f"the evaluation at step {state.step} (eval.every_steps)")
             evaluate_now(evaluator, engine, logger, state.step, window)
         saved = False  # the final step's save is the one after the loop
         if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
+            heartbeat.doing(f"the checkpoint save at step {state.step}")
             saved = periodic_save(engine, data, run_dir, state, cfg, logger)
         if stop and state.step < cfg.train.steps and stop.agreed(engine.device):
             preempt(engine, data, run_dir, state, cfg, logger, stop, saved)
-    save_checkpoint(engine, data, run_dir, state, cfg)  # the final one: never skipped
+    heartbeat.doing(f"the final checkpoint save at step {state.step}")
+    save_checkpoint(engine, data, run_dir, state, cfg)  # never skipped
     heartbeat.stop()
 
 

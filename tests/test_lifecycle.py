@@ -86,3 +86,30 @@ def test_a_rank_waiting_on_a_hung_peer_ends_in_the_watchdogs_line_not_the_backen
     assert waiting.returncode == 3, err
     assert "error: rank 0: no step finished in" in err and "Traceback" not in err, err
     assert "over train.timeout_minutes=0.02" in err and "the collective returned" not in out
+
+
+LONG_BETWEEN_STEPS = """
+import sys, time
+from pipeline.lifecycle import Heartbeat
+heartbeat = Heartbeat(sys.argv[1], 0, 0.01)  # a 0.6 s deadline
+heartbeat.beat(7)
+heartbeat.doing("the evaluation at step 7 (eval.every_steps)")
+if sys.argv[2] == "stepped":
+    heartbeat.beat(8)  # the next step began and finished: the evaluation is over
+time.sleep(30)  # an evaluation, or the next step, that never ends
+"""
+
+
+def test_the_watchdogs_line_names_the_work_between_steps_that_ran_past_the_deadline(tmp_path):
+    """An evaluation during training (a suite on rank 0) or a save counts against the step
+    deadline: the line must say that this work ran long, not only blame a hung peer; once
+    the next step finished, the work is over and the line does not name it."""
+    children = {case: subprocess.Popen([sys.executable, "-c", LONG_BETWEEN_STEPS, str(tmp_path / case), case],
+                                       cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+                for case in ("evaluating", "stepped")}
+    errors = {case: child.communicate(timeout=60)[1] for case, child in children.items()}
+    assert all(child.returncode == 3 for child in children.values()), errors
+    assert ("(last step 7, then the evaluation at step 7 (eval.every_steps)), over "
+            "train.timeout_minutes=0.01: the evaluation at step 7 (eval.every_steps) took longer (raise "
+            "train.timeout_minutes), or a peer rank is hung or gone;") in errors["evaluating"], errors
+    assert "(last step 8), over train.timeout_minutes=0.01: a peer rank is hung or gone;" in errors["stepped"], errors

@@ -168,7 +168,7 @@ class Heartbeat:
                 then, cause = "", "a peer rank is hung or gone"
                 if self.activity:  # an evaluation or a save ran long, or a peer hung during it
                     then = f", then {self.activity}"
-                    cause = f"{self.activity} took longer (raise train.timeout_minutes), or a peer rank is hung or gone"
+                    cause = f"{self.activity} took longer (raise train.timeout_minutes), or {cause}"
                 sys.stderr.write(f"error: rank {self.rank}: no step finished in {waited / 60:.1f} min (last step "
                                  f"{self.step}{then}), over train.timeout_minutes={self.timeout / 60:g}: {cause}; "
                                  f"exiting so that the launcher ends the group (torchrun --max-restarts restarts "

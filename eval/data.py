@@ -37,12 +37,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import tar_members
+from pipeline.data.decode import shard_samples
 from pipeline.data.remote import is_remote, open_url, opened, read_bytes, read_policy
 
 # The training reader's limits (pipeline.config.DataConfig), as refusals: an evaluation
@@ -207,7 +206,7 @@ def _wds_samples(root: Path, split: str):
         raise exn
 
     streams = opened(iter([dict(url=u) for u in urls]), read_policy(LIMITS), reraise)
-    for sample in wds.tariterators.group_by_keys(tar_members(streams, LIMITS.max_member_bytes, refuse, reraise)):
+    for sample in shard_samples(streams, LIMITS.max_member_bytes, refuse, reraise):
         if refused:
             raise EvalDataError(refused[0])
         key = next((k for k in WDS_IMAGE_KEYS if k in sample), None)

@@ -13,6 +13,7 @@ import math
 import tarfile
 from pathlib import PurePosixPath
 
+import webdataset as wds
 from PIL import Image
 
 SKIP_REASONS = ("unreadable_shard", "truncated_shard", "missing_image", "empty_image", "undecodable_image",
@@ -107,3 +108,18 @@ def tar_members(sources, max_member_bytes: int, reject, handler):
         finally:
             with contextlib.suppress(Exception):
                 source["stream"].close()
+
+
+def shard_samples(sources, max_member_bytes: int, reject, handler):
+    """Samples, shard by shard: `tar_members` grouped into samples by webdataset's
+    group_by_keys over one shard at a time. Over a stream of several shards it starts a
+    new sample only when the key changes, not the shard: two datasets each numbered from
+    00000000 (`a::b`), read back to back by one reader, had a shard's last sample and the
+    next shard's first one joined when their keys matched; the second one's members were
+    refused as duplicates and the sample lost, counted as a truncated shard, and where the
+    two had different members, an image was paired with another sample's caption. A
+    handler that returns True reads on (the next shard after a broken one); one that
+    raises stops."""
+    for source in sources:
+        members = tar_members([source], max_member_bytes, reject, handler)
+        yield from wds.tariterators.group_by_keys(members, handler=handler)

@@ -44,7 +44,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import SKIP_REASONS, BadSample, tar_members
+from pipeline.data.decode import SKIP_REASONS, BadSample, shard_samples
 from pipeline.data.recipe import BatchRecipe, ImageSpec
 from pipeline.data.remote import ReadPolicy, is_remote, opened, read_policy
 from pipeline.data.samples import BatchMaker
@@ -254,9 +254,7 @@ class _VirtualReader:
 
     def raw_samples(self):
         streams = opened(self.urls(), self.spec.read, self.on_tar_error)
-        members = tar_members(streams, self.spec.max_member_bytes, self.reject, self.on_tar_error)
-        grouped = wds.tariterators.group_by_keys(members, handler=self.on_tar_error)
-        stream = self.checked(grouped)
+        stream = self.checked(shard_samples(streams, self.spec.max_member_bytes, self.reject, self.on_tar_error))
         if self.spec.shuffle_buffer > 1:
             rng = random.Random(f"shuffle:{':'.join(map(str, self.ids))}")
             stream = wds.shuffle(self.spec.shuffle_buffer, initial=self.spec.shuffle_buffer // 2, rng=rng)(stream)

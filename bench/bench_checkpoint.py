@@ -1,11 +1,11 @@
 """Checkpoint write time per model size: what `train.save_every` costs, to choose it
-(README "Failures: what heals itself").
+(docs/training.md, "Failures: what heals itself").
 
     python -m bench.bench_checkpoint [--models clip-tiny,clip-b32,clip-b16] [--ds ds_configs/cpu_fp32.json]
                                      [--repeats 3] [--out DIR]
 
 One process (the deepspeed engine on this machine's accelerator, a 1-rank gloo group),
-the trainer's own save (`pipeline.checkpoint.save`: DeepSpeed's model and optimizer states,
+the trainer's own save (`pipeline.weights.checkpoint.save`: DeepSpeed's model and optimizer states,
 the train state, checksums, the COMPLETE marker) into --out (default: a temporary folder on
 the same disk as the runs), best of --repeats. Prints seconds per save, the bytes written
 and the write rate per model. With N ranks each writes its ZeRO partition (1/N of the
@@ -27,10 +27,10 @@ def save_seconds(model_name: str, ds_path: str, out: Path, repeats: int) -> dict
     import deepspeed
     import torch
 
-    from pipeline import checkpoint
+    from pipeline.weights import checkpoint
     from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
-    from pipeline.ds_config import fill_ds_config, read_ds_config
-    from pipeline.engine import param_groups
+    from pipeline.train.ds_config import fill_ds_config, read_ds_config
+    from pipeline.train.engine import param_groups
     from pipeline.model import build_model
     from pipeline.objectives import ComposedObjective, TrainModule
     torch.manual_seed(0)

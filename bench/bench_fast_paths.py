@@ -19,7 +19,7 @@ The fast paths:
   DDP trainer such as open_clip steps): torch's default implementation against torch's
   fused kernel and DeepSpeed's FusedAdam (the CPU op ds_configs/cpu_bf16.json selects).
   Under ZeRO each rank steps one flat partition instead, where the loop overhead this
-  measures is gone (README, fast paths).
+  measures is gone (docs/performance.md).
 Prints a table (ms on, ms off, speed-up) and one JSON line.
 """
 from __future__ import annotations

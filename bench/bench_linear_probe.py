@@ -94,7 +94,7 @@ def digit_features(dataset: Path, checkpoint: str | None, seed: int = 0):
     from eval.data import image_loader, read_classification
     from eval.features import image_features, model_transform
     if checkpoint:
-        from pipeline.checkpoint import load_exported
+        from pipeline.weights.export import load_exported
         model = load_exported(checkpoint)[0]
     else:
         from pipeline.model import build_model

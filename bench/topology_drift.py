@@ -1,7 +1,7 @@
 """How far one run's losses and gradient norms part between topologies: the same config
 (msclip-s-tiny on the demo shards, global batch 32) launched through the deepspeed launcher
 on each number of processes, exact accumulation making up the rest; per-step relative gaps
-against the first. Not a timing: the README's "Changing the number of GPUs mid-run" quotes it.
+against the first. Not a timing: docs/training.md ("Changing the number of GPUs mid-run") quotes it.
 
     python -m bench.topology_drift [--processes 4,2,1] [--micro 8] [--steps 20]
 

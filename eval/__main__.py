@@ -18,9 +18,7 @@ results (CLIP_benchmark's keys where they overlap) and logs it with a confusion 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import pickle
 import sys
 import tempfile
 from pathlib import Path
@@ -29,11 +27,11 @@ import torch
 
 from eval.data import EvalDataError
 from eval.plots import bar_chart, confusion_matrix
-from eval.runner import (add_run_arguments, evaluate_dataset, load_checkpoint, mlflow_metrics, read_dataset,
-                         resolve_training_run, start_run, tracking_uri)
-from pipeline.interop import InteropError
-from pipeline.redact import redact, redact_output
-from pipeline.tracking import announce_store
+from eval.runner import (CheckpointError, add_checkpoint_arguments, add_run_arguments, evaluate_dataset,
+                         mlflow_metrics, open_checkpoint, read_dataset, start_run, tracking_uri)
+from pipeline.cli import command_line
+from pipeline.redact import redact
+from pipeline.tracking.store import announce_store
 
 MAX_CONFUSION_CLASSES = 30
 
@@ -72,17 +70,11 @@ def log_to_mlflow(results: list[dict], artifacts: dict, args, payload: dict, res
 
 
 def main(argv=None) -> int:
-    redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
+    parser = command_line("python -m eval", __doc__)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--zeroshot", nargs="*", metavar="DATASET", help="classification dataset roots")
     parser.add_argument("--linear-probe", nargs="*", metavar="DATASET", help="roots with train/ and test/ splits")
     parser.add_argument("--retrieval", nargs="*", metavar="DATASET", help="Karpathy json or webdataset roots")
-    parser.add_argument("--format", choices=("ours", "msclip", "openai", "open_clip"), default="ours",
-                        help="released weights, imported on the fly; the run is tagged reference=true")
-    parser.add_argument("--model", help="with --format: the model to build (msclip-s-b32, clip-b32, ...)")
-    parser.add_argument("--source", help="with --format openai/open_clip: the open_clip model name")
     parser.add_argument("--split", default="test")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -98,8 +90,7 @@ def main(argv=None) -> int:
     if not args.no_mlflow:
         announce_store(tracking_uri(args))
     try:
-        model, payload = load_checkpoint(args.checkpoint, args.format, args.model, args.source)
-        resolve_training_run(args, payload)
+        model, payload = open_checkpoint(args)
         if args.similarity != "auto":
             if args.similarity == "token" and model.token_heads is None:
                 raise FileNotFoundError(f"--similarity token: {args.checkpoint} has no FILIP heads "
@@ -108,12 +99,8 @@ def main(argv=None) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
         results, artifacts = run_tasks(model, args, device)
-    except (EvalDataError, FileNotFoundError, InteropError) as e:
+    except (CheckpointError, EvalDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except pickle.UnpicklingError:
-        print(f"error: {args.checkpoint}: refusing to load: it holds more than weights (weights-only loading)",
-              file=sys.stderr)
         return 2
     results_path = Path(args.output or Path(args.checkpoint).resolve().with_name("eval_results.json"))
     for r in results:

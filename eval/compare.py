@@ -10,14 +10,13 @@ Default runs: every training run of the experiment (runs with a `model` tag).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.redact import redact_output
-from pipeline.tracking import announce_store, resolve_tracking_uri, runs_page
+from pipeline.cli import command_line
+from pipeline.tracking.store import announce_store, resolve_tracking_uri, runs_page
 
 # Headline metrics, in the order the table shows them: the final training loss, then
 # the eval metrics people compare (zero-shot top-1, linear probe top-1, retrieval RSUM).
@@ -88,9 +87,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def plot_curves(client, runs, path: Path) -> Path:
     """Loss and every headline eval metric against the training step, one line per run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from eval.plots import plt, save_figure
     metrics = ["loss", *eval_metric_names(runs)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -103,16 +100,11 @@ def plot_curves(client, runs, path: Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:
-    redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
-    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m eval.compare", __doc__)
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--runs", nargs="*", help="run names or ids (default: all training runs)")
     parser.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db")

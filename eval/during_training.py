@@ -6,7 +6,6 @@ import os
 
 import torch
 
-from eval import zeroshot
 from eval.data import DatasetMissing, EvalDataError, read_classification
 from pipeline.config import ConfigError, EvalConfig
 from pipeline.model.heads import heads_for_export, token_heads

@@ -9,7 +9,14 @@ matplotlib.use("Agg")  # no display here or on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eval.runner import HEADLINE  # noqa: E402
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Every figure of ours ends here: laid out, written, and closed (pyplot keeps every
+    open figure alive; a sweep or a suite makes many)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def confusion_matrix(targets: list[int], preds: list[int], classnames: list[str], path: Path, title: str) -> Path:
@@ -30,15 +37,13 @@ def confusion_matrix(targets: list[int], preds: list[int], classnames: list[str]
             if counts[i, j]:
                 ax.text(j, i, counts[i, j], ha="center", va="center", fontsize=7,
                         color="white" if rows[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def bar_chart(results: list[dict], path: Path, title: str = "results by dataset") -> Path:
     """One bar per (task, dataset): its headline metric (a record's own `metric` when it
     names one; accuracy in %, or RSUM)."""
+    from eval.runner import HEADLINE  # evaluation's own table: pyplot alone for compare and the sweeps
     labels, values = [], []
     for r in results:
         key = r.get("metric") or HEADLINE[r["task"]]
@@ -51,7 +56,4 @@ def bar_chart(results: list[dict], path: Path, title: str = "results by dataset"
     ax.set_xticks(range(len(values)), labels, fontsize=8)
     ax.set_ylabel("top-1 % (classification) / RSUM (retrieval)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

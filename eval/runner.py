@@ -3,15 +3,18 @@ reading and evaluating one dataset on one task, and the MLflow run the results g
 from __future__ import annotations
 
 import argparse
+import pickle
 import tempfile
 from pathlib import Path
 
 from eval import linear_probe, retrieval, zeroshot
 from eval.data import read_classification, read_retrieval
 from eval.features import FeatureCache
-from pipeline.checkpoint import export, load_exported
+from pipeline.weights.export import export, load_exported, model_from_payload
+from pipeline.weights.interop import InteropError, import_weights
 from pipeline.redact import redact
-from pipeline.tracking import resolve_tracking_uri, synced_run_id, training_experiment, use_store
+from pipeline.tracking.store import resolve_tracking_uri, training_experiment, use_store
+from pipeline.tracking.sync import synced_run_id
 
 # CLIP_benchmark's task names; the MLflow metric prefix of each (eval/<prefix>/<dataset>/<metric>)
 METRIC_PREFIX = {"zeroshot_classification": "zeroshot", "linear_probe": "linear_probe",
@@ -23,10 +26,8 @@ HEADLINE = {"zeroshot_classification": "acc1", "linear_probe": "lp_acc1", "zeros
 
 def load_checkpoint(path: str, fmt: str = "ours", model_name: str | None = None, source: str | None = None):
     """Our export or a run's checkpoints/; with `fmt` msclip/openai/open_clip, a released
-    file imported on the fly (pipeline/interop.py)."""
+    file imported on the fly (pipeline/weights/interop.py)."""
     if fmt != "ours":
-        from pipeline.checkpoint import model_from_payload
-        from pipeline.interop import import_weights
         if not model_name:
             raise FileNotFoundError(f"--format {fmt}: name the model to build with --model (e.g. msclip-s-b32)")
         payload, _ = import_weights(path, fmt, model_name, source)
@@ -39,6 +40,35 @@ def load_checkpoint(path: str, fmt: str = "ours", model_name: str | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
     return load_exported(path)
+
+
+class CheckpointError(Exception):
+    """The checkpoint to evaluate cannot be loaded; the message is one line naming it."""
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `open_checkpoint` reads: the checkpoint, and how to import released weights."""
+    parser.add_argument("--checkpoint", required=True, help="model.pt, a run's checkpoints/, or released weights "
+                                                            "with --format")
+    parser.add_argument("--format", choices=("ours", "msclip", "openai", "open_clip"), default="ours",
+                        help="released weights, imported on the fly; the run is tagged reference=true")
+    parser.add_argument("--model", help="with --format: the model to build (msclip-s-b32, clip-b32, ...)")
+    parser.add_argument("--source", help="with --format openai/open_clip: the open_clip model name")
+
+
+def open_checkpoint(args) -> tuple:
+    """(model, payload) of --checkpoint (with --format, --model and --source for released
+    weights), and with --training-run the MLflow run its results go into; the one opening
+    of `python -m eval` and `python -m eval.suite`."""
+    try:
+        model, payload = load_checkpoint(args.checkpoint, args.format, args.model, args.source)
+        resolve_training_run(args, payload)
+    except (FileNotFoundError, InteropError) as e:
+        raise CheckpointError(str(e)) from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{args.checkpoint}: refusing to load: it holds more than weights (weights-only "
+                              f"loading)") from None
+    return model, payload
 
 
 def read_dataset(task: str, root: str | Path, split: str = "test", train_split: str = "train"):
@@ -107,7 +137,7 @@ def start_run(args, payload: dict, extra_tags: dict | None = None):
     tags = {"checkpoint": str(Path(args.checkpoint).resolve()), "task": "eval",
             "model": payload.get("model_name", ""), **(extra_tags or {})}
     source = payload.get("source")
-    if source:  # released weights (imported here or by `python -m pipeline.checkpoint import`)
+    if source:  # released weights (imported here or by `python -m pipeline.weights import`)
         tags.update(reference="true", source_format=source["format"], source_sha256=source["sha256"],
                     source_file=source["file"])
     return mlflow.start_run(run_name=f"{'reference' if source else 'eval'}-{payload.get('model_name', 'model')}",

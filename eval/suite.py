@@ -18,11 +18,9 @@ a kill or with a dataset added, computes only what is not done. The MLflow store
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +31,12 @@ import yaml
 from eval.data import DatasetMissing, EvalDataError, cache_root
 from eval.features import FeatureCache, weights_fingerprint
 from eval.linear_probe import ProbeError
-from eval.runner import (HEADLINE, TASKS, add_run_arguments, evaluate_dataset, load_checkpoint, mlflow_metrics,
-                         read_dataset, resolve_training_run, start_run, tracking_uri)
+from eval.runner import (HEADLINE, TASKS, CheckpointError, add_checkpoint_arguments, add_run_arguments,
+                         evaluate_dataset, mlflow_metrics, open_checkpoint, read_dataset, start_run, tracking_uri)
+from pipeline.cli import command_line
 from pipeline.data.remote import is_remote
-from pipeline.interop import InteropError
-from pipeline.redact import redact, redact_output
-from pipeline.tracking import announce_store
+from pipeline.redact import redact
+from pipeline.tracking.store import announce_store
 
 SHIPPED = Path(__file__).resolve().parents[1] / "launch" / "eval_suites"
 SUITE_PREFIX = "eval/suite"  # MLflow: eval/suite/<suite>/<aggregate>
@@ -267,18 +265,12 @@ def log_to_mlflow(run: SuiteRun, aggregates: dict, args, payload: dict, artifact
 
 
 def main(argv=None) -> int:
-    redact_output()
-    parser = argparse.ArgumentParser(prog="python -m eval.suite", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="model.pt, a run's checkpoints/, or released weights "
-                                                            "with --format")
+    parser = command_line("python -m eval.suite", __doc__)
+    add_checkpoint_arguments(parser)
     parser.add_argument("--suite", required=True, help="a shipped suite's name or a suite YAML file")
     parser.add_argument("--root", default=os.environ.get("MSCLIP_EVAL_ROOT"),
                         help="the folder (or s3:// prefix) holding the datasets (default: MSCLIP_EVAL_ROOT)")
     parser.add_argument("--output", help="results folder (default: eval-<suite> beside the checkpoint)")
-    parser.add_argument("--format", choices=("ours", "msclip", "openai", "open_clip"), default="ours")
-    parser.add_argument("--model", help="with --format: the model to build")
-    parser.add_argument("--source", help="with --format openai/open_clip: the open_clip model name")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -295,14 +287,9 @@ def main(argv=None) -> int:
     if not args.no_mlflow:
         announce_store(tracking_uri(args))
     try:
-        model, payload = load_checkpoint(args.checkpoint, args.format, args.model, args.source)
-        resolve_training_run(args, payload)
-    except (FileNotFoundError, InteropError) as e:
+        model, payload = open_checkpoint(args)
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except pickle.UnpicklingError:
-        print(f"error: {args.checkpoint}: refusing to load: it holds more than weights (weights-only loading)",
-              file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["clip-tiny", "msclip-s-tiny"])
     parser.add_argument("--procs", type=int, default=2, help="training processes (deepspeed --num_gpus)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides for every variant's training (e.g. the README's learning-rate sweep)")
+                        help="config overrides for every variant's training (e.g. the learning-rate sweep of docs/sweeps.md)")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
     data, runs = work / "data" / "demo", work / "runs"

@@ -21,6 +21,6 @@ export MASTER_PORT=${MASTER_PORT:-29500}
 # Every rank resumes from the newest complete checkpoint if the job is requeued, on whatever
 # the new allocation is: another number of nodes converts the checkpoint once (DeepSpeed's
 # universal checkpoint) and the data order goes on unchanged, as long as the new world size
-# divides data.readers (README, "Changing the number of GPUs mid-run").
+# divides data.readers (docs/training.md, "Changing the number of GPUs mid-run").
 srun --kill-on-bad-exit=1 python launch/train.py --deepspeed_config "$DS_CONFIG" --config "$RUN_YAML" \
     train.resume=latest "$@"

@@ -24,7 +24,6 @@ creates the parent run and prints each child's commands for a scheduler instead.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
@@ -41,7 +40,8 @@ from pathlib import Path
 import yaml
 
 from launch.demo import free_port
-from pipeline.redact import redact, redact_output
+from pipeline.cli import command_line
+from pipeline.redact import redact
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE = "sweep.json"
@@ -236,9 +236,7 @@ def fmt(value) -> str:
 
 def summary_plot(summary_csv: Path, path: Path) -> Path:
     """Per headline metric, each variant's mean with its std over seeds as the error bar."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from eval.plots import plt, save_figure
     with open(summary_csv) as f:
         header, *rows = list(csv.reader(f))
     metrics = [h[:-len(" mean")] for h in header if h.endswith(" mean")]
@@ -251,10 +249,7 @@ def summary_plot(summary_csv: Path, path: Path) -> Path:
         ax.set_xticks(range(len(shown)), [r[0] for r in shown], rotation=45, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def finish(client, state: dict, experiment_id: str, sweep_dir: Path):
@@ -284,9 +279,7 @@ def finish(client, state: dict, experiment_id: str, sweep_dir: Path):
 # ---- main ---------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    redact_output()  # what this prints (URLs of stores and datasets) goes without credentials
-    parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m launch.sweep", __doc__)
     parser.add_argument("--config", required=True, help="the recipe every child starts from")
     parser.add_argument("--deepspeed_config", required=True)
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2")
@@ -323,7 +316,7 @@ def main(argv=None) -> int:
         return 2
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import announce_store, resolve_tracking_uri, runs_page, training_experiment
+    from pipeline.tracking.store import announce_store, resolve_tracking_uri, runs_page, training_experiment
     name = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     output_dir = Path(cfg.train.output_dir).resolve()
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, output_dir)

@@ -10,18 +10,17 @@ before the process group starts.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
+from pipeline.cli import command_line
 from pipeline.config import ConfigError
-from pipeline.preflight import check_run
-from pipeline.redact import redact_output
+from pipeline.train.preflight import check_run
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="deepspeed launch/train.py", description=__doc__.split("\n\n")[0])
+    parser = command_line("deepspeed launch/train.py", __doc__, notes=False)
     parser.add_argument("--deepspeed_config", required=True, help="ds_configs/*.json (DeepSpeed knobs only)")
     parser.add_argument("--config", help="run YAML (launch/recipes/*.yaml)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -39,26 +38,31 @@ def adopt_slurm_env():
 
 def validate(args):
     """Every input check, before any process group exists: first those that need no torch
-    (pipeline/preflight.py: a bad config fails in a fraction of a second), then those that do
-    (pipeline.trainer.prepare). Returns (config, DeepSpeed config, world size, periodic
-    evaluator or None, model.init_from's (weights, key report) or None)."""
-    cfg, ds_config, world = check_run(args.config, args.overrides, args.deepspeed_config)
-    from pipeline.trainer import prepare
-    return (cfg, ds_config, world, *prepare(cfg, ds_config, args.deepspeed_config))
+    (pipeline/train/preflight.py: a bad config fails in a fraction of a second), then those
+    that do (pipeline.train.trainer.prepare, and the evaluation set's contents). Returns the
+    run's plan, its evaluation during training (or None) and model.init_from's (weights,
+    key report) (or None)."""
+    plan = check_run(args.config, args.overrides, args.deepspeed_config)
+    from pipeline.train.trainer import prepare
+    initial = prepare(plan, args.deepspeed_config)
+    evaluator = None
+    if plan.cfg.eval.every_steps:  # the application's evaluation, handed to the library's trainer
+        from eval.during_training import PeriodicZeroShot
+        evaluator = PeriodicZeroShot(plan.cfg.eval, plan.cfg.train.steps)
+    return plan, evaluator, initial
 
 
 def main(argv=None):
-    redact_output()  # first: the logging handler below writes to the redacting stderr
+    args = parse_args(argv)  # first (it redacts the output): the logging handler below writes to the redacting stderr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = parse_args(argv)
     adopt_slurm_env()
     try:
-        cfg, ds_config, _, evaluator, initial = validate(args)
+        plan, evaluator, initial = validate(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.trainer import run
-    return run(cfg, ds_config, evaluator, initial)
+    from pipeline.train.trainer import run
+    return run(plan, evaluator, initial)
 
 
 if __name__ == "__main__":

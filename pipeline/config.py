@@ -47,7 +47,7 @@ class ModelConfig:
     # the kept positions (pipeline/model/token_drop.py). Evaluation sees every token.
     token_drop: float = 0.0
     # Start from these weights instead of a random init (fine-tuning, continued
-    # pre-training): our export (model.pt, e.g. from `python -m pipeline.checkpoint import`),
+    # pre-training): our export (model.pt, e.g. from `python -m pipeline.weights import`),
     # a released MS-CLIP checkpoint, or an openai / open_clip state dict, which needs
     # init_from_source (the open_clip model name: it fixes the activation). A different image size interpolates the position
     # embedding; the key report is printed and logged to MLflow.
@@ -439,7 +439,7 @@ class TrackingConfig:
     # Peak FLOP/s of one device (e.g. 989 for an H100 SXM in bf16) for the logged MFU; None: no MFU.
     peak_tflops: Optional[float] = None
     # Log the final export as an MLflow Model (a pyfunc giving image and text embeddings:
-    # pipeline/mlflow_model.py). Off by default: it copies the export (~600 MB at B/32).
+    # pipeline/tracking/mlflow_model.py). Off by default: it copies the export (~600 MB at B/32).
     log_model: bool = False
     # The MLflow run this one is nested under (MLflow's mlflow.parentRunId tag): launch.sweep
     # sets it to its parent run, so `mlflow ui` shows a sweep's runs folded under it.

@@ -12,7 +12,7 @@ DeCLIP = {clip: 0.4, nn: 0.2, simsiam: 0.2, mlm: 0.2} with 2 MoCo image views an
 text view; DeFILIP adds filip: 0.2 (launch/recipes/demo-declip.yaml, demo-defilip.yaml).
 
 An objective of one view's pooled features (plain CLIP) runs with exact large-batch
-accumulation (pipeline/engine.py); the others at accumulation 1 (global = micro x world).
+accumulation (pipeline/train/engine.py); the others at accumulation 1 (global = micro x world).
 The model (pipeline/model) never imports this module: export and evaluation need the
 encoder only, plus FILIP's token heads (pipeline/model/heads.py).
 """

@@ -12,7 +12,7 @@ from eval.compare import main
 def store(tmp_path):
     import mlflow
 
-    from pipeline.tracking import training_experiment
+    from pipeline.tracking.store import training_experiment
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     # as the trainer creates it: artifacts beside the store (MLflow's default is ./mlruns)

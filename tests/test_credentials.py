@@ -63,7 +63,7 @@ def auth_server(tmp_path_factory):
 
 def log_three_steps(run_dir, uri: str, experiment: str):
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MetricsLogger
+    from pipeline.tracking.logger import MetricsLogger
     cfg = TrackingConfig(tracking_uri=uri, experiment=experiment, system_metrics=False, flush_seconds=30)
     logger = MetricsLogger(run_dir, cfg, run_dir.parent, "r")
     logger.log_params({"train.steps": 3, "data.train_shards": "https://h/0.tar?X-Amz-Signature=deadbeef"})
@@ -82,8 +82,8 @@ def stored_run(uri: str, experiment: str):
 
 def test_basic_auth_right_credentials_log_wrong_ones_are_said_once_and_kept_for_sync(tmp_path, auth_server,
                                                                                     monkeypatch, capsys):
-    from pipeline.tracking import main as tracking_main
-    # the environment's credentials (MLflow's own variables), as the README recommends
+    from pipeline.tracking.__main__ import main as tracking_main
+    # the environment's credentials (MLflow's own variables), as docs/tracking.md recommends
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ALICE[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ALICE[1])
     log_three_steps(tmp_path / "right", auth_server.uri, "auth-right")

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 20
 # One process with exact accumulation scores each micro-batch as the rank of a 2-process run
-# holding those samples would (pipeline/engine.py, exact_accumulation_step), and the gradient
+# holding those samples would (pipeline/train/engine.py, exact_accumulation_step), and the gradient
 # norm that clipping divides by is summed the same on both (engine.topology_free_grad_norm):
 # every loss and every grad norm is then the same number, bit for bit, on 1 or 2 processes,
 # at any step and across moves. Either fix alone leaves a drift that Adam amplifies: without

@@ -11,8 +11,8 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.config import ConfigError, OptimConfig, TrainConfig
-from pipeline.ds_config import accumulation_steps, check_against_deepspeed, fill_ds_config, read_ds_config
-from pipeline.engine import lr_factor, param_groups
+from pipeline.train.ds_config import accumulation_steps, check_against_deepspeed, fill_ds_config, read_ds_config
+from pipeline.train.engine import lr_factor, param_groups
 from pipeline.losses import contrastive_loss
 from pipeline.model import MAX_LOGIT_SCALE, build_model
 from pipeline.model.token_drop import draw_keep
@@ -140,7 +140,7 @@ def _engine_worker(rank: int, world: int, port: int, out_path: str, scenario: st
     import deepspeed
     import torch.distributed as dist
     from pipeline.config import ObjectiveConfig
-    from pipeline.engine import topology_free_grad_norm, train_step
+    from pipeline.train.engine import topology_free_grad_norm, train_step
     from pipeline.objectives import ComposedObjective, TrainModule
     torch.manual_seed(0)
     model = build_model("msclip-tiny")
@@ -239,7 +239,7 @@ def test_logit_scale_master_copy_is_clamped(tmp_path):
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def test_latest_ignores_half_written_checkpoints_and_prune_keeps_k(tmp_path):
-    from pipeline.checkpoint import COMPLETE, complete_tags, prune, resolve_resume
+    from pipeline.weights.files import COMPLETE, complete_tags, prune, resolve_resume
     for step, complete in [(100, True), (200, True), (300, True), (400, False)]:
         d = tmp_path / f"step_{step:08d}"
         d.mkdir()
@@ -258,7 +258,7 @@ def test_latest_ignores_half_written_checkpoints_and_prune_keeps_k(tmp_path):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, capsys):
     """Issue 18: every checkpoint records its files' sha256; a flipped byte or a truncated
     file in the newest makes resume=latest take the previous one, in one line."""
-    from pipeline.checkpoint import COMPLETE, checksums, resolve_resume
+    from pipeline.weights.files import COMPLETE, checksums, resolve_resume
     for step in (100, 200, 300):
         d = tmp_path / f"step_{step:08d}"
         (d / "zero").mkdir(parents=True)
@@ -286,7 +286,8 @@ class _RunsCode:
 
 
 def test_loading_never_unpickles_code(tmp_path, monkeypatch):
-    from pipeline.checkpoint import load_exported, safe_torch_load
+    from pipeline.weights.export import load_exported
+    from pipeline.weights.checkpoint import safe_torch_load
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     evil = tmp_path / "model.pt"

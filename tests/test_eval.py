@@ -226,7 +226,7 @@ def test_linear_probe_refuses_to_report_an_unconverged_fit(monkeypatch, probe_fe
 
 @pytest.fixture(scope="module")
 def model(trained_model):
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
     return load_exported(trained_model)[0]
 
 

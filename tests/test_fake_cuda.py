@@ -32,7 +32,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from pipeline.config import DataConfig, FilipConfig, NearestNeighbourConfig, ObjectiveConfig, SlipConfig
 from pipeline.data.loader import DataStream
 from pipeline.data.recipe import ImageSpec
-from pipeline.engine import train_step
+from pipeline.train.engine import train_step
 from pipeline.model import build_model
 from pipeline.model.configs import MODEL_CONFIGS
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch

@@ -4,6 +4,7 @@ SDPA attention, the fused QKV projection (against PyTorch's own multi-head atten
 fused AdamW (torch's and DeepSpeed's), bf16 autocast. What each
 buys is measured in bench/bench_fast_paths.py and bench/bench_train.py, not here."""
 import copy
+import dataclasses
 import io
 import math
 
@@ -14,12 +15,13 @@ from PIL import Image
 
 from pipeline.config import DataConfig, ObjectiveConfig
 from pipeline.data.decode import decode_sample
-from pipeline.data.loader import DataStream, StreamSpec
+from pipeline.data.loader import DataStream
 from pipeline.data.samples import BatchMaker
-from pipeline.data.recipe import BatchRecipe, ImageSpec
+from pipeline.data.recipe import BatchRecipe, ImageSpec, StreamSpec
+from pipeline.data.remote import read_policy
 from pipeline.data.shards import ShardSet
 from pipeline.data.transforms import eval_transform
-from pipeline.engine import model_batch
+from pipeline.train.engine import model_batch
 from pipeline.losses import contrastive_loss
 from pipeline.model import build_model
 from pipeline.model.layers import Attention
@@ -49,12 +51,13 @@ def test_jpeg_draft_decodes_smaller_and_the_crop_stays_the_same():
 
 
 def test_draft_size_keeps_full_resolution_for_the_smallest_crop():
-    spec = StreamSpec(shards=ShardSet(["x.tar"], [1]), batch_size=1, image_size=224, normalization="clip",
-                      context_length=77, rrc_scale=(0.9, 1.0))
+    data = DataConfig(train_shards="x.tar", rrc_scale=(0.9, 1.0))
+    spec = StreamSpec(data=data, shards=ShardSet(["x.tar"], [1]), read=read_policy(data), recipe=BatchRecipe(),
+                      image=ImageSpec(224, "clip"), context_length=77, batch_size=1)
     assert BatchMaker(spec).draft_size == math.ceil(224 / math.sqrt(0.9))
-    slip = StreamSpec(**{**spec.__dict__, "recipe": BatchRecipe(ssl_views=2)})  # SimCLR crops down to 8% of the area
+    slip = dataclasses.replace(spec, recipe=BatchRecipe(ssl_views=2))  # SimCLR crops down to 8% of the area
     assert BatchMaker(slip).draft_size == math.ceil(224 / math.sqrt(0.08))
-    off = StreamSpec(**{**spec.__dict__, "jpeg_draft": False})
+    off = dataclasses.replace(spec, data=dataclasses.replace(data, jpeg_draft=False))
     assert BatchMaker(off).draft_size == 0
 
 

@@ -32,7 +32,7 @@ def test_filip_scale_has_no_forward_clamp_and_is_clamped_to_3_6_between_steps():
     """DeCLIP's FILIP: `logit_scale_dense.exp()` in the forward, unclamped; its runs clamp
     the stored value to [3, 6] around every step (objective.filip.logit_scale_min/max)."""
     from pipeline.config import FilipConfig
-    from pipeline.engine import clamp_logit_scale
+    from pipeline.train.engine import clamp_logit_scale
     from pipeline.losses.filip import filip_loss
     from pipeline.objectives import ComposedObjective, TrainModule
     from pipeline.tokenizer import tokenize
@@ -78,12 +78,12 @@ def test_counting_flops_leaves_the_model_and_the_rng_untouched():
 
 
 def test_a_skipped_step_does_not_poison_the_logged_loss():
-    from pipeline.trainer import add_to_window, new_window
-    window = new_window()
+    from pipeline.train.trainer import Window
+    window = Window()
     for loss, skipped in ((2.0, 0), (float("nan"), 1), (4.0, 0)):
-        add_to_window(window, {"loss": torch.tensor(loss), "skipped": skipped})
-    assert window["steps"] == 3 and window["losses"] == 2
-    assert (window["loss"] / window["losses"]).item() == 3.0
+        window.add({"loss": torch.tensor(loss), "skipped": skipped})
+    assert window.steps == 3 and window.losses == 2 and window.skipped == 1
+    assert window.mean_loss().item() == 3.0
 
 
 def test_filip_alone_can_train_on_mlm_masked_captions_as_declips_filip_config(demo_data):
@@ -120,9 +120,9 @@ def test_declip_and_defilip_recipes_clip_no_gradient_norm():
 
 
 def filip_only_export(tmp_path):
-    """A FILIP-only model exported the way pipeline.checkpoint.export writes one (its
+    """A FILIP-only model exported the way pipeline.weights.export.export writes one (its
     payload keys, the heads the trainer's module names), then loaded by load_exported."""
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
     from pipeline.config import FilipConfig, to_dict
     from pipeline.model.heads import heads_for_export
     from pipeline.objectives import ComposedObjective, TrainModule, objective_arch

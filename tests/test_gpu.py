@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu,
 def process_group():
     """One process, NCCL: what the deepspeed launcher gives a single-GPU run."""
     import deepspeed
-    from pipeline.engine import arch_list_deepspeed_can_parse
+    from pipeline.train.engine import arch_list_deepspeed_can_parse
     arch_list_deepspeed_can_parse()  # as the trainer does before deepspeed.initialize
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="nccl")
@@ -66,7 +66,7 @@ def test_token_dropping_on_cuda_equals_the_cpu_forward(name):
 
 def test_fused_adam_step_equals_torch_adamw():
     from deepspeed.ops.adam import FusedAdam
-    from pipeline.engine import arch_list_deepspeed_can_parse
+    from pipeline.train.engine import arch_list_deepspeed_can_parse
     arch_list_deepspeed_can_parse()
     torch.manual_seed(0)
     params = [torch.randn(257, 129, device="cuda", requires_grad=True) for _ in range(2)]
@@ -100,8 +100,8 @@ def test_every_objective_steps_through_deepspeed_on_cuda(recipe, process_group, 
     """ZeRO-2, bf16 engine, FusedAdam: one step, a finite loss, the parameters moved."""
     import deepspeed
     from pipeline.config import ObjectiveConfig, OptimConfig, TrainConfig
-    from pipeline.ds_config import fill_ds_config
-    from pipeline.engine import param_groups, train_step
+    from pipeline.train.ds_config import fill_ds_config
+    from pipeline.train.engine import param_groups, train_step
     from pipeline.model import build_model
     from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
     cfg = ObjectiveConfig(**RECIPES[recipe], **SMALL)

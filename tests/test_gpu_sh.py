@@ -26,7 +26,7 @@ def test_a_failing_gpu_test_still_runs_the_bench_and_appends_both_outputs(tmp_pa
 
 
 def test_deepspeed_gets_an_arch_list_it_can_parse(monkeypatch):
-    from pipeline.engine import arch_list_deepspeed_can_parse
+    from pipeline.train.engine import arch_list_deepspeed_can_parse
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0a+PTX")
     arch_list_deepspeed_can_parse()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0 10.0+PTX"

@@ -1,5 +1,6 @@
 """OpenAI / open_clip weights in and out (issue 15), against open_clip itself: random
 weights in open_clip's own models stand in for released ones (no downloads here)."""
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -7,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import load_exported, main as checkpoint_main
-from pipeline.interop import InteropError, UntrustedFileError, import_weights, open_clip_arch, read_state_dict
+from pipeline.weights.__main__ import main as weights_main
+from pipeline.weights.export import load_exported
+from pipeline.weights.interop import InteropError, UntrustedFileError, import_weights, open_clip_arch, read_state_dict
 from pipeline.model import build_model
 from pipeline.tokenizer import get_tokenizer
 
@@ -51,7 +53,7 @@ def test_open_clip_round_trip_gives_the_same_embeddings(tmp_path, source, ours, 
     else:  # open_clip's training checkpoints: a dict with the state dict under "state_dict", DDP's prefix
         torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
     imported = tmp_path / "ours.pt"
-    assert checkpoint_main(["import", "--format", "open_clip", "--input", str(path), "--model", ours,
+    assert weights_main(["import", "--format", "open_clip", "--input", str(path), "--model", ours,
                             "--source", source, "--output", str(imported)]) == 0
     model, payload = load_exported(imported)
     assert payload["arch"]["activation"] == ("quick_gelu" if "quickgelu" in source else "gelu")
@@ -63,7 +65,7 @@ def test_open_clip_round_trip_gives_the_same_embeddings(tmp_path, source, ours, 
     assert_same(outputs(model, images, text), expected)
 
     exported = tmp_path / "back.pt"
-    assert checkpoint_main(["export", "--format", "open_clip", "--checkpoint", str(imported),
+    assert weights_main(["export", "--format", "open_clip", "--checkpoint", str(imported),
                             "--output", str(exported)]) == 0
     back = open_clip.create_model(source, pretrained=str(exported)).eval()
     assert_same(outputs(back, images, text), expected)
@@ -121,7 +123,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path, caps
     torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "payload": _RunsCode(marker)}, path)
     with pytest.raises(UntrustedFileError, match="refused, it holds objects that would run code"):
         read_state_dict(path)
-    assert checkpoint_main(["import", "--format", "open_clip", "--input", str(path), "--model", "clip-b32",
+    assert weights_main(["import", "--format", "open_clip", "--input", str(path), "--model", "clip-b32",
                             "--source", "ViT-B-32", "--output", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "weights_only=False" not in err
@@ -140,7 +142,7 @@ def test_msclip_models_keep_our_format(tmp_path):
     from pipeline.config import to_dict
     path = tmp_path / "msclip.pt"
     torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "msclip-tiny"}, path)
-    assert checkpoint_main(["export", "--format", "open_clip", "--checkpoint", str(path),
+    assert weights_main(["export", "--format", "open_clip", "--checkpoint", str(path),
                             "--output", str(tmp_path / "x.pt")]) == 2
 
 
@@ -155,7 +157,7 @@ def our_export(path, name="clip-tiny", seed=123, **overrides):
 
 
 def test_resizing_the_position_embedding_to_its_own_grid_is_the_identity():
-    from pipeline.interop import resize_positional_embedding
+    from pipeline.weights.interop import resize_positional_embedding
     embedding = torch.randn(1 + 7 * 7, 32)
     assert torch.allclose(resize_positional_embedding(embedding, 7), embedding, atol=1e-6)
     resized = resize_positional_embedding(embedding, 9)
@@ -163,7 +165,7 @@ def test_resizing_the_position_embedding_to_its_own_grid_is_the_identity():
 
 
 def test_init_from_another_image_size_interpolates_and_says_so(tmp_path):
-    from pipeline.interop import initial_weights
+    from pipeline.weights.interop import initial_weights
     from pipeline.model.configs import resolve_arch
     source = our_export(tmp_path / "64px.pt")  # 64 px, patch 16: a 4 x 4 grid
     arch = resolve_arch("clip-tiny", {"image_size": 96})  # 6 x 6
@@ -175,7 +177,7 @@ def test_init_from_another_image_size_interpolates_and_says_so(tmp_path):
 
 
 def test_init_from_refuses_what_it_cannot_start_from(tmp_path):
-    from pipeline.interop import initial_weights
+    from pipeline.weights.interop import initial_weights
     from pipeline.model.configs import resolve_arch
     our_export(tmp_path / "gelu.pt", activation="gelu")
     with pytest.raises(InteropError, match="trained with gelu, the model uses quick_gelu: set "
@@ -206,7 +208,7 @@ def test_every_reference_key_maps_and_the_sharing_is_the_same(variant):
     tests/data/msclip_reference.json, generated once from Hxyou/MSCLIP): every key maps,
     every tensor of ours is covered, shapes equal, and what the reference shares between
     the towers is one tensor in ours."""
-    from pipeline.interop import from_msclip, key_report
+    from pipeline.weights.interop import from_msclip, key_report
     facts = REFERENCE["variants"][variant]
     with torch.device("meta"):
         model = build_model(OURS_FOR[variant])
@@ -239,7 +241,7 @@ def test_seeded_reference_weights_give_the_reference_codes_outputs(tmp_path):
     path = tmp_path / "tiny_ckpt.pth"
     torch.save(seeded_state_dict(tiny["shapes"], tiny["shared"]), path)
     imported = tmp_path / "ours.pt"
-    assert checkpoint_main(["import", "--format", "msclip", "--input", str(path), "--model", "msclip-s-tiny",
+    assert weights_main(["import", "--format", "msclip", "--input", str(path), "--model", "msclip-s-tiny",
                             "--output", str(imported)]) == 0
     model, _ = load_exported(imported)
     images, text = probe_inputs(context_length=32)
@@ -263,7 +265,7 @@ def test_a_file_whose_shared_copies_differ_is_refused(tmp_path):
 
 def test_init_from_reads_a_released_msclip_checkpoint(tmp_path):
     from msclip_weights import seeded_state_dict
-    from pipeline.interop import initial_weights
+    from pipeline.weights.interop import initial_weights
     from pipeline.model.configs import resolve_arch
     tiny = REFERENCE["tiny"]
     torch.save(seeded_state_dict(tiny["shapes"], tiny["shared"]), tmp_path / "tiny_ckpt.pth")
@@ -285,8 +287,7 @@ def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp
     from eval.__main__ import main as eval_main
     from eval.compare import main as compare_main
     from msclip_weights import seeded_state_dict
-    from pipeline.interop import sha256
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.store import resolve_tracking_uri
     tiny = REFERENCE["tiny"]
     path = tmp_path / "downloads" / "weights" / "released_ckpt.pth"
     path.parent.mkdir(parents=True)
@@ -305,7 +306,7 @@ def test_eval_of_released_weights_is_a_reference_run_beside_the_trained_ones(tmp
     assert "MLFLOW_TRACKING_URI" not in os.environ
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cmp").experiment_id])
-    assert run.data.tags["reference"] == "true" and run.data.tags["source_sha256"] == sha256(path)
+    assert run.data.tags["reference"] == "true" and run.data.tags["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "eval/zeroshot/digits/acc1" in run.data.metrics
     assert client.get_experiment_by_name("cmp").tags["mlflow.experimentKind"] == "custom_model_development"
     table = tmp_path / "t.csv"

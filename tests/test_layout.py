@@ -1,6 +1,7 @@
-"""The library's imports point downstream (README, Layout): a module never imports one
-above it, at the top of the file or inside a function. Read from the source, so an
-import added anywhere fails here."""
+"""The house's plan (docs/design.md, Layout; pipeline/__init__.py): every package and top-level
+module stands on a floor, a module never imports one on a floor above it (at the top of
+the file or inside a function), and no modules import each other in a circle. Read from
+the source, so an import added anywhere fails here."""
 import ast
 from pathlib import Path
 
@@ -8,21 +9,27 @@ import pytest
 
 from conftest import REPO_ROOT
 
-# module prefix -> the packages it must not import (everything above it)
-ABOVE = {
-    "pipeline.tokenizer": ("pipeline.model", "pipeline.losses", "pipeline.data", "pipeline.objectives",
-                           "pipeline.engine", "pipeline.checkpoint", "pipeline.trainer"),
-    "pipeline.model": ("pipeline.losses", "pipeline.data", "pipeline.objectives", "pipeline.engine",
-                       "pipeline.checkpoint", "pipeline.trainer"),
-    "pipeline.losses": ("pipeline.model", "pipeline.data", "pipeline.objectives", "pipeline.engine",
-                        "pipeline.checkpoint", "pipeline.trainer"),
-    "pipeline.data": ("pipeline.losses", "pipeline.objectives", "pipeline.engine", "pipeline.checkpoint",
-                      "pipeline.trainer"),
-    "pipeline.objectives": ("pipeline.engine", "pipeline.checkpoint", "pipeline.trainer"),
-    "pipeline.engine": ("pipeline.data", "pipeline.objectives", "pipeline.checkpoint", "pipeline.trainer"),
-    "pipeline.checkpoint": ("pipeline.objectives", "pipeline.data", "pipeline.engine", "pipeline.trainer"),
-    "eval": ("pipeline.objectives", "pipeline.engine", "pipeline.trainer"),
-}
+# Bottom to top. A module may import modules of its own floor's package or below, never
+# above; the library (pipeline) never imports the applications built on it.
+FLOORS = [
+    ("pipeline.redact", "pipeline.ranks", "pipeline.tokenizer", "pipeline.cli"),  # shared leaves
+    ("pipeline.model",),
+    ("pipeline.config", "pipeline.pixels"),
+    ("pipeline.losses",),
+    ("pipeline.data",),
+    ("pipeline.objectives",),
+    ("pipeline.weights",),
+    ("pipeline.tracking",),
+    ("pipeline.train",),
+    ("data_prep",),
+    ("eval",),
+    ("launch",),
+    ("bench",),
+]
+# Beside the floors: evaluation needs the encoder, never the training code (an export, or
+# the trainer's module read through its encoder: eval/during_training.py)
+APART = {"eval": ("pipeline.objectives", "pipeline.train")}
+PACKAGES = ("pipeline", "eval", "launch", "data_prep", "bench")
 
 
 def module_name(path: Path) -> str:
@@ -30,9 +37,23 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported(path: Path) -> set[str]:
+MODULES = {module_name(p): p for package in PACKAGES for p in sorted((REPO_ROOT / package).rglob("*.py"))}
+
+
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def floor_of(name: str) -> int | None:
+    if name == "pipeline":  # the package's own __init__: a docstring
+        return 0
+    return next((i for i, prefixes in enumerate(FLOORS) for p in prefixes if within(name, p)), None)
+
+
+def imported(source: str) -> set[str]:
+    """Every dotted name an import statement names (a `from a.b import c` names a.b and a.b.c)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -41,23 +62,97 @@ def imported(path: Path) -> set[str]:
     return names
 
 
-SOURCES = sorted([*(REPO_ROOT / "pipeline").rglob("*.py"), *(REPO_ROOT / "eval").rglob("*.py")])
+def project_modules(names: set[str], modules) -> set[str]:
+    """The project's modules among imported names (a name's longest prefix that is one)."""
+    out = set()
+    for name in names:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name:
+            out.add(name)
+    return out
 
 
-def upward_imports(name: str, path: Path) -> list[str]:
-    forbidden = [above for prefix, aboves in ABOVE.items() if name == prefix or name.startswith(prefix + ".")
-                 for above in aboves]
-    return sorted(i for i in imported(path) for above in forbidden if i == above or i.startswith(above + "."))
+def upward_imports(name: str, imports: set[str]) -> list[str]:
+    """What `name` imports from above its floor, or from a package it stands apart from."""
+    floor = floor_of(name)
+    bad = {i for i in imports if (floor_of(i) or 0) > floor}
+    bad |= {i for prefix, apart in APART.items() if within(name, prefix)
+            for i in imports for a in apart if within(i, a)}
+    return sorted(bad)
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
-def test_no_module_imports_one_above_it(path):
-    assert upward_imports(module_name(path), path) == []
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of a module graph: its strongly connected components of more
+    than one module, and modules that import themselves (Tarjan's algorithm)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph.get(v, ()):
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
 
 
-def test_the_check_sees_an_upward_import(tmp_path):
-    """The check itself: a function-local import of the objectives in a data module is found."""
-    probe = tmp_path / "probe.py"
-    probe.write_text("def f():\n    from pipeline.objectives import TrainModule\n")
-    assert upward_imports("pipeline.data.probe", probe) == ["pipeline.objectives", "pipeline.objectives.TrainModule"]
-    assert upward_imports("pipeline.trainer", probe) == []
+GRAPH = {name: project_modules(imported(path.read_text()), MODULES) - {name} for name, path in MODULES.items()}
+
+
+def test_every_package_and_module_has_a_floor():
+    assert [name for name in MODULES if floor_of(name) is None] == []
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_imports_one_above_it(name):
+    assert upward_imports(name, GRAPH[name]) == []
+
+
+def test_no_import_circle():
+    assert circles(GRAPH) == []
+
+
+@pytest.mark.parametrize("floor", range(len(FLOORS) - 1), ids=lambda i: FLOORS[i][0])
+def test_the_check_sees_an_upward_import_into_each_floor(floor):
+    """The check itself: a module planted in each package (or a top-level module itself)
+    that imports, even inside a function, the floor above is found; the same import from
+    the floor above is not."""
+    above = FLOORS[floor + 1][0]
+    probe = f"def f():\n    from {above}.x import y\n"
+    for prefix in FLOORS[floor]:  # a probe inside a package, or a name within a top-level module
+        planted = f"{prefix}.probe"
+        assert upward_imports(planted, project_modules(imported(probe), {above, *MODULES})) == [above], planted
+    assert upward_imports(f"{above}.probe", {FLOORS[floor][0]}) == []
+
+
+def test_the_check_sees_eval_import_the_trainer():
+    assert upward_imports("eval.probe", {"pipeline.train.trainer"}) == ["pipeline.train.trainer"]
+
+
+def test_the_check_sees_a_planted_circle():
+    """Two modules of one package that import each other (the loader and its samples once
+    did, through StreamSpec), and a longer one: the checkpoint files importing the
+    importer (checkpoint.py and interop.py once imported each other)."""
+    graph = {**GRAPH, "pipeline.data.probe_a": {"pipeline.data.probe_b"}, "pipeline.data.probe_b": {"pipeline.data.probe_a"}}
+    assert circles(graph) == [["pipeline.data.probe_a", "pipeline.data.probe_b"]]
+    graph = {**GRAPH, "pipeline.weights.files": GRAPH["pipeline.weights.files"] | {"pipeline.weights.interop"}}
+    assert circles(graph) == [["pipeline.weights.checkpoint", "pipeline.weights.export", "pipeline.weights.files",
+                               "pipeline.weights.interop"]]

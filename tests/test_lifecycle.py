@@ -1,4 +1,4 @@
-"""How a rank takes signals (pipeline/lifecycle.py), in a child interpreter so that a
+"""How a rank takes signals (pipeline/train/lifecycle.py), in a child interpreter so that a
 signal that ends the process ends the child, not pytest."""
 import os
 import signal
@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 
 CHILD = """
 import os, signal, time
-from pipeline.lifecycle import StopRequest
+from pipeline.train.lifecycle import StopRequest
 stop = StopRequest()
 for name in {names!r}:
     os.kill(os.getpid(), getattr(signal, name))
@@ -41,7 +41,7 @@ def test_ctrl_c_then_the_launchers_sigterm_stop_at_a_step_but_a_second_ctrl_c_en
 def test_the_heartbeat_file_is_written_every_few_seconds_and_at_the_end_not_every_step(tmp_path):
     import json
 
-    from pipeline.lifecycle import Heartbeat
+    from pipeline.train.lifecycle import Heartbeat
     heartbeat = Heartbeat(tmp_path, 3, timeout_minutes=60)
     beats = tmp_path / "heartbeat" / "rank3.json"
     for step in range(1, 101):  # far faster than Heartbeat.WRITE_SECONDS
@@ -54,7 +54,7 @@ def test_the_heartbeat_file_is_written_every_few_seconds_and_at_the_end_not_ever
 HUNG_PEER = """
 import os, sys, time
 import torch, torch.distributed as dist
-from pipeline.lifecycle import Heartbeat, collective_timeout
+from pipeline.train.lifecycle import Heartbeat, collective_timeout
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2, timeout=collective_timeout({minutes}))
 if rank == 1:
@@ -90,7 +90,7 @@ def test_a_rank_waiting_on_a_hung_peer_ends_in_the_watchdogs_line_not_the_backen
 
 LONG_BETWEEN_STEPS = """
 import sys, time
-from pipeline.lifecycle import Heartbeat
+from pipeline.train.lifecycle import Heartbeat
 heartbeat = Heartbeat(sys.argv[1], 0, 0.01)  # a 0.6 s deadline
 heartbeat.beat(7)
 heartbeat.doing("the evaluation at step 7 (eval.every_steps)")

@@ -24,7 +24,7 @@ def test_logged_model_loads_through_mlflow_and_embeds_like_the_model(tmp_path, m
     the Model lands in the bucket and loads back through the server."""
     import mlflow
 
-    from pipeline.mlflow_model import log_model
+    from pipeline.tracking.mlflow_model import log_model
     torch.manual_seed(0)
     model = build_model("msclip-s-tiny").eval()
     exported = tmp_path / "model.pt"

@@ -40,7 +40,7 @@ PHOTOS = {"train_shards": "{demo}/shards/photos"}
                          ids=["slip", "filip", "declip", "defilip", "pyramidclip", "zerovl"])
 def test_objective_trains_through_the_launcher(tmp_path, demo_data, objective, data):
     from mlflow.tracking import MlflowClient
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
     weights = objective["weights"]
     name = "-".join(weights)
     photos_copy = tmp_path / "photos_copy"

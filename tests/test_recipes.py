@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from pipeline.config import features_only, load_config
-from pipeline.ds_config import fill_ds_config, read_ds_config
+from pipeline.train.ds_config import fill_ds_config, read_ds_config
 from pipeline.model import build_model
 from pipeline.objectives import ComposedObjective, objective_arch, uses_mask_token
 

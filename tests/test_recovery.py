@@ -121,7 +121,7 @@ def test_a_killed_rank_then_a_hung_rank_are_restarted_by_torchrun_from_the_newes
 
 
 def agent(config: Path, ds: Path, endpoint: str, name: str, log: Path) -> subprocess.Popen:
-    """One "node": a torchrun agent with one process, in the README's multi-node form (c10d
+    """One "node": a torchrun agent with one process, in docs/training.md's multi-node form (c10d
     rendezvous, 1 to 2 nodes, restarts allowed). Its output goes to `log`."""
     return subprocess.Popen([TORCHRUN, "--nnodes", "1:2", "--nproc-per-node", "1", "--max-restarts", "3",
                              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "nodes",

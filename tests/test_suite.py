@@ -125,7 +125,7 @@ def test_a_suite_runs_into_mlflow_resumes_after_a_kill_and_skips_what_is_missing
     from mlflow.tracking import MlflowClient
     from eval.compare import comparison_rows
     from eval.runner import evaluate_dataset, read_dataset
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
     suite = tmp_path / "mini.yaml"
     suite.write_text(SUITE)
     out, uri = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -182,7 +182,7 @@ def test_a_suite_runs_into_mlflow_resumes_after_a_kill_and_skips_what_is_missing
 
 def test_during_training_a_suite_gives_each_dataset_and_the_aggregate(trained_model, eval_root, tmp_path, capsys):
     from eval.during_training import PeriodicZeroShot
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
     from pipeline.config import EvalConfig
     suite = tmp_path / "mini.yaml"
     suite.write_text(SUITE.replace("  - {name: digits_probe, task: linear_probe, paths: [digit_folders], "
@@ -200,15 +200,15 @@ def test_during_training_a_suite_gives_each_dataset_and_the_aggregate(trained_mo
 def test_clip_benchmark_cli_on_our_open_clip_export_agrees_with_python_m_eval(demo_data, eval_root, tmp_path):
     import open_clip
     from eval.__main__ import main as eval_main
-    from pipeline.checkpoint import load_exported
-    from pipeline.checkpoint import main as checkpoint_main
+    from pipeline.weights.export import load_exported
+    from pipeline.weights.__main__ import main as weights_main
     from pipeline.tokenizer import tokenize
     # clip-tiny (a size no open_clip config has) trained on the demo shards: above chance,
     # so the two evaluations agree on predictions that mean something (300 steps: 150 gave
     # 0.08 on one build of the demo shards, 300 gave 0.26 on it)
     ours = train_demo_model(demo_data, tmp_path / "model.pt", steps=300, model_name="clip-tiny")
     folder = tmp_path / "open_clip"
-    assert checkpoint_main(["export", "--format", "open_clip", "--checkpoint", str(ours), "--output", str(folder)]) == 0
+    assert weights_main(["export", "--format", "open_clip", "--checkpoint", str(ours), "--output", str(folder)]) == 0
     assert {p.name for p in folder.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors"}
     name = f"local-dir:{folder}"
     model, _, preprocess = open_clip.create_model_and_transforms(name)

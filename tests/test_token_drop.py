@@ -157,7 +157,7 @@ def test_bad_token_drop_settings_name_the_key(override, message):
 
 
 def test_unmasked_steps_without_dropping_is_refused_before_launch(tmp_path, demo_data, repo_root, monkeypatch):
-    from pipeline.preflight import check_run
+    from pipeline.train.preflight import check_run
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="train.unmasked_steps: 5 unmasked steps, but model.token_drop is 0"):
         check_run(None, [f"data.train_shards={demo_data}/shards/photos", "data.readers=1",

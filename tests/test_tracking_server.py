@@ -24,7 +24,7 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 def test_logger_writes_params_tags_metrics_and_artifacts_to_a_live_server(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MetricsLogger
+    from pipeline.tracking.logger import MetricsLogger
     cfg = TrackingConfig(tracking_uri=mlflow_server.uri, experiment="logger", system_metrics=False)
     logger = MetricsLogger(tmp_path / "run", cfg, tmp_path, "r", tags={"world_size": 2, "model": "clip-tiny"})
     logger.log_params({"train.steps": 3, "optim.lr": 1e-3})
@@ -47,7 +47,7 @@ def test_logger_writes_params_tags_metrics_and_artifacts_to_a_live_server(tmp_pa
 def test_an_experiment_that_says_its_kind_keeps_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import training_experiment
+    from pipeline.tracking.store import training_experiment
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mixed = client.create_experiment("mixed", tags={"mlflow.experimentKind": "finetuning"})
     assert training_experiment(client, "mixed") == mixed
@@ -198,7 +198,7 @@ def sync(*args: str) -> subprocess.CompletedProcess:
 
 def test_an_offline_run_synced_later_equals_the_online_run_and_a_second_sync_adds_nothing(tmp_path, mlflow_server):
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MetricsLogger
+    from pipeline.tracking.logger import MetricsLogger
     online_uri = f"sqlite:///{tmp_path / 'online.db'}"
     online = MetricsLogger(tmp_path / "runs" / "online", TrackingConfig(
         tracking_uri=online_uri, experiment="same", system_metrics=False), tmp_path, "r", tags={"world_size": 2})
@@ -234,7 +234,7 @@ def test_an_offline_run_synced_later_equals_the_online_run_and_a_second_sync_add
 
 def test_a_record_mlflow_refuses_is_reported_and_the_rest_still_goes(tmp_path):
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MetricsLogger
+    from pipeline.tracking.logger import MetricsLogger
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MetricsLogger(tmp_path / "run", TrackingConfig(tracking_uri=uri, experiment="refused",
                                                             system_metrics=False), tmp_path, "r")
@@ -250,7 +250,7 @@ def test_a_record_mlflow_refuses_is_reported_and_the_rest_still_goes(tmp_path):
 
 def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path):
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MetricsLogger
+    from pipeline.tracking.logger import MetricsLogger
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = TrackingConfig(tracking_uri=uri, experiment="resumed", system_metrics=False)
     first = MetricsLogger(tmp_path / "run", cfg, tmp_path, "r")
@@ -348,7 +348,7 @@ def test_a_store_that_comes_back_gets_every_record_and_no_false_alarm(tmp_path, 
     import time
 
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MetricsLogger
+    from pipeline.tracking.logger import MetricsLogger
     blocker = tmp_path / "store"
     blocker.write_text("in the way")
     uri = f"sqlite:///{blocker / 'mlflow.db'}"

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, free_port
-from pipeline.tracking import synced_run_id
+from pipeline.tracking.sync import synced_run_id
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -148,7 +148,7 @@ def test_each_zero_stage_trains_on_two_processes(tmp_path, demo_data, stage, lau
     assert sorted(losses) == [2, 4, 6] and all(v == v for v in losses.values())  # logged and finite
     info = json.loads((run_dir / "checkpoints" / "step_00000006" / "COMPLETE.json").read_text())
     assert info["world_size"] == 2
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
     model, payload = load_exported(run_dir / "model.pt")  # consolidated from ZeRO-{stage} shards
     from pipeline.model import build_model
     assert payload["step"] == 6  # the whole model the config names, gathered from every rank's partition
@@ -234,7 +234,7 @@ def test_a_save_into_a_full_filesystem_stops_in_one_line_and_keeps_the_previous_
         assert errors and all(re.match(r"error: checkpoint .*step_00000008 could not be written on rank \d .*; "
                                        r"[\d,]+ MB free there; the previous complete checkpoints are kept$", line)
                               for line in errors), result.stderr[-3000:]
-        from pipeline.checkpoint import resolve_resume
+        from pipeline.weights.files import resolve_resume
         ckpt = small / "full" / "checkpoints"
         assert resolve_resume("latest", ckpt, verify=True) == (ckpt, "step_00000004")  # intact, resumable
 
@@ -268,7 +268,7 @@ def test_with_save_failure_continue_a_full_disk_skips_saves_until_there_is_room(
         assert skipped[0]["step"] == 8 and "MB free in" in skipped[0]["reason"], skipped
         assert re.search(r"checkpoint at step 8 skipped \(rank \d: [\d,]+ MB free in .*\); training goes on", output)
         assert sorted(step_losses(run_dir)) == list(range(4, 41, 4))  # no step lost to the skipped saves
-        from pipeline.checkpoint import resolve_resume
+        from pipeline.weights.files import resolve_resume
         ckpt = run_dir / "checkpoints"
         assert resolve_resume("latest", ckpt, verify=True) == (ckpt, "step_00000040")
         assert (run_dir / "model.pt").is_file()

@@ -1,5 +1,6 @@
 """The training loop without a launcher (issue 16 item 3): the loop lives in
-pipeline/trainer.py, so one plain Python process of world size 1 runs it, and its resume
+pipeline/train/trainer.py, so one plain Python process of world size 1 runs it through the
+entry point's `main` (launch/train.py: preflight's plan, the evaluator, the trainer), and its resume
 property is tested in seconds (with token dropping and its unmasked phase on); the launcher tests (tests/test_train_e2e.py) keep the wiring
 of real processes. The runs go in a fresh interpreter rather than pytest's own: DeepSpeed
 caches its world group in module state, and a group left by another test broke the
@@ -13,17 +14,13 @@ from conftest import REPO_ROOT, free_port
 
 TRAIN_THREE_TIMES = """
 import sys
-from pipeline.config import load_config
-from pipeline.ds_config import fill_ds_config, read_ds_config
-from pipeline.trainer import prepare, run
+from launch.train import main
 
 ds_path, common = sys.argv[1], sys.argv[2:]
 # the first leg of the split run stops at step 3, before the unmasked phase of steps 5-6
 for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3", "train.unmasked_steps=0"],
                      ["split", "train.steps=6", "train.resume=latest"]):
-    cfg = load_config(None, [*common, f"train.run_name={name}", *extra])
-    ds = fill_ds_config(read_ds_config(ds_path), cfg.train, cfg.optim, 1)
-    assert run(cfg, ds, *prepare(cfg, ds, ds_path)) == 0
+    assert main(["--deepspeed_config", ds_path, *common, f"train.run_name={name}", *extra]) == 0
 """
 
 

@@ -32,8 +32,12 @@ def two_ranks(monkeypatch):
 
 
 def test_a_valid_config_passes(tmp_path, demo_data, two_ranks):
-    cfg, _, world, _, initial = validate(args_for(tmp_path, demo_data))
-    assert world == 2 and cfg.data.resampled is False and initial is None
+    plan, evaluator, initial = validate(args_for(tmp_path, demo_data))
+    assert plan.world == 2 and plan.accum == 1 and plan.cfg.data.resampled is False and initial is None
+    assert evaluator is None and plan.resume is None
+    # what preflight resolved, handed on: the shards with the manifest's counts, the read policy
+    assert len(plan.sources) == 1 and plan.sources[0].total_samples > 0
+    assert plan.read.timeout == plan.cfg.data.read_timeout_seconds
 
 
 def test_a_batch_that_the_readers_of_an_epoch_cannot_fill(tmp_path, demo_data, two_ranks):
@@ -75,7 +79,9 @@ def test_a_resume_path_that_is_no_checkpoint_or_one_of_another_world_size(tmp_pa
         validate(args_for(tmp_path, demo_data, "train.resume=latest"))
     (tag / "COMPLETE.json").write_text(json.dumps({"world_size": 4, "step": 4,
                                                    "facts": {**facts, "data.readers": 4}}))
-    validate(args_for(tmp_path, demo_data, "train.resume=latest"))  # 4 ranks -> 2: converted at load
+    plan, *_ = validate(args_for(tmp_path, demo_data, "train.resume=latest"))  # 4 ranks -> 2: converted at load
+    # found once, handed to the trainer with its record (which decides the conversion)
+    assert plan.resume == (tag.parent, tag.name, json.loads((tag / "COMPLETE.json").read_text()))
 
 
 def test_main_says_it_in_one_line_and_returns_2(tmp_path, demo_data, two_ranks, capsys):
@@ -159,8 +165,8 @@ def test_bad_configs_fail_in_one_line_before_torch_deepspeed_or_mlflow_is_import
 
 def test_a_warmup_longer_than_the_run_is_said_not_refused(tmp_path, demo_data, two_ranks, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
-    cfg, *_ = validate(args_for(tmp_path, demo_data, "optim.warmup_steps=100"))  # a 4-step run
-    assert cfg.optim.warmup_steps == 100
+    plan, *_ = validate(args_for(tmp_path, demo_data, "optim.warmup_steps=100"))  # a 4-step run
+    assert plan.cfg.optim.warmup_steps == 100
     err = capsys.readouterr().err
     assert "optim.warmup_steps=100 is longer than the run (train.steps=4): the learning rate peaks at 0.04 x " \
            "optim.lr" in err, err

@@ -12,7 +12,8 @@ import numpy as np
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataStream
 from pipeline.data.recipe import BatchRecipe
-from pipeline.data.shards import debiased_sources
+from pipeline.data.remote import ReadPolicy, read_policy
+from pipeline.data.shards import ShardSet, debiased_sources
 
 
 def choose_source(seed: int, step: int, sizes: list[int]) -> int:
@@ -24,10 +25,13 @@ def choose_source(seed: int, step: int, sizes: list[int]) -> int:
     return int(np.random.default_rng([seed, step]).choice(len(sizes), p=weights / weights.sum()))
 
 
-def make_stream(cfg: DataConfig, recipe: BatchRecipe, **kwargs) -> "DataStream | DebiasedStream":
-    """The trainer's stream for data.sampling."""
-    return (DebiasedStream(cfg, recipe, **kwargs) if cfg.sampling == "debiased"
-            else DataStream(cfg, recipe, **kwargs))
+def make_stream(cfg: DataConfig, recipe: BatchRecipe, sources: list[ShardSet], read: ReadPolicy,
+                **kwargs) -> "DataStream | DebiasedStream":
+    """The trainer's stream for data.sampling, over the shard sets and with the read policy
+    its preflight resolved (pipeline/train/preflight.py: one set, or one per debiased source)."""
+    if cfg.sampling == "debiased":
+        return DebiasedStream(cfg, recipe, sources=sources, read=read, **kwargs)
+    return DataStream(cfg, recipe, shards=sources[0], read=read, **kwargs)
 
 
 class DebiasedStream:
@@ -37,10 +41,13 @@ class DebiasedStream:
     a trainer's "epoch" is the sum of the sources' epochs in batches. Same interface as
     DataStream (iteration, position, counters)."""
 
-    def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, seed: int = 0, **stream_kwargs):
+    def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, seed: int = 0,
+                 sources: list[ShardSet] | None = None, read: ReadPolicy | None = None, **stream_kwargs):
         self.cfg, self.seed = cfg, seed
-        sources = debiased_sources(cfg)
-        self.sources = [DataStream(cfg, recipe, seed=seed, shards=shards, **stream_kwargs) for shards in sources]
+        read = read or read_policy(cfg)
+        sources = sources or debiased_sources(cfg, read)
+        self.sources = [DataStream(cfg, recipe, seed=seed, shards=shards, read=read, **stream_kwargs)
+                        for shards in sources]
         self.sizes = [shards.total_samples for shards in sources]
         self.step = 0
 

@@ -30,6 +30,7 @@ Properties the trainer relies on:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import multiprocessing.util  # noqa: F401 (its exit function is registered before ours)
 import random
@@ -37,7 +38,6 @@ import tarfile
 import time
 import weakref
 from collections import Counter, deque
-from dataclasses import dataclass, field
 
 import torch
 import webdataset as wds
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import SKIP_REASONS, BadSample, shard_samples
-from pipeline.data.recipe import BatchRecipe, ImageSpec
+from pipeline.data.recipe import BatchRecipe, ImageSpec, StreamSpec
 from pipeline.data.remote import ReadPolicy, is_remote, opened, read_policy
 from pipeline.data.samples import BatchMaker
 from pipeline.data.shards import ShardSet, assign_shards, batches_per_epoch, check_readers, resolve_shards
@@ -63,60 +63,6 @@ class DataQualityError(RuntimeError):
 
 class Stalled(Exception):
     """A reader got no good sample within data.stall_seconds (raised inside its stream)."""
-
-
-@dataclass
-class StreamSpec:
-    """Everything a reader process needs (picklable)."""
-    shards: ShardSet
-    batch_size: int  # this rank's samples per step (micro batch x accumulation)
-    image_size: int
-    normalization: str
-    context_length: int
-    readers: int = 1  # data.readers: the virtual readers of all ranks together
-    seed: int = 0
-    epoch: int = 0
-    rank: int = 0
-    world: int = 1
-    num_workers: int = 1
-    resampled: bool = False
-    shuffle_buffer: int = 0  # per virtual reader
-    train: bool = True
-    rrc_scale: tuple[float, float] = (0.9, 1.0)
-    recipe: BatchRecipe = BatchRecipe()
-    keep_captions: bool = False
-    drop_last: bool = True
-    jpeg_draft: bool = True
-    # uint8 pixels in the batch (with its "normalization" name) instead of normalized
-    # floats: the trainer normalizes on its device (pipeline.pixels.normalize)
-    uint8: bool = False
-    # a reader with no good sample for this long ends its stream as stalled (0: never)
-    stall_seconds: float = 0.0
-    # timeouts and retries of every remote read (pipeline/data/remote.py)
-    read: ReadPolicy = ReadPolicy()
-    # images declaring more pixels are skipped before decoding (0: no limit)
-    max_image_pixels: int = 0
-    # captions are cut to this many bytes before tokenizing (0: no limit); tar members
-    # larger than max_member_bytes are never read (0: no limit)
-    max_member_bytes: int = 0
-    max_caption_bytes: int = 0
-    # where this epoch stands: batches this rank already took, and per virtual reader
-    # {"raw": n, "good": n, "truncated": n, "skipped": {reason: n}, "end": bool}
-    start_batch: int = 0
-    resume: dict[int, dict] = field(default_factory=dict)
-
-    @property
-    def local_readers(self) -> int:
-        return self.readers // self.world
-
-    @property
-    def active_workers(self) -> int:
-        """Loader workers that own readers (workers beyond the rank's readers would idle)."""
-        return max(1, min(self.num_workers, self.local_readers))
-
-    def worker_of(self, position: int) -> int:
-        """The worker that serves this rank's `position`-th sample of the epoch (see DataStream)."""
-        return position % self.local_readers % self.active_workers
 
 
 class _VirtualReader:
@@ -213,7 +159,7 @@ class _VirtualReader:
 
     def urls(self):
         spec = self.spec
-        if spec.resampled:
+        if spec.data.resampled:
             rng = random.Random(f"resample:{spec.seed}:{spec.epoch}:{self.reader}")
             weights = spec.shards.samples if spec.shards.total_samples else None
             while True:
@@ -239,7 +185,7 @@ class _VirtualReader:
             url = sample["__url__"]
             if url != current:
                 close(current)
-                if self.spec.resampled:  # a shard can come round again
+                if self.spec.data.resampled:  # a shard can come round again
                     self.per_url[url] = 0
                     self.flagged.discard(url)
                 current = url
@@ -254,7 +200,7 @@ class _VirtualReader:
 
     def raw_samples(self):
         streams = opened(self.urls(), self.spec.read, self.on_tar_error)
-        stream = self.checked(shard_samples(streams, self.spec.max_member_bytes, self.reject, self.on_tar_error))
+        stream = self.checked(shard_samples(streams, self.spec.data.max_member_bytes, self.reject, self.on_tar_error))
         if self.spec.shuffle_buffer > 1:
             rng = random.Random(f"shuffle:{':'.join(map(str, self.ids))}")
             stream = wds.shuffle(self.spec.shuffle_buffer, initial=self.spec.shuffle_buffer // 2, rng=rng)(stream)
@@ -279,7 +225,7 @@ class _VirtualReader:
                 if rejected:
                     raise BadSample(rejected)
                 item = self.maker.sample(sample, self.ids, self.raw)
-                if self.spec.max_caption_bytes and len(sample["txt"]) > self.spec.max_caption_bytes:
+                if self.spec.data.max_caption_bytes and len(sample["txt"]) > self.spec.data.max_caption_bytes:
                     self.truncated += 1  # cut, and used
             except BadSample as bad:
                 self.count(bad.reason, sample["__url__"])
@@ -394,7 +340,7 @@ def leave_stop_signals_to_the_trainer(worker_id: int):
     """SLURM's preemption SIGTERM (and Ctrl-C's SIGINT) reach every process of the job,
     loader workers included; a worker killed by it made the trainer raise "DataLoader
     worker is killed by signal" in the middle of the step it was to finish and save. The
-    trainer decides when to stop (pipeline/lifecycle.py StopRequest); workers end with it (the
+    trainer decides when to stop (pipeline/train/lifecycle.py StopRequest); workers end with it (the
     DataLoader's shutdown, or its watchdog on the parent's death)."""
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -409,28 +355,27 @@ class DataStream:
     def __init__(self, cfg: DataConfig, recipe: BatchRecipe = BatchRecipe(), *, batch_size: int,
                  image: ImageSpec, context_length: int, seed: int = 0, rank: int = 0, world: int = 1,
                  train: bool = True, keep_captions: bool = False, drop_last: bool = True, uint8: bool = False,
-                 shards: ShardSet | None = None):
+                 shards: ShardSet | None = None, read: ReadPolicy | None = None):
+        """`shards` and `read`: data.train_shards and its read policy as the trainer's
+        preflight resolved them (a stream used alone resolves them here). `uint8`: the
+        trainer's data.uint8_batches (it normalizes on its device); a stream used alone
+        gives normalized floats."""
         self.cfg = cfg
-        self.shards = shards or resolve_shards(cfg.train_shards, policy=read_policy(cfg))
+        policy = read or read_policy(cfg)
+        self.shards = shards or resolve_shards(cfg.train_shards, policy=policy)
         # a training stream's epoch is as long as its least-fed reader can make it: every
         # reader needs a shard then (a stream read to its end, drop_last=False, does not)
         check_readers(cfg, world, self.shards if drop_last else None)
-        self.base = StreamSpec(shards=self.shards, batch_size=batch_size, image_size=image.size,
-                               normalization=image.normalization, context_length=context_length,
-                               readers=cfg.readers, seed=seed, rank=rank, world=world,
-                               num_workers=max(1, cfg.workers), resampled=cfg.resampled,
-                               shuffle_buffer=-(-cfg.shuffle_buffer // cfg.readers) if train else 0, train=train,
-                               rrc_scale=cfg.rrc_scale, recipe=recipe, keep_captions=keep_captions,
-                               drop_last=drop_last, jpeg_draft=cfg.jpeg_draft, uint8=uint8,
-                               stall_seconds=cfg.stall_seconds if train else 0.0, read=read_policy(cfg),
-                               max_image_pixels=cfg.max_image_pixels, max_caption_bytes=cfg.max_caption_bytes,
-                               max_member_bytes=cfg.max_member_bytes)
+        self.base = StreamSpec(data=cfg, shards=self.shards, read=policy, recipe=recipe, image=image,
+                               context_length=context_length, batch_size=batch_size, seed=seed, rank=rank,
+                               world=world, train=train, keep_captions=keep_captions, drop_last=drop_last,
+                               uint8=uint8)
         self.global_batch = batch_size * world
         self.epoch = 0
         self.epoch_step = 0  # batches taken this epoch: the same count on every rank
         # A stream used alone checks data.max_skip_rate on its own counters after every
         # batch; the trainer turns this off and checks the counters of all ranks on log
-        # steps (pipeline/trainer.py), so that every rank stops together, on the whole picture.
+        # steps (pipeline/train/trainer.py), so that every rank stops together, on the whole picture.
         self.local_skip_check = True
         self.readers: dict[int, dict] = {}  # this epoch's position, per virtual reader of this rank
         self.done = {"good": 0, "truncated": 0, "skipped": Counter()}  # finished epochs
@@ -542,8 +487,7 @@ class DataStream:
         the same worker: the epoch's tail past `batches_per_epoch`, or a reader that lost
         more samples than data.max_skip_rate allows, is the one place topology shows.)"""
         b = self.base
-        spec = StreamSpec(**{**b.__dict__, "epoch": self.epoch, "start_batch": self.epoch_step,
-                             "resume": dict(self.readers)})
+        spec = dataclasses.replace(b, epoch=self.epoch, start_batch=self.epoch_step, resume=dict(self.readers))
         num_workers = min(self.cfg.workers, b.local_readers)
         loader = iter(DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
                                  pin_memory=torch.cuda.is_available(), prefetch_factor=4 if num_workers else None,

@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING
-
 import torch
 
 from pipeline.data import pyramid
 from pipeline.data.caption_augment import mlm_mask, zerovl_augment
 from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.eda import eda, load_synonyms
+from pipeline.data.recipe import StreamSpec
 from pipeline.data.transforms import (SSL_CROP_SCALES, ZEROVL_CROP_SCALE, eval_transform, ssl_transform,
                                       train_transform, zerovl_transform)
 from pipeline.model.token_drop import draw_keep
 from pipeline.pixels import PIXEL_KEYS
 from pipeline.tokenizer import get_tokenizer
-
-if TYPE_CHECKING:
-    from pipeline.data.loader import StreamSpec
 
 # PyramidCLIP's image pyramid: a global crop (90-100% of the image), a local one (50-100%).
 PYRAMID_CROP_SCALES = ((0.9, 1.0), (0.5, 1.0))
@@ -45,10 +41,10 @@ class BatchMaker:
     """Samples -> batches. A sample's `ids` (seed, epoch, virtual reader) and its position
     in that reader's stream seed its draws."""
 
-    def __init__(self, spec: "StreamSpec"):
+    def __init__(self, spec: StreamSpec):
         self.spec, self.recipe = spec, spec.recipe
-        recipe, size = spec.recipe, spec.image_size
-        normalization = None if spec.uint8 else spec.normalization
+        recipe, size = spec.recipe, spec.image.size
+        normalization = None if spec.uint8 else spec.image.normalization
         if not spec.train:
             self.view_transforms = [eval_transform(size, normalization)] * recipe.views
         elif recipe.view_augment == "moco":
@@ -59,7 +55,7 @@ class BatchMaker:
             self.view_transforms = [train_transform(size, normalization, scale)
                                     for scale in PYRAMID_CROP_SCALES[:recipe.views]]
         else:
-            self.view_transforms = [train_transform(size, normalization, spec.rrc_scale)] * recipe.views
+            self.view_transforms = [train_transform(size, normalization, spec.data.rrc_scale)] * recipe.views
         self.ssl_transform = ssl_transform(size, normalization, recipe.ssl_augment) if recipe.ssl_views else None
         self.synonyms = load_synonyms(recipe.eda_synonyms) if recipe.text_eda else None
         # The smallest short side every transform here can use at full resolution: a crop of
@@ -67,15 +63,15 @@ class BatchMaker:
         scales = [1.0]
         if spec.train:
             scales.append({"moco": SSL_CROP_SCALES["moco"][0], "pyramid": min(s[0] for s in PYRAMID_CROP_SCALES),
-                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(recipe.view_augment, spec.rrc_scale[0]))
+                           "zerovl": ZEROVL_CROP_SCALE[0]}.get(recipe.view_augment, spec.data.rrc_scale[0]))
             if recipe.ssl_views:
                 scales.append(SSL_CROP_SCALES[recipe.ssl_augment][0])
-        self.draft_size = math.ceil(size / math.sqrt(min(scales))) if spec.jpeg_draft else 0
+        self.draft_size = math.ceil(size / math.sqrt(min(scales))) if spec.data.jpeg_draft else 0
 
     def sample(self, sample: dict, ids: tuple[int, ...], position: int) -> dict:
         """A raw webdataset sample -> its views and captions, or BadSample(reason)."""
-        image, caption = decode_sample(sample, self.draft_size, self.spec.max_image_pixels,
-                                       self.spec.max_caption_bytes)
+        image, caption = decode_sample(sample, self.draft_size, self.spec.data.max_image_pixels,
+                                       self.spec.data.max_caption_bytes)
         out = {"caption": caption, "key": f"{sample['__url__']}#{sample['__key__']}", "seed": (*ids, position)}
         views = [("images" if v == 0 else f"images_{v}", t) for v, t in enumerate(self.view_transforms)]
         views += [(f"ssl_{v}", self.ssl_transform) for v in range(self.recipe.ssl_views)]
@@ -128,7 +124,7 @@ class BatchMaker:
                 draw_keep(self.recipe.image_tokens, self.recipe.token_drop,
                           torch.Generator().manual_seed(sample_seed(*it["seed"], -4))) for it in items])
         if spec.uint8:
-            out["normalization"] = spec.normalization  # what the trainer applies to the pixels
+            out["normalization"] = spec.image.normalization  # what the trainer applies to the pixels
         out["keys"] = [it["key"] for it in items]  # "<shard url>#<sample key>": which samples a batch holds
         if spec.keep_captions:
             out["captions"] = captions

@@ -17,7 +17,7 @@ import braceexpand
 
 from pipeline.config import DataConfig
 from pipeline.data.manifest import MANIFEST_NAME, Manifest
-from pipeline.data.remote import ReadPolicy, is_remote, read_policy
+from pipeline.data.remote import ReadPolicy, is_remote
 
 
 @dataclass
@@ -101,7 +101,7 @@ def batches_per_epoch(shards: ShardSet, cfg: DataConfig, global_batch: int, seed
     Otherwise as many as the least-loaded virtual reader can feed (samples are drawn from
     the readers in turn, one each: pipeline/data/loader.py), its share discounted by the
     tolerated skip rate so that no reader runs dry first. A pure function of the config,
-    so that it is checked before launch (pipeline/preflight.py)."""
+    so that it is checked before launch (pipeline/train/preflight.py)."""
     if cfg.resampled:
         total = cfg.train_num_samples or shards.total_samples
         if not total:
@@ -130,12 +130,12 @@ def check_readers(cfg: DataConfig, world: int, shards: ShardSet | None = None):
                          f"(a multiple of every world size you will run)")
 
 
-def debiased_sources(cfg: DataConfig) -> list[ShardSet]:
+def debiased_sources(cfg: DataConfig, policy: ReadPolicy) -> list[ShardSet]:
     """The sources of `data.sampling: debiased`, each with a manifest (it weighs them)."""
     parts = [p.strip() for p in cfg.train_shards.split("::") if p.strip()]
     if len(parts) < 2:
         raise ValueError("data.sampling: debiased needs two or more sources in data.train_shards (a::b)")
-    sources = [resolve_shards(p, policy=read_policy(cfg)) for p in parts]
+    sources = [resolve_shards(p, policy=policy) for p in parts]
     for part, shards in zip(parts, sources):
         if shards.total_samples is None:
             raise ValueError(f"data.sampling: debiased weighs sources by size: {part} has no manifest")

@@ -6,11 +6,11 @@ gradients that all ranks computed for a slice and hands rank r its own slice
 (a reduce-scatter): with DeepSpeed/DDP averaging gradients over ranks afterwards,
 the result equals the gradient of one big-batch loss (tests/test_losses.py).
 
-Exact accumulation (pipeline/engine.py) plays the ranks of a larger world inside one
+Exact accumulation (pipeline/train/engine.py) plays the ranks of a larger world inside one
 process: under `virtual_rank` the gather returns columns cached from every micro-batch
 and keeps the gradient they receive, which the caller sums over the virtual ranks as the
 backward's all-reduce sums it over real ones. The per-rank arithmetic is then the same on
-any topology (why that matters: the README's "Changing the number of GPUs mid-run").
+any topology (why that matters: docs/training.md, "Changing the number of GPUs mid-run").
 """
 from __future__ import annotations
 

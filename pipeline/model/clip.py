@@ -144,7 +144,7 @@ class SharedCLIP(nn.Module):
                 "text.positional_embedding", "text.token_embedding.weight"}
 
     def use_channels_last(self):
-        """The trainer feeds the images channels-last (pipeline.engine.model_batch), and
+        """The trainer feeds the images channels-last (pipeline.train.engine.model_batch), and
         PyTorch then runs every convolution of the stem, branch and adapters in NHWC.
         The weights keep their layout: DeepSpeed's ZeRO re-points parameters into its flat
         (contiguous) buffers, which would silently undo a weight conversion."""

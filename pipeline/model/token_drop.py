@@ -7,7 +7,7 @@ Which tokens a sample keeps is drawn where its crops are drawn: in the loader, f
 sample's own seed (pipeline/data/samples.py), and travels in the batch as `token_keep`
 (B, k) indices into the patch grid, ascending. So the draw is the same on any number of
 processes, workers and accumulation steps, a resumed run draws what the straight one did,
-and exact accumulation's two passes over a micro-batch (pipeline/engine.py) see the same
+and exact accumulation's two passes over a micro-batch (pipeline/train/engine.py) see the same
 tokens without any random state on the device.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ def main():
     from data_prep.demo import build
     from eval.data import image_loader, read_classification
     from eval.features import image_features, model_transform, zeroshot_weights
-    from pipeline.checkpoint import load_exported
+    from pipeline.weights.export import load_exported
 
     with tempfile.TemporaryDirectory() as tmp:
         demo = Path(tmp) / "demo"

@@ -1,7 +1,7 @@
 """DeepSpeed glue: MS-CLIP's optimizer groups, the learning-rate schedule as a pure
 function of the step, and `train_step`: the plain step and the exact-accumulation step,
 each with its learning-rate set and logit-scale clamp (the loop around it:
-pipeline/trainer.py; the DeepSpeed JSON itself: pipeline/ds_config.py).
+pipeline/train/trainer.py; the DeepSpeed JSON itself: pipeline/train/ds_config.py).
 
 Gradient accumulation and the contrastive objective: DeepSpeed's accumulation sums
 the gradients of per-micro-batch losses, so each micro-batch would contrast against
@@ -105,7 +105,7 @@ def clamp_logit_scale(param: nn.Parameter, low: float = 0.0, high: float = MAX_L
         # ZeRO-3: DeepSpeed 0.19.8's set_full_hp_param cannot write a parameter with fewer
         # elements than ranks (it narrows past the end). The forward clamp alone keeps the
         # effective scale <= 100 (and the gradient above it is zero); a lower bound
-        # (DeCLIP's) is not enforced under ZeRO-3 (README, known limits).
+        # (DeCLIP's) is not enforced under ZeRO-3 (docs/design.md, known limits).
         return
     master = safe_get_full_fp32_param(param)
     if master is None:  # no DeepSpeed optimizer wraps it: the parameter is the master

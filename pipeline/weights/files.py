@@ -1,7 +1,7 @@
 """A run's checkpoints as files: which are complete, whether their bytes are intact, which
 one `train.resume` means, and which ranks wrote it. Plain Python (no torch), so that
 launch/train.py checks `train.resume` before torch or DeepSpeed is imported; saving and
-loading are pipeline/checkpoint.py's."""
+loading are pipeline/weights/checkpoint.py's."""
 from __future__ import annotations
 
 import hashlib
@@ -35,12 +35,17 @@ def checksums(tag_dir: Path) -> dict[str, str]:
     out = {}
     for path in sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE
                        and not p.relative_to(tag_dir).parts[0].lstrip(".").startswith(UNIVERSAL)):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        out[str(path.relative_to(tag_dir))] = digest.hexdigest()
+        out[str(path.relative_to(tag_dir))] = file_sha256(path)
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256, read in 4 MB chunks (checkpoint shards and released weights are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def damage(tag_dir: Path) -> str:

@@ -1,6 +1,6 @@
 """How a training process ends when something outside asks it to: a signal (SIGTERM from
 a scheduler's preemption, Ctrl-C's SIGINT) or the death of the launcher that started it.
-Either way the ranks agree on a step boundary, save there and stop (pipeline/trainer.py)."""
+Either way the ranks agree on a step boundary, save there and stop (pipeline/train/trainer.py)."""
 from __future__ import annotations
 
 import os

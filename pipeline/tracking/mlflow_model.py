@@ -14,12 +14,12 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class CLIPEmbeddings(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from pipeline.checkpoint import load_exported
+        from pipeline.weights.export import load_exported
         self.model, _ = load_exported(context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
@@ -67,7 +67,7 @@ def log_model(exported: str | Path, name: str = "model") -> str:
     import mlflow
     import torch
     info = mlflow.pyfunc.log_model(
-        # a model from code (pipeline/mlflow_entry.py), not a cloudpickled object
+        # a model from code (pipeline/tracking/mlflow_entry.py), not a cloudpickled object
         name=name, python_model=str(Path(__file__).with_name("mlflow_entry.py")), artifacts={"weights": str(exported)},
         code_paths=[str(REPO_ROOT / "pipeline")], signature=signature(),
         # pinned to what trained it; inferring them would load the model in a subprocess

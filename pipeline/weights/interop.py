@@ -17,7 +17,6 @@ objects, OpenAI's TorchScript archives) is refused with one line.
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import zipfile
@@ -27,6 +26,8 @@ import torch
 
 from pipeline.model import build_model
 from pipeline.model.configs import NORMALIZATION, ModelArch, resolve_arch
+from pipeline.weights.export import load_exported
+from pipeline.weights.files import file_sha256
 
 
 class InteropError(ValueError):
@@ -77,14 +78,6 @@ def is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as z:
         return any("/code/" in name or name.startswith("code/") for name in z.namelist())
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- open_clip's model configs -------------------------------------------------------------
@@ -327,7 +320,7 @@ def _payload(model, model_name: str, fmt: str, path, source: str) -> dict:
     return {"state_dict": {k: v.float().contiguous() if v.is_floating_point() else v
                            for k, v in model.state_dict().items()},
             "model_name": model_name, "arch": _arch_dict(model.arch), "heads": {}, "similarity": "pooled",
-            "source": {"format": fmt, "file": str(Path(path).resolve()), "sha256": sha256(path),
+            "source": {"format": fmt, "file": str(Path(path).resolve()), "sha256": file_sha256(path),
                        "open_clip_model": source}}
 
 
@@ -376,7 +369,6 @@ def export_open_clip(exported: str | Path, output: str | Path) -> str:
     alone, for a size one of open_clip's named configs builds; returns that name
     (`open_clip.create_model(name, pretrained=output)`)."""
     import json
-    from pipeline.checkpoint import load_exported
     model, payload = load_exported(exported)
     try:
         config = open_clip_config(model.arch)

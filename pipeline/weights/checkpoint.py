@@ -1,5 +1,5 @@
 """Checkpoints: DeepSpeed's sharded format plus our train state, resumable exactly;
-export of consolidated fp32 weights for evaluation.
+saving, loading, and DeepSpeed's universal form.
 
 Layout under `<run dir>/checkpoints/`:
 
@@ -11,9 +11,9 @@ Layout under `<run dir>/checkpoints/`:
 A checkpoint without COMPLETE.json (the process was killed while writing it) is never
 picked by `resume=latest`, and DeepSpeed's own `latest` file is not used. Nothing here
 unpickles arbitrary objects: our state is JSON, and DeepSpeed's files are read with
-torch's weights-only unpickler (`safe_torch_load`).
-
-    python -m pipeline.checkpoint export --checkpoint runs/NAME/checkpoints [--tag step_00000200] --output model.pt
+torch's weights-only unpickler (`safe_torch_load`). Which checkpoints are complete and
+intact, and which one `train.resume` means: pipeline/weights/files.py (plain Python); the
+consolidated export for evaluation: pipeline/weights/export.py.
 """
 from __future__ import annotations
 
@@ -35,11 +35,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.ranks import world
-
-# the files of a checkpoint (also used before torch is imported: launch/train.py)
-from pipeline.checkpoint_files import (COMPLETE, TAG_RE, UNIVERSAL, check_resumable, checksums,  # noqa: F401
-                                       complete_tags, damage, needs_universal, prune, resolve_resume, resume_facts,
-                                       save_blocker, tag_for, write_json_atomic)
+from pipeline.weights.files import COMPLETE, UNIVERSAL, checksums, prune, tag_for, write_json_atomic
 
 
 @dataclass
@@ -194,118 +190,3 @@ def to_universal(ckpt_dir: Path, tag: str) -> Path:
         ds_to_universal.main(args)
     os.replace(tmp, out)
     return out
-
-
-# ---- export for evaluation ----------------------------------------------------------------
-
-ENCODER = "encoder."  # the encoder's weights in the trainer's module (pipeline/objectives.py TrainModule)
-
-def export(ckpt_dir: str | Path, output: str | Path, tag: str | None = None, mlflow_run_id: str = "") -> Path:
-    """Consolidated fp32 weights + what it takes to rebuild the model, loadable with
-    torch.load(weights_only=True). `mlflow_run_id`: the run that trained it, when the
-    checkpoint was saved before the tracking store had created the run."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from pipeline.model.heads import heads_for_export
-    ckpt_dir = Path(ckpt_dir)
-    tag = tag or (complete_tags(ckpt_dir) or [None])[-1]
-    if tag is None or not (ckpt_dir / tag / COMPLETE).is_file():
-        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint{' ' + tag if tag else ''} to export")
-    run_dir = ckpt_dir.parent
-    meta = json.loads((run_dir / "model.json").read_text())
-    with safe_torch_load():
-        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    train_state = json.loads((ckpt_dir / tag / "train_state_rank0.json").read_text())
-    # The trainer's module is the encoder (`encoder.*`) and the objective (`objective.*`):
-    # the export is the encoder, plus the heads model.json names (FILIP's token heads, which
-    # token-wise evaluation needs) under their export names.
-    encoder = {k[len(ENCODER):]: v for k, v in state_dict.items() if k.startswith(ENCODER)}
-    if not encoder:  # the model itself was the engine's module before (commit 9ebeef0)
-        raise ValueError(f"{ckpt_dir / tag}: written before the trainer wrapped the encoder (no 'encoder.*' "
-                         f"weights); export it with a checkout before commit 9ebeef0")
-    heads = heads_for_export(state_dict, meta.pop("export_heads", {}))
-    payload = {**meta, "state_dict": {k: v.float().contiguous() for k, v in encoder.items()},
-               "heads": {k: v.float().contiguous() for k, v in heads.items()},
-               # which similarity evaluation measures: what the run trained (FILIP alone: "token")
-               "similarity": meta.get("similarity", "pooled"),
-               "step": int(tag.split("_")[1]), "checkpoint": str(ckpt_dir / tag),
-               # lets `python -m eval --training-run` log into the run that trained it
-               "mlflow_run_id": mlflow_run_id or train_state.get("mlflow_run_id", "")}
-    output = Path(output)
-    save_atomically(payload, output)
-    return output
-
-
-def load_exported(path: str | Path):
-    """The model of an exported file, built and loaded; weights-only, so a file crafted to
-    run code when unpickled is rejected instead of executed."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return model_from_payload(payload), payload
-
-
-def model_from_payload(payload: dict):
-    """The model of an export payload (a file's, or one `pipeline.interop` just imported)."""
-    from pipeline.model import build_model
-    from pipeline.model.heads import token_heads
-    model = build_model(payload["arch"])
-    model.load_state_dict(payload["state_dict"])
-    # FILIP's heads ride along when the run trained them; eval picks the similarity by
-    # `similarity` (older exports and other objectives: "pooled")
-    model.token_heads = token_heads(model.arch, payload.get("heads", {}))
-    model.similarity = payload.get("similarity", "pooled")
-    return model.eval()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.checkpoint")
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="consolidated fp32 weights for evaluation, or an export in open_clip's layout")
-    ex.add_argument("--format", choices=("ours", "open_clip"), default="ours",
-                    help="ours: from a run's checkpoints/; open_clip: from our export (model.pt) of a clip-* model")
-    ex.add_argument("--checkpoint", required=True, help="a run's checkpoints/ directory (ours) or model.pt (open_clip)")
-    ex.add_argument("--tag", help="e.g. step_00000200 (default: the newest complete one)")
-    ex.add_argument("--output", required=True,
-                    help="ours: a .pt file; open_clip: a folder (open_clip's hf-hub layout, any clip-* size), or a "
-                         ".pt/.safetensors file of weights alone (sizes one of open_clip's named configs builds)")
-    im = sub.add_parser("import", help="MS-CLIP / OpenAI / open_clip weights -> our export format (model.pt)")
-    im.add_argument("--format", required=True, choices=("msclip", "openai", "open_clip"),
-                    help="msclip: a released MS-CLIP checkpoint (Hxyou/MSCLIP state dict)")
-    im.add_argument("--input", required=True, help="a state dict (.pt/.bin, read weights-only) or .safetensors")
-    im.add_argument("--model", required=True, help="our model name (clip-b32, clip-b16, ...)")
-    im.add_argument("--source", help="the open_clip model name of the file, e.g. ViT-B-32 or ViT-B-32-quickgelu")
-    im.add_argument("--allow-partial", action="store_true", help="load even with missing or unexpected keys")
-    im.add_argument("--output", required=True)
-    args = parser.parse_args(argv)
-    from pipeline.interop import InteropError, export_open_clip, import_weights
-    try:
-        if args.command == "import":
-            payload, report = import_weights(args.input, args.format, args.model, args.source, args.allow_partial)
-            save_atomically(payload, Path(args.output))
-            from pipeline.interop import describe
-            print(f"keys: {describe(report)}\nwrote {args.output} ({args.model}, activation "
-                  f"{payload['arch']['activation']})")
-        elif args.format == "open_clip":
-            name = export_open_clip(args.checkpoint, args.output)
-            if name.startswith("local-dir:"):
-                print(f"wrote {args.output}; load it with open_clip.create_model_and_transforms({name!r}); "
-                      f"CLIP_benchmark: clip_benchmark eval --model {name} --pretrained '' ...")
-            else:
-                print(f"wrote {args.output}; load it with open_clip.create_model_and_transforms({name!r}, "
-                      f"pretrained={args.output!r})")
-        else:
-            print(f"wrote {export(args.checkpoint, args.output, args.tag)}")
-    except (InteropError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def save_atomically(payload: dict, output: Path):
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, output)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

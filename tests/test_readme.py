@@ -1,4 +1,4 @@
-"""The README is executable truth (issue 37). Its shell blocks are collected and each
+"""The README and docs/ are executable truth (issue 37, 42). Their shell blocks are collected and each
 command is handed to the program it names, as a user would type it: the program must
 exist, and its own argument parser must accept the command (flags, choices, subcommands;
 for training, the run config's keys and values too) without running it. A command written
@@ -22,14 +22,16 @@ import pytest
 
 from conftest import REPO_ROOT
 
-README = (REPO_ROOT / "README.md").read_text()
+# The README (a front door) and the pages of docs/ it leads to: every command in either
+PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+TEXT = {page.relative_to(REPO_ROOT).as_posix(): page.read_text() for page in PAGES}
 # Programs whose commands are the environment's, not ours: shell built-ins and installers
 NOT_CHECKED = {"export", "source", "pip", "cd"}
 
 
-def shell_commands() -> list[list[str]]:
+def shell_commands(text: str) -> list[list[str]]:
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             words = shlex.split(line, comments=True)
             if words:
@@ -37,10 +39,10 @@ def shell_commands() -> list[list[str]]:
     return commands
 
 
-def transcripts() -> list[tuple[str, list[str]]]:
+def transcripts(text: str) -> list[tuple[str, list[str]]]:
     """Blocks that start with `$ command`: the command and the lines it prints."""
     out = []
-    for block in re.findall(r"```\n(\$ .*?)```", README, re.S):
+    for block in re.findall(r"```\n(\$ .*?)```", text, re.S):
         first, *shown = block.strip().splitlines()
         out.append((first[2:], shown))
     return out
@@ -161,23 +163,39 @@ def check_command(words: list[str]):
         ds_config, recipe, *overrides = args[args.index(script) + 1:]
         check_train(["--deepspeed_config", ds_config, "--config", recipe, *overrides], synopsis, command)
     else:
-        pytest.fail(f"{command}: the README runs {program!r}, which this test does not know how to check")
+        pytest.fail(f"{command}: the docs run {program!r}, which this test does not know how to check")
 
 
-COMMANDS = shell_commands()
+COMMANDS = [(page, words) for page, text in TEXT.items() for words in shell_commands(text)]
+TRANSCRIPTS = [(page, *t) for page, text in TEXT.items() for t in transcripts(text)]
 
 
-def test_the_readme_has_commands_to_check():
-    assert len(COMMANDS) >= 35 and transcripts()
+def test_the_pages_have_commands_to_check():
+    """The front door shows the flow; the pages hold the rest (each concern's commands)."""
+    pages = {page for page, _ in COMMANDS}
+    assert len(COMMANDS) >= 35 and TRANSCRIPTS and "README.md" in pages and len(pages) >= 8, sorted(pages)
 
 
-@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w)[:80])
-def test_each_readme_command_is_accepted_by_its_program(words):
+def test_the_readme_is_a_front_door_into_every_page():
+    """At most ~300 lines, a table of contents, and a link to every page of docs/ (each of
+    which is reached from it); every relative link of every page resolves to a file."""
+    readme = TEXT["README.md"]
+    assert len(readme.splitlines()) <= 300 and "## Contents" in readme
+    for page in TEXT:
+        if page.startswith("docs/"):
+            assert f"]({page})" in readme, f"README.md does not link {page}"
+    for page, text in TEXT.items():
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert (REPO_ROOT / page).parent.joinpath(target).exists(), f"{page}: link to {target} leads nowhere"
+
+
+@pytest.mark.parametrize("page,words", COMMANDS, ids=lambda v: v if isinstance(v, str) else " ".join(v)[:70])
+def test_each_command_is_accepted_by_its_program(page, words):
     check_command(words)
 
 
-@pytest.mark.parametrize("command,shown", transcripts(), ids=lambda c: str(c)[:60])
-def test_each_transcript_prints_what_the_readme_shows(command, shown):
+@pytest.mark.parametrize("page,command,shown", TRANSCRIPTS, ids=lambda c: str(c)[:60])
+def test_each_transcript_prints_what_the_page_shows(page, command, shown):
     words = shlex.split(command)
     assert words[0] == "python"
     done = subprocess.run([sys.executable, *words[1:]], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

@@ -16,13 +16,14 @@ objective's step time against CLIP.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from pipeline.cli import command_line
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench", __doc__, notes=False)
     parser.add_argument("--out", default="bench/latest.json")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--model", default="clip-b32", help="the train-step comparison's model (clip-*)")

@@ -14,13 +14,14 @@ up.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.cli import command_line
 
 
 def save_seconds(model_name: str, ds_path: str, out: Path, repeats: int) -> dict:
@@ -52,8 +53,7 @@ def save_seconds(model_name: str, ds_path: str, out: Path, repeats: int) -> dict
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_checkpoint", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m bench.bench_checkpoint", __doc__)
     parser.add_argument("--models", default="clip-tiny,clip-b32,clip-b16", help="comma-separated model names")
     parser.add_argument("--ds", default="ds_configs/cpu_fp32.json", help="the DeepSpeed config the engine uses")
     parser.add_argument("--repeats", type=int, default=3)

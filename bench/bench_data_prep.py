@@ -14,13 +14,14 @@ all, the bound for ours.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from pipeline.cli import command_line
 
 WORDS = ("a photo of the red car dog cat on in at beach mountain city night with two small big old new "
          "man woman child house tree river sky blue green yellow").split()
@@ -95,7 +96,7 @@ def run(kind: str, pattern: str, output: Path, args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_data_prep", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_data_prep", __doc__, notes=False)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--files", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="DuckDB threads (0: every core)")

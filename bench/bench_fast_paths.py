@@ -24,12 +24,13 @@ Prints a table (ms on, ms off, speed-up) and one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import time
 
 import torch
+
+from pipeline.cli import command_line
 
 
 def best_ms(fns: dict, repeats: int, inner: int = 1) -> dict:
@@ -135,7 +136,7 @@ def fused_adamw(repeats: int, quick: bool) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_fast_paths", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_fast_paths", __doc__, notes=False)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
     args = parser.parse_args(argv)

@@ -10,7 +10,6 @@ initialization (eval mode), which needs nothing but the demo's held-out digits.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import tempfile
 import time
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.demo import demo_location
+from pipeline.cli import command_line
 
 
 @contextlib.contextmanager
@@ -111,7 +111,7 @@ def digit_features(dataset: Path, checkpoint: str | None, seed: int = 0):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_linear_probe", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_linear_probe", __doc__, notes=False)
     parser.add_argument("--checkpoint", help="an export (model.pt); default: msclip-s-tiny at its seeded init")
     parser.add_argument("--dataset", default=str(demo_location() / "eval" / "digits"),
                         help="class folders with train/ and test/ (default: the demo's, MSCLIP_DEMO_DATA)")

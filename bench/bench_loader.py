@@ -22,7 +22,6 @@ virtual reader holds its current shard open).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from open_clip_train.data import get_wds_dataset
 
 from data_prep.demo import demo_location
+from pipeline.cli import command_line
 from pipeline.config import DataConfig
 from pipeline.data.loader import DataStream
 from pipeline.data.recipe import ImageSpec
@@ -122,7 +122,7 @@ def remote(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_loader", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_loader", __doc__, notes=False)
     parser.add_argument("--shards", default=str(demo_location() / "shards" / "digits"),
                         help="default: the demo's (MSCLIP_DEMO_DATA, else data/demo of the checkout)")
     parser.add_argument("--workers", type=int, default=2)

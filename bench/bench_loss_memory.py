@@ -12,7 +12,6 @@ local path grows linearly with W (B x W*B logits), the full path quadratically.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.cli import command_line
 from pipeline.losses.contrastive import gathered_contrastive_loss
 
 LIBC = ctypes.CDLL("libc.so.6")
@@ -53,7 +53,7 @@ def measure(local: int, world: int, dim: int, local_loss: bool) -> tuple[float, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_loss_memory", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_loss_memory", __doc__, notes=False)
     parser.add_argument("--local-batch", type=int, default=512)
     parser.add_argument("--worlds", default="1,2,4,8,16")
     parser.add_argument("--dim", type=int, default=512)

@@ -17,12 +17,12 @@ the ratio to clip.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
+from pipeline.cli import command_line
 from pipeline.config import FilipConfig, ObjectiveConfig, SlipConfig
 from pipeline.data.caption_augment import mlm_mask
 from pipeline.model import build_model
@@ -60,7 +60,7 @@ def make_step(name: str, args, batch: dict):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_objectives", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_objectives", __doc__, notes=False)
     parser.add_argument("--model", default="msclip-s-tiny")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)

@@ -11,7 +11,6 @@ best of `--repeats` is kept, so background load hits both alike. Asserts identic
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -19,6 +18,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from bench.captions import real_sentences, varied_captions
+from pipeline.cli import command_line
 from pipeline.tokenizer import ClipTokenizer
 
 
@@ -38,7 +38,7 @@ def best_rate(make, captions, repeats: int, warm: bool) -> tuple[float, torch.Te
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_tokenizer", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_tokenizer", __doc__, notes=False)
     parser.add_argument("--captions", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")

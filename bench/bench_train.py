@@ -33,7 +33,6 @@ Prints a table and one JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -44,6 +43,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.cli import command_line
 from pipeline.losses import contrastive_loss
 from pipeline.model import build_model
 from pipeline.model.token_drop import draw_keep
@@ -230,7 +230,7 @@ def one_model_steps(model_name: str, precision: str, batch_size: int, steps: int
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_train", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.bench_train", __doc__, notes=False)
     parser.add_argument("--model", default="clip-b32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2)

@@ -11,7 +11,6 @@ process adds its micro-batches, and Adam amplifies the last bits.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ import yaml
 
 from data_prep.demo import demo_location
 from launch.demo import free_port
+from pipeline.cli import command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def launch(workdir: Path, name: str, processes: int, micro: int, steps: int, sha
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.topology_drift", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m bench.topology_drift", __doc__, notes=False)
     parser.add_argument("--processes", default="4,2,1")
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)

@@ -12,12 +12,13 @@ finished (a try is stopped after 120 s: a hang counts as a failure).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from pipeline.cli import command_line
 
 WORKER = '''
 import datetime, os, sys, time
@@ -41,8 +42,7 @@ print(f"restarted group finished: rank {dist.get_rank()}", flush=True)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.torchrun_restarts", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m bench.torchrun_restarts", __doc__)
     parser.add_argument("--tries", type=int, default=3)
     args = parser.parse_args(argv)
     from launch.demo import free_port

@@ -19,7 +19,6 @@ Writes, under --output:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from data_prep.serve import serve_directory
 from data_prep.shard import build_manifest, run_img2dataset
+from pipeline.cli import command_line
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Dark inks on light papers: the colours vary (a nuisance the model must learn to ignore)
@@ -174,8 +174,7 @@ def build(output: str, image_size: int = 64, renders: int = 4, crops_per_photo: 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m data_prep.demo", __doc__)
     parser.add_argument("--output", default="data/demo")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--renders", type=int, default=4, help="training renders per digit scan")

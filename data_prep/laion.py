@@ -26,7 +26,6 @@ data_prep/laion_pandas.py, which tests/test_data_prep.py runs side by side).
 """
 from __future__ import annotations
 
-import argparse
 import html
 import shutil
 import sys
@@ -38,6 +37,7 @@ import duckdb
 import pyarrow as pa
 
 from data_prep.laion_pandas import OUTPUT_COLUMNS, column_map, resolve_inputs, url_priority
+from pipeline.cli import command_line
 
 # Python's `\s` (str.isspace) but the space, as an RE2 class: what clean_text collapses
 WHITESPACE = (r"[\t\n\x{0b}\x{0c}\r\x{1c}-\x{1f}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}"
@@ -191,8 +191,7 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.laion", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m data_prep.laion", __doc__)
     parser.add_argument("--input", required=True, help="parquet file(s): a glob, or a comma-separated list")
     parser.add_argument("--output", required=True, help="parquet to write (key, url, caption)")
     parser.add_argument("--min-similarity", type=float, default=0.28, help="CLIP image-text similarity floor (0.28)")

@@ -25,7 +25,6 @@ with webdataset's TarWriter and a `"roi.npy"` entry per sample.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 
+from pipeline.cli import command_line
 from pipeline.data.manifest import Manifest, ShardInfo
 
 # Error messages carry object addresses and URLs that make every message unique.
@@ -116,8 +116,7 @@ def build_manifest(output: str, source: str = "") -> Manifest:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.shard", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m data_prep.shard", __doc__)
     parser.add_argument("--input", required=True, help="parquet with url and caption columns")
     parser.add_argument("--output", required=True, help="shard directory (any fsspec path)")
     parser.add_argument("--image-size", type=int, default=256)

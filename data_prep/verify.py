@@ -14,7 +14,6 @@ store stops answering is reported unreadable, never waited on.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from pipeline.cli import command_line
 from pipeline.config import DataConfig
 from pipeline.data.decode import BadSample, decode_sample, tar_members
 from pipeline.data.manifest import MANIFEST_NAME, Manifest, ShardInfo
@@ -109,8 +109,7 @@ def verify(directory: str, write_manifest: bool = False, policy: ReadPolicy = re
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m data_prep.verify", __doc__)
     parser.add_argument("directory", help="a shard directory: local, or s3://, gs://, http(s):// with a manifest")
     parser.add_argument("--write-manifest", action="store_true", help="(re)write manifest.yaml (local directories)")
     defaults = DataConfig()

@@ -23,7 +23,6 @@ tag level reads them.
 """
 from __future__ import annotations
 
-import argparse
 import bz2
 import gzip
 import io
@@ -37,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.common import ParquetRowWriter, clean_text
+from pipeline.cli import command_line
 
 _COMMON = ["user_nsid", "user_nickname", "date_taken", "date_uploaded", "capture_device", "title", "description",
            "user_tags", "machine_tags", "longitude", "latitude", "accuracy", "page_url", "download_url",
@@ -146,8 +146,7 @@ def convert(input_path: str, output_path: str, ids_path: str | None = None, min_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data_prep.yfcc", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_line("python -m data_prep.yfcc", __doc__)
     parser.add_argument("--input", required=True, help="yfcc100m_dataset file (.bz2/.gz/plain) or - for stdin")
     parser.add_argument("--output", required=True, help="parquet to write (key, url, caption, tags)")
     parser.add_argument("--ids", help="keep only these photo ids (one per line), e.g. the YFCC15M list")

@@ -9,13 +9,15 @@ Every stage is the command a user would type; each is printed before it runs.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import shlex
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline.cli import command_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "demo"
@@ -37,7 +39,7 @@ def run(cmd: list[str], stage: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="bash launch/demo.sh", description=__doc__.split("\n\n")[0])
+    parser = command_line("bash launch/demo.sh", __doc__, notes=False)
     parser.add_argument("--steps", type=int, default=400, help="training steps per variant (global batch 64)")
     parser.add_argument("--workdir", default=".", help="where data/demo and runs/ go")
     parser.add_argument("--variants", nargs="+", default=["clip-tiny", "msclip-s-tiny"])
@@ -77,8 +79,10 @@ def main(argv=None) -> int:
     run([python, "-m", "eval.compare", "--experiment", EXPERIMENT, "--runs", *names,
          "--tracking-uri", store, "--csv", str(runs / f"comparison-{stamp}.csv")],
         "compare")
+    # mlflow ui is MLflow's own command: it sends telemetry unless told not to (pipeline/cli.py)
+    quiet = "" if os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "false" else "MLFLOW_DISABLE_TELEMETRY=true "
     print(f"\ndemo finished in {(time.time() - started) / 60:.1f} min. Look at the runs with:\n"
-          f"  {Path(python).with_name('mlflow')} ui --backend-store-uri sqlite:///{runs / 'mlflow.db'}\n"
+          f"  {quiet}{Path(python).with_name('mlflow')} ui --backend-store-uri sqlite:///{runs / 'mlflow.db'}\n"
           f"and open the page `eval.compare` printed above (experiment '{EXPERIMENT}', the model-training view), "
           f"select both runs, Compare.", flush=True)
     if data != REPO_ROOT / "data" / "demo":  # the bench tools look in the checkout unless told

@@ -5,7 +5,31 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import LOCAL_ONLY, keep_local  # importing it sets the no-telemetry defaults for the session
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the project is installed (pyproject.toml, launch/env.sh)
+NETWORK_GUARD = REPO_ROOT / "tests" / "network_guard"  # its sitecustomize refuses and records outbound connections
+
+
+def guarded_env(log: Path, **extra) -> dict[str, str]:
+    """The environment of a command run as a user runs it, under the network guard: every
+    Python process it starts records (in `log`) and refuses any connection beyond loopback.
+    Without the variables that would hide a library's telemetry (the CI markers MLflow
+    looks for, and the defaults pipeline.cli sets), so that what keeps the flow local is
+    the entry points' own defaults."""
+    hidden = {"CI", "PYTEST_CURRENT_TEST", *(name for choices, _ in LOCAL_ONLY for name in choices)}
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    pythonpath = [str(NETWORK_GUARD), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(pythonpath), "NETWORK_GUARD_LOG": str(log), **extra}
+
+
+def outbound(log: Path) -> list[str]:
+    """What the guard refused: one line per attempt (the process, the target, where from)."""
+    import json
+    if not log.exists():
+        return []
+    return [f"{r['argv']} {r['kind']} {r['target']} from {r['stack'][-3:]}"
+            for r in map(json.loads, log.read_text().splitlines())]
 
 
 def pytest_configure(config):
@@ -62,10 +86,20 @@ def demo_data(tmp_path_factory) -> Path:
     import os
     if os.environ.get("MSCLIP_DEMO_DATA"):
         return Path(os.environ["MSCLIP_DEMO_DATA"])
-    from data_prep.demo import build
+    import subprocess
     out = tmp_path_factory.mktemp("demo")
-    build(str(out), image_size=64, renders=1, crops_per_photo=20, samples_per_shard=250, seed=0)
+    # built by the command a user types, under the network guard (test_demo.py reads its record)
+    done = subprocess.run([sys.executable, "-m", "data_prep.demo", "--output", str(out), "--image-size", "64",
+                           "--renders", "1", "--crops-per-photo", "20", "--samples-per-shard", "250", "--seed", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env=guarded_env(demo_network_log(out)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
+
+
+def demo_network_log(demo: Path) -> Path:
+    """Where the guard recorded the demo data build's outbound attempts (none, if it is local)."""
+    return demo.parent / f"{demo.name}-network.jsonl"
 
 
 def train_demo_model(demo_data: Path, path: Path, steps: int = 400, model_name: str = "msclip-s-tiny") -> Path:
@@ -125,6 +159,7 @@ class MlflowServer:
         import urllib.request
         import os
         env, auth = dict(os.environ), []
+        keep_local(env)  # a server we start sends no telemetry either
         if self.admin_password:
             (self.root / "auth.ini").write_text(
                 f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"

@@ -1,12 +1,17 @@
 """The README's main command, shortened (fewer steps, the session's demo shards), run
-as written: bash launch/demo.sh. Its MLflow store is read back through the MLflow client."""
+as written: bash launch/demo.sh. Its MLflow store is read back through the MLflow client.
+It runs under the network guard (tests/network_guard: every Python process refuses and
+records a connection beyond loopback), without the variables that hide telemetry in CI
+and under pytest, as the demo data it reads was built (conftest.py): the whole flow, from
+img2dataset on a loopback server through the launcher's ranks to eval and compare, stays
+on the machine (issue 46)."""
 import csv
 import os
 import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, demo_network_log, guarded_env, outbound
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +35,15 @@ def test_main_command_trains_evaluates_and_compares_both_variants(tmp_path, demo
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "demo").symlink_to(demo_data)  # built by the same data_prep.demo code
     before = checkout_state()
+    network = tmp_path / "network.jsonl"
     result = subprocess.run(["bash", "launch/demo.sh", "--steps", "12", "--workdir", str(tmp_path)], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
+                            env=guarded_env(network, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"))
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-4000:]
+    assert outbound(network) == []  # MLflow's telemetry tried from every rank 0 and every eval before (issue 46)
+    if not os.environ.get("MSCLIP_DEMO_DATA"):  # the session built the demo data under the guard too
+        assert outbound(demo_network_log(demo_data)) == []
     # everything went under --workdir: nothing new in the checkout (artifacts landed in
     # <checkout>/mlruns before; issue 37)
     after = checkout_state()

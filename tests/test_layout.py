@@ -156,3 +156,28 @@ def test_the_check_sees_a_planted_circle():
     graph = {**GRAPH, "pipeline.weights.files": GRAPH["pipeline.weights.files"] | {"pipeline.weights.interop"}}
     assert circles(graph) == [["pipeline.weights.checkpoint", "pipeline.weights.export", "pipeline.weights.files",
                                "pipeline.weights.interop"]]
+
+
+ENTRY_POINTS = sorted(name for name, path in MODULES.items()
+                      if path.name == "__main__.py" or 'if __name__ == "__main__":' in path.read_text())
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_opens_with_the_shared_command_line(name):
+    """Every command we ship imports pipeline.cli at module level: its output is redacted,
+    and the no-telemetry defaults are set before any library that reads them is imported
+    (the flow itself runs under a network guard in tests/test_demo.py)."""
+    top = ast.parse(MODULES[name].read_text()).body
+    assert any(isinstance(node, ast.ImportFrom) and node.module == "pipeline.cli" for node in top), name
+
+
+def test_the_no_telemetry_defaults_leave_a_users_choice_alone():
+    from pipeline.cli import keep_local
+    env = {}
+    assert keep_local(env) == {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1",
+                               "NO_ALBUMENTATIONS_UPDATE": "1"} and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    env = {"MLFLOW_DISABLE_TELEMETRY": "false"}  # MLflow's telemetry turned back on: nothing else overrides it
+    keep_local(env)
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "false" and "DO_NOT_TRACK" not in env
+    env = {"DO_NOT_TRACK": "false", "NO_ALBUMENTATIONS_UPDATE": "0"}
+    assert keep_local(env) == {}

@@ -4,13 +4,12 @@ The last line is `total_params=<int>` (of the last model named) for scripts to r
 """
 from __future__ import annotations
 
-import argparse
-
-from . import MODEL_CONFIGS, build_model
+from pipeline.cli import command_line
+from pipeline.model import MODEL_CONFIGS, build_model
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.model", description=__doc__.split("\n\n")[0])
+    parser = command_line("python -m pipeline.model", __doc__, notes=False)
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(MODEL_CONFIGS)}")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in MODEL_CONFIGS]

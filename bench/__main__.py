@@ -9,7 +9,8 @@ the demo shards, built first if missing), the train step (vs open_clip's CLIP of
 same architecture, fp32, bf16 autocast and our trainer's bf16 engine, on synthetic tensors
 and fed from the demo shards by each side's loader; msclip-b32 and msclip-s-b32 vs clip-b32;
 token dropping 0.5 against the unmasked step and open_clip's patch_dropout;
-FLOPs per sample and MFU against this machine's measured matmul peak), the contrastive
+FLOPs per sample, TFLOP/s, MFU against a known GPU's spec peak and the share of this machine's
+measured matmul rate), the contrastive
 loss's memory against the global batch, each fast path on against off, and each
 objective's step time against CLIP.
 --quick shrinks every workload (a smoke run, minutes instead of tens of minutes).

@@ -17,12 +17,14 @@ step (open_clip_train: autocast and torch's AdamW, tensor by tensor on CPU). The
 reference is `open_clip.CLIP` built with our architecture's numbers (for clip-b32 that is
 ViT-B-32-quickgelu: the same 151,277,313 parameters). `--variants` times our other models
 against our baseline (e.g. msclip-s-b32 vs clip-b32). FLOPs per sample are counted with
-torch's FlopCounterMode over forward + backward; MFU divides achieved FLOP/s by this
-machine's peak, measured here with a large matmul in fp32 and bf16. `--memory` also
+torch's FlopCounterMode over forward + backward; TFLOP/s is achieved model FLOPs per
+second, MFU divides it by the chip's dense spec peak (a known GPU: pipeline/train/mfu.py;
+none on a CPU), and `measured` by this machine's own large-matmul rate in fp32 and bf16,
+printed beside it. `--memory` also
 reports each model's peak RSS, from a fresh child process per model and precision (a
 process's peak is monotonic, so it cannot be compared inside one process).
 With --device cuda the models, batches and autocast run on the GPU (bench/gpu.sh), the
-clock waits for the device, and the peak is the device's measured bf16/fp32 matmul rate.
+clock waits for the device.
 `--token-drop P` adds token dropping (FLIP): ours at model.token_drop P (the kept
 positions drawn as the loader draws them) against our unmasked step and against
 open_clip's `patch_dropout=P`, and every --variants model with and without; FLOPs are
@@ -47,6 +49,7 @@ from pipeline.cli import command_line
 from pipeline.losses import contrastive_loss
 from pipeline.model import build_model
 from pipeline.model.token_drop import draw_keep
+from pipeline.train.mfu import spec_peak_tflops, step_precision
 
 
 def open_clip_twin(arch, patch_dropout: float = 0.0):
@@ -191,6 +194,21 @@ def peak_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str 
     return 2 * n ** 3 / best
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
+def spec_peak(device: str, precision: str) -> float | None:
+    """The chip's dense spec peak in FLOP/s for a precision of this bench, or None off a
+    known GPU; fp32 steps count against TF32 only where float32 matmuls may use it (as the
+    trainer counts them: pipeline/train/mfu.py step_precision)."""
+    if not device.startswith("cuda"):
+        return None
+    kind = step_precision(bf16=precision != "fp32")
+    peak = spec_peak_tflops(device_name(device), kind) if kind else None
+    return peak * 1e12 if peak else None
+
+
 def timed(steps: dict, n: int, repeats: int, device: str = "cpu") -> dict:
     for step in steps.values():  # warm-up (allocator, autocast caches)
         step()
@@ -279,6 +297,9 @@ def main(argv=None):
         flops["open_clip+drop"] = count_flops(drop_ref.train(), images, text)
     peaks = {p: peak_flops(dtype, device=args.device) for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     peaks["bf16_engine"] = peaks["bf16"]
+    # MFU is against the chip's dense spec peak (pipeline/train/mfu.py), as every anchor counts
+    # it; the measured matmul rate beside it says how much of the gap is the chip's own
+    spec = {p: spec_peak(args.device, p) for p in peaks}
     results = {}
     for precision in args.precisions.split(","):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
@@ -300,21 +321,28 @@ def main(argv=None):
         for name, s in seconds.items():
             rate = args.batch_size / s
             flop = flops[name.removesuffix("+shards")]
-            results[f"{name}/{precision}"] = {"samples_per_s": round(rate, 3), "mfu": round(rate * flop / peaks[precision], 4)}
+            results[f"{name}/{precision}"] = {
+                "samples_per_s": round(rate, 3), "tflops": round(rate * flop / 1e12, 3),
+                "mfu": round(rate * flop / spec[precision], 4) if spec[precision] else None,
+                "of_measured_peak": round(rate * flop / peaks[precision], 4)}
     if args.memory:
         for precision in args.precisions.split(","):
             for side in ("ours", "open_clip"):
                 name = f"ours:{args.model}" if side == "ours" else f"ref:{args.model}"
                 results[f"{side}/{precision}"]["peak_rss_mib"] = round(child_peak_rss(name, precision, args), 1)
 
+    spec_line = "; spec peak " + ", ".join(f"{p} {v / 1e12:.0f} TFLOP/s" for p, v in spec.items() if v) \
+        if any(spec.values()) else "; no spec peak here (no MFU; `measured`: of the measured matmul rate)"
     print(f"{args.model} ({counts['ours']:,} params; open_clip twin {counts['open_clip']:,}), batch {args.batch_size}, "
-          f"{args.threads} threads, best of {args.repeats} x {args.steps} steps; {args.device} peak fp32 "
-          f"{peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
-    print(f"{'model/precision':<28} {'samples/s':>10} {'GFLOP/sample':>13} {'MFU':>6} {'peak MiB':>9}")
+          f"{args.threads} threads, best of {args.repeats} x {args.steps} steps; {device_name(args.device)} measured "
+          f"matmul fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f} TFLOP/s{spec_line}")
+    print(f"{'model/precision':<28} {'samples/s':>10} {'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>6} {'measured':>9} "
+          f"{'peak MiB':>9}")
     for key, r in results.items():
         name = key.split("/")[0].removesuffix("+shards")
-        print(f"{key:<28} {r['samples_per_s']:10.2f} {flops[name] / 1e9:13.1f} {r['mfu']:6.1%} "
-              f"{r.get('peak_rss_mib', float('nan')):9.0f}")
+        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else f"{'-':>6}"
+        print(f"{key:<28} {r['samples_per_s']:10.2f} {flops[name] / 1e9:13.1f} {r['tflops']:8.2f} {mfu} "
+              f"{r['of_measured_peak']:9.1%} {r.get('peak_rss_mib', float('nan')):9.0f}")
     ratios = {}
     for precision in args.precisions.split(","):
         ratios[f"ours/open_clip {precision}"] = results[f"ours/{precision}"]["samples_per_s"] / results[f"open_clip/{precision}"]["samples_per_s"]

@@ -5,7 +5,8 @@
 #    every objective one step through DeepSpeed (ZeRO-2, bf16) on CUDA (tests/test_gpu.py).
 # 2. bench_train on CUDA: clip-b16 against open_clip's ViT-B-16 twin, and msclip-s-b16,
 #    fp32, bf16 autocast and the trainer's bf16 engine, each with token dropping 0.5 against
-#    open_clip's patch_dropout, with FLOPs/sample and MFU against the measured matmul peak.
+#    open_clip's patch_dropout, with FLOPs/sample, TFLOP/s, MFU against the chip's dense spec
+#    peak (pipeline/train/mfu.py) and the share of the measured matmul rate beside it.
 # A GPU machine is lent for minutes, so a failing test never stops the script: the bench
 # always runs, both outputs are always appended to bench/RESULTS.md (with the device, the
 # command and the date), and the exit status is pytest's (the bench's if the tests passed).

@@ -436,7 +436,9 @@ class TrackingConfig:
     # (what is left is sent by `python -m pipeline.tracking sync`).
     flush_seconds: float = 120.0
     system_metrics: bool = True
-    # Peak FLOP/s of one device (e.g. 989 for an H100 SXM in bf16) for the logged MFU; None: no MFU.
+    # Peak TFLOP/s of one device for the logged MFU; None: the chip's dense spec peak in the
+    # step's precision where pipeline/train/mfu.py knows the GPU (A100, H100, H200, B200,
+    # L40S, MI300X), else no MFU (tflops_per_device is logged either way).
     peak_tflops: Optional[float] = None
     # Log the final export as an MLflow Model (a pyfunc giving image and text embeddings:
     # pipeline/tracking/mlflow_model.py). Off by default: it copies the export (~600 MB at B/32).

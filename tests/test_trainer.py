@@ -57,6 +57,10 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
         return {r["step"]: r["keys_sha1"] for r in records(name) if r.get("event") == "batch"}
 
     assert sorted(losses("straight")) == list(range(1, 7))
+    # model TFLOP/s per device on every log step; no MFU on a CPU (no spec peak: pipeline/train/mfu.py)
+    logged = [r for r in records("straight") if "loss" in r and "event" not in r]
+    assert all(r["tflops_per_device"] > 0 and "mfu" not in r for r in logged)
+    assert "[train] mfu: no spec peak for a cpu device (set tracking.peak_tflops)" in done.stdout
     assert losses("split") == losses("straight")  # exactly, in fp32
     assert digests("split") == digests("straight") and len(digests("straight")) == 6  # the same samples each step
     assert sum(r.get("event") == "run_start" for r in records("split")) == 2  # it did resume

@@ -36,6 +36,7 @@ from pipeline.train.ds_config import check_against_deepspeed
 from pipeline.train.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, full_fp32, lr_factor,
                                    param_groups, topology_free_grad_norm, train_step)
 from pipeline.train.lifecycle import Heartbeat, Preempted, StopRequest, collective_timeout, stop_with_launcher
+from pipeline.train.mfu import peak_tflops
 from pipeline.train.preflight import Plan
 from pipeline.weights import checkpoint
 from pipeline.weights.export import export
@@ -346,6 +347,10 @@ class Trainer:
         self.data, self.state, self.logger, self.run_dir = data, state, logger, run_dir
         self.flops_per_sample, self.evaluator, self.stop = flops_per_sample, evaluator, stop
         self.window = Window()
+        bf16 = bool(plan.ds_config.get("bf16", {}).get("enabled"))
+        self.peak_tflops, peak_source = peak_tflops(self.cfg.tracking.peak_tflops, engine.device, bf16)
+        if logger.enabled:
+            print(f"[train] mfu: {'against ' if self.peak_tflops else ''}{peak_source}", flush=True)
         self.scales = engine.module.logit_scale_bounds()
         self.image_tokens = engine.module.encoder.arch.grid_size ** 2  # patch tokens of an image
 
@@ -456,8 +461,10 @@ class Trainer:
             metrics[f"lr/{group['name']}"] = group["lr"]
         if cfg.model.token_drop:
             metrics["tokens_kept"] = self.window.tokens_kept  # of the image's patch tokens, at this step
-        if cfg.tracking.peak_tflops and self.flops_per_sample:
-            metrics["mfu"] = self.flops_per_sample * samples_per_s / (cfg.tracking.peak_tflops * 1e12 * world)
+        if self.flops_per_sample:  # model FLOPs (pipeline/model/flops.py) per second and device
+            metrics["tflops_per_device"] = self.flops_per_sample * samples_per_s / world / 1e12
+            if self.peak_tflops:  # of the chip's spec peak (pipeline/train/mfu.py)
+                metrics["mfu"] = metrics["tflops_per_device"] / self.peak_tflops
         good, truncated, skipped = summed_over_ranks(data.good(), data.truncated(), data.skipped(), engine.device)
         for reason, count in skipped.items():
             metrics[f"data_skipped/{reason}"] = count

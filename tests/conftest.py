@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.demo_training import demo_build_args, train_demo_model  # noqa: F401 (tests import it from here)
 from pipeline.cli import LOCAL_ONLY, keep_local  # importing it sets the no-telemetry defaults for the session
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the project is installed (pyproject.toml, launch/env.sh)
@@ -89,9 +90,8 @@ def demo_data(tmp_path_factory) -> Path:
     import subprocess
     out = tmp_path_factory.mktemp("demo")
     # built by the command a user types, under the network guard (test_demo.py reads its record)
-    done = subprocess.run([sys.executable, "-m", "data_prep.demo", "--output", str(out), "--image-size", "64",
-                           "--renders", "1", "--crops-per-photo", "20", "--samples-per-shard", "250", "--seed", "0"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, "-m", "data_prep.demo", *demo_build_args(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600,
                           env=guarded_env(demo_network_log(out)))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
@@ -100,39 +100,6 @@ def demo_data(tmp_path_factory) -> Path:
 def demo_network_log(demo: Path) -> Path:
     """Where the guard recorded the demo data build's outbound attempts (none, if it is local)."""
     return demo.parent / f"{demo.name}-network.jsonl"
-
-
-def train_demo_model(demo_data: Path, path: Path, steps: int = 400, model_name: str = "msclip-s-tiny") -> Path:
-    """A tiny model (msclip-s-tiny unless named) trained on the demo shards (single process, plain loop: the
-    launcher's own runs are tested elsewhere), exported as the trainer exports it."""
-    import torch
-    from pipeline.config import DataConfig, to_dict
-    from pipeline.data.loader import DataStream
-    from pipeline.data.recipe import ImageSpec
-    from pipeline.losses import contrastive_loss
-    from pipeline.model import build_model
-
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    lr, warmup = 5e-4, 50
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-    shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
-    stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True, readers=1),
-                        batch_size=64,
-                        image=ImageSpec(64, model.arch.normalization), context_length=32)
-    for step, batch in enumerate(stream):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
-        out = model(batch["images"], batch["text"])
-        loss = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step + 1 == steps:
-            break
-    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": model_name,
-                "step": steps}, path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,55 @@
+"""The demo data and the small trained models the suite's evaluation tests read, built the
+same way by the tests (tests/conftest.py) and by the bench that measures how far those
+tests' thresholds stand from what training reaches (bench/convergence_margins.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+# The session's demo dataset (tests/conftest.py `demo_data`): python -m data_prep.demo with these
+DEMO_BUILD = {"image_size": 64, "renders": 1, "crops_per_photo": 20, "samples_per_shard": 250, "seed": 0}
+
+
+# The steps clip-tiny trains for tests/test_suite.py's CLIP_benchmark CLI test: from a random init
+# every image gets one class; this many steps gives distinct predictions (bench/convergence_margins.py)
+CLIP_CLI_STEPS = 40
+
+
+def demo_build_args(out: Path) -> list[str]:
+    """`python -m data_prep.demo` arguments that build DEMO_BUILD into `out`."""
+    return ["--output", str(out), *(a for key, value in DEMO_BUILD.items()
+                                    for a in (f"--{key.replace('_', '-')}", str(value)))]
+
+
+def train_demo_model(demo_data: Path, path: Path, steps: int = 400, model_name: str = "msclip-s-tiny",
+                     seed: int = 0) -> Path:
+    """A tiny model (msclip-s-tiny unless named) trained on the demo shards (single process,
+    plain loop: the launcher's own runs are tested elsewhere), exported as the trainer
+    exports it. `seed` draws the initial weights and the data order."""
+    import torch
+
+    from pipeline.config import DataConfig, to_dict
+    from pipeline.data.loader import DataStream
+    from pipeline.data.recipe import ImageSpec
+    from pipeline.losses import contrastive_loss
+    from pipeline.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    lr, warmup = 5e-4, 50
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
+    shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
+    stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True, readers=1),
+                        batch_size=64, image=ImageSpec(64, model.arch.normalization), context_length=32, seed=seed)
+    for step, batch in enumerate(stream):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup)
+        out = model(batch["images"], batch["text"])
+        loss = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step + 1 == steps:
+            break
+    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": model_name,
+                "step": steps}, path)
+    return path

@@ -108,6 +108,24 @@ def test_a_faulty_shard_among_healthy_ones_never_hangs_the_epoch(shard_dir, faul
     assert elapsed < 30
 
 
+def test_manifest_less_http_shards_that_are_refused_or_missing_are_skipped_and_counted(shard_dir, tmp_path):
+    """Issue 44: shards given as http URLs without a manifest, one on a host that refuses the
+    connection and one the store does not have (404): a worker died on the shard's lost
+    count (`None - int`: no manifest, no expected count), a traceback per rank. Each is
+    now one unreadable shard, named in the log and counted as one lost sample, and the
+    epoch reads every healthy sample once."""
+    from conftest import free_port
+    for i in range(3):  # the same tars, no manifest beside them
+        (tmp_path / f"{i:05d}.tar").write_bytes((shard_dir / f"{i:05d}.tar").read_bytes())
+    with FaultyStore(tmp_path) as store:
+        refused = f"http://127.0.0.1:{free_port()}/00009.tar"  # nothing listens there
+        stream = remote_stream(f"{store.url('{00000..00002}.tar')}::{store.url('00007.tar')}::{refused}", workers=1)
+        assert stream.shards.total_samples is None  # no manifest: the epoch runs to the data's end
+        keys = [k.split("#")[-1] for batch in stream for k in batch["keys"]]
+    assert sorted(keys) == sorted(f"s{i}_{j:02d}" for i in range(3) for j in range(PER_SHARD))
+    assert stream.skipped() == Counter(unreadable_shard=2)
+
+
 def test_a_dead_dataset_stops_at_once_with_default_settings(shard_dir, tmp_path):
     """Issue 32: with every shard unreadable a resampled stream waited data.stall_seconds
     (600 s) before it stopped. Once every shard has failed and no good sample came, nothing

@@ -126,8 +126,9 @@ class _VirtualReader:
         """The samples a shard that broke off loses: what its manifest lists beyond those
         already read (at least 1: a shard without a count still counts). An unreadable
         shard counted as one bad sample let a run with half its data gone pass
-        data.max_skip_rate at 2% (issue 22)."""
-        expected = self.expected.get(url, 0)
+        data.max_skip_rate at 2% (issue 22). A shard given without a manifest has no count:
+        it loses the one sample that is known to be gone (issue 44: `None - int` in a worker)."""
+        expected = self.expected.get(url) or 0
         return max(1, expected - self.per_url[url])
 
     def on_tar_error(self, exn: Exception) -> bool:

@@ -8,8 +8,9 @@
 checkpoints/ directory (exported on the fly); with --format msclip|openai|open_clip and
 --model (and --source for open_clip) a released file, imported on the fly, whose run is
 tagged reference=true with the file's sha256 (`python -m eval.compare` shows it beside
-the trained runs). The MLflow store: --tracking-uri, else MLFLOW_TRACKING_URI, else
-runs/mlflow.db of the working folder. Metrics go into the run that trained the
+the trained runs). The MLflow store: --tracking-uri, else MLFLOW_TRACKING_URI, else (with
+--training-run) the store the run recorded in its folder, else runs/mlflow.db of the
+working folder. Metrics go into the run that trained the
 checkpoint with --training-run (its MLflow id is in the export), into run ID with
 --run-id, else into a new run tagged with the checkpoint; they are logged at the
 checkpoint's training step. Writes a JSON of

@@ -3,6 +3,7 @@ reading and evaluating one dataset on one task, and the MLflow run the results g
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import tempfile
 from pathlib import Path
@@ -13,8 +14,8 @@ from eval.features import FeatureCache
 from pipeline.weights.export import export, load_exported, model_from_payload
 from pipeline.weights.interop import InteropError, import_weights
 from pipeline.redact import redact
-from pipeline.tracking.store import resolve_tracking_uri, training_experiment, use_store
-from pipeline.tracking.sync import synced_run_id
+from pipeline.tracking.store import resolve_tracking_uri, store_key, training_experiment, use_store
+from pipeline.tracking.sync import recorded_tracking_uri, synced_run_id
 
 # CLIP_benchmark's task names; the MLflow metric prefix of each (eval/<prefix>/<dataset>/<metric>)
 METRIC_PREFIX = {"zeroshot_classification": "zeroshot", "linear_probe": "linear_probe",
@@ -105,22 +106,54 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--training-run", action="store_true", help="log into the run that trained the checkpoint")
     target.add_argument("--run-id", help="log into this run")
     parser.add_argument("--experiment", default="eval", help="experiment of a new run (without --run-id)")
-    parser.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else ./runs/mlflow.db")
+    parser.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else (--training-run) the "
+                                                           "store the run recorded, else ./runs/mlflow.db")
     parser.add_argument("--no-mlflow", action="store_true")
 
 
+def run_folder(checkpoint: str) -> Path:
+    """The run folder of a run's export or checkpoints/ (runs/NAME/model.pt, runs/NAME/checkpoints -> runs/NAME)."""
+    return Path(checkpoint).resolve().parent
+
+
 def tracking_uri(args) -> str:
+    """The store rule of every entry point (pipeline/tracking/store.py), with one step more
+    for --training-run: the store the training run recorded in its run folder comes before
+    the working folder's runs/mlflow.db, which is not it when eval runs from another
+    folder or the run trained into another train.output_dir (issue 44)."""
+    if args.training_run and not args.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        folder = run_folder(args.checkpoint)
+        recorded = recorded_tracking_uri(folder) if (folder / "metrics.jsonl").is_file() else ""
+        if recorded:
+            return recorded
     return resolve_tracking_uri(args.tracking_uri)
 
 
 def resolve_training_run(args, payload: dict) -> None:
     """--training-run: the run this store holds for the run folder (runs/NAME/model.pt ->
-    runs/NAME; an offline run synced later has one), else the run the export names."""
-    if args.training_run:
-        args.run_id = (synced_run_id(Path(args.checkpoint).resolve().parent, tracking_uri(args))
-                       or payload.get("mlflow_run_id") or None)
-        if not args.run_id:
-            raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
+    runs/NAME; an offline run synced later has one), else the run the export names; checked
+    in the store before any evaluation, so that hours of it never end at start_run."""
+    if not args.training_run:
+        return
+    uri = tracking_uri(args)
+    args.run_id = synced_run_id(run_folder(args.checkpoint), uri) or payload.get("mlflow_run_id") or None
+    if not args.run_id:
+        raise FileNotFoundError(f"--training-run: {args.checkpoint} names no MLflow run (exported without one)")
+    if not args.no_mlflow:
+        check_run_exists(uri, args.run_id)
+
+
+def check_run_exists(uri: str, run_id: str) -> None:
+    """One line, before any work, when the store is not there or does not hold the run."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise FileNotFoundError(f"--training-run: the store {store_key(uri)} does not exist; name the run's store "
+                                f"with --tracking-uri")
+    from mlflow.tracking import MlflowClient
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except Exception as e:  # noqa: BLE001 (not found, refused, unreachable: each one line)
+        raise FileNotFoundError(f"--training-run: run {run_id} is not in {store_key(uri)} "
+                                f"({str(e).strip().splitlines()[0][:200]})") from None
 
 
 def start_run(args, payload: dict, extra_tags: dict | None = None):

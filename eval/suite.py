@@ -14,7 +14,8 @@ in one MLflow run, and DIR/results.csv, DIR/results.png (default DIR: eval-<suit
 the checkpoint). Each finished dataset is written to DIR/datasets/ and features are cached
 per weights (MSCLIP_CACHE, default ~/.cache/msclip-pipeline): the same command again, after
 a kill or with a dataset added, computes only what is not done. The MLflow store:
---tracking-uri, else MLFLOW_TRACKING_URI, else runs/mlflow.db of the working folder.
+--tracking-uri, else MLFLOW_TRACKING_URI, else (with --training-run) the store the run
+recorded in its folder, else runs/mlflow.db of the working folder.
 """
 from __future__ import annotations
 

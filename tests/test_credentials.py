@@ -26,14 +26,40 @@ ADMIN, ALICE = ("admin", "admin-pw-7Qx2"), ("alice", "alice-pw-9Kt4")
     ("pipe:curl -s 'https://h/a.tar?sig=abc&se=2026'", "pipe:curl -s 'https://h/a.tar?sig=***&se=2026'"),
     ("https://h/x?access_token=t1#top", "https://h/x?access_token=***#top"),
     ("https://h/x?API_KEY=k&Password=p", "https://h/x?API_KEY=***&Password=***"),
+    # what users write in pipe: specs and command lines (issue 44)
+    ("pipe:curl -sL -H 'Authorization: Bearer hf_abcdefghijklmnopqrstuvwx' https://huggingface.co/d/0.tar",
+     "pipe:curl -sL -H 'Authorization: Bearer ***' https://huggingface.co/d/0.tar"),
+    ('pipe:curl -s --header "X-Api-Key: k3y" https://h/0.tar', 'pipe:curl -s --header "X-Api-Key: ***" https://h/0.tar'),
+    ("pipe:curl -s -u alice:pa55 https://h/0.tar", "pipe:curl -s -u *** https://h/0.tar"),
+    ("pipe:curl -s --user='alice:pa 55' https://h/0.tar", "pipe:curl -s --user='***' https://h/0.tar"),
+    ("pipe:AWS_SECRET_ACCESS_KEY=abc/def+1 HF_TOKEN=t0k aws s3 cp s3://b/0.tar -",
+     "pipe:AWS_SECRET_ACCESS_KEY=*** HF_TOKEN=*** aws s3 cp s3://b/0.tar -"),
+    ("s3://AKIAEXAMPLE:wJalr/K7MDENG+bPx@bucket/shards", "s3://***@bucket/shards"),  # a secret with a '/'
+    ("https://u:p@ss@h/x.tar", "https://***@h/x.tar"),  # userinfo up to the last '@'
+    ("sig=abc&se=2026-12-31&sp=r", "sig=***&se=2026-12-31&sp=r"),  # a SAS token on its own
+    ("password: hunter2", "password: ***"), ('{"hf_token": "abc", "steps": 3}', '{"hf_token": "***", "steps": 3}'),
+    ("tracking.password=x", "tracking.password=***"),
+    ("key id AKIAIOSFODNN7EXAMPLE, token hf_abcdefghijklmnopqrstuvwx", "key id ***, token ***"),
     # nothing to redact: left exactly as it is
     ("s3://bucket/shards/{00000..00099}.tar", "s3://bucket/shards/{00000..00099}.tar"),
     ("data.read_timeout_seconds=60 optim.lr=5e-4", "data.read_timeout_seconds=60 optim.lr=5e-4"),
     ("http://host/a@b", "http://host/a@b"),
+    ("http://host:8080/a@b", "http://host:8080/a@b"),
+    ("model.token_drop=0.5 tokens_kept: 0.5 init_from_keys: 12", "model.token_drop=0.5 tokens_kept: 0.5 init_from_keys: 12"),
+    ("[train] step 3/6 loss 2.1000 123.4 samples/s", "[train] step 3/6 loss 2.1000 123.4 samples/s"),
 ])
 def test_redaction_hides_credentials_and_says_so(raw, shown):
     assert redact(raw) == shown
     assert redact({"k": [raw, (raw, 3)], raw: None}) == {"k": [shown, (shown, 3)], shown: None}
+
+
+def test_values_under_secret_keys_are_hidden_whole():
+    """A dict's credential keys (a config section, a header table) hide their value whatever
+    it looks like; keys that only contain such a word do not."""
+    assert redact({"password": "p w", "api_key": 12345, "headers": {"Private-Token": "x"}, "token_drop": 0.5,
+                   "tokens_kept": 0.5, "api_key_file": "/etc/k"}) == \
+        {"password": "***", "api_key": "***", "headers": {"Private-Token": "***"}, "token_drop": 0.5,
+         "tokens_kept": 0.5, "api_key_file": "/etc/k"}
 
 
 def test_a_redacting_stream_sees_a_url_split_across_writes():

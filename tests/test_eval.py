@@ -332,3 +332,25 @@ def test_cli_refuses_a_checkpoint_that_would_run_code(tmp_path):
                              "--no-mlflow"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "refusing to load" in result.stderr
     assert not marker.exists()
+
+
+def test_training_run_whose_store_is_gone_is_one_line_before_any_evaluation(tmp_path, capsys, monkeypatch):
+    """--training-run reads the store from the run folder (issue 44); a store that is not
+    there (moved, or on a machine this one cannot see) ends in one line naming it, before a
+    dataset is read (the dataset here does not exist: reading it would be another error)."""
+    from eval.__main__ import main as eval_main
+    from pipeline.config import to_dict
+    from pipeline.model import build_model
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    model = build_model("clip-tiny")
+    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": "clip-tiny", "step": 3,
+                "mlflow_run_id": "0123abcd"}, run_dir / "model.pt")
+    gone = tmp_path / "gone" / "mlflow.db"
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"event": "run_start", "tracking_uri": f"sqlite:///{gone}"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert eval_main(["--checkpoint", str(run_dir / "model.pt"), "--zeroshot", str(tmp_path / "no-such-set"),
+                      "--training-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --training-run: the store sqlite:///{gone} does not exist; name the run's store with "
+                   f"--tracking-uri"]

@@ -89,7 +89,7 @@ def batch_digests(run_dir: Path) -> dict[int, str]:
     return digests
 
 
-def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_data):
+def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_data, monkeypatch):
     """The flagship CPU path: ZeRO-2, bf16, DeepSpeed's JIT-compiled fused CPU Adam, exact
     large-batch accumulation (global 32 = 2 ranks x 2 micro-batches of 8), 40 steps."""
     from mlflow.tracking import MlflowClient
@@ -135,6 +135,16 @@ def test_zero2_bf16_fused_adam_trains_and_mlflow_holds_the_run(tmp_path, demo_da
     embedded = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": ["a photo of a cat"]}))
     assert len(embedded["text_embedding"][0]) == 64  # msclip-s-tiny's joint space
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    # eval --training-run from another folder finds the store the run recorded (issue 44: it
+    # looked for ./runs/mlflow.db and ended in a traceback at start_run, after the evaluation)
+    from eval.__main__ import main as eval_main
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert eval_main(["--checkpoint", str(run_dir / "model.pt"), "--zeroshot", str(demo_data / "eval" / "digits"),
+                      "--workers", "0", "--training-run", "--output", str(tmp_path / "eval.json")]) == 0
+    assert "eval/eval.json" in {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert not (elsewhere / "runs").exists()
 
 
 @pytest.mark.parametrize("stage,launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "deepspeed")])

@@ -119,6 +119,14 @@ class DataConfig:
     read_timeout_seconds: float = 60.0
     read_retries: int = 3
     read_min_bytes_per_second: float = 16384.0
+    # http(s) shards and manifests: headers sent with every request, e.g. {Authorization:
+    # "Bearer ${env:HF_TOKEN}"} for a Hugging Face dataset. A value (or a shard URL) may
+    # reference an environment variable as ${env:NAME}: the reference is what the run
+    # folder, MLflow and the logs hold; the value is read at each request. Proxies come from
+    # HTTP_PROXY / HTTPS_PROXY / NO_PROXY, basic auth from a URL's user:password@.
+    http_headers: dict[str, str] = field(default_factory=dict)
+    # The CA bundle (a PEM file) that verifies https shards; "": the system's.
+    http_ca_bundle: str = ""
     # Images whose header declares more pixels are skipped (oversized_image) before they are
     # decoded: 40 MP is far above any training resolution (256^2 x 16 = 1 MP) and below
     # Pillow's decompression-bomb warning (89 MP), so a crafted PNG cannot exhaust memory.
@@ -146,6 +154,11 @@ class DataConfig:
             raise ConfigError(f"data.rrc_scale: {self.rrc_scale} must satisfy 0 < lo <= hi <= 1")
         if not 0 <= self.max_skip_rate <= 1:
             raise ConfigError(f"data.max_skip_rate: {self.max_skip_rate} is outside [0, 1]")
+        for name, value in self.http_headers.items():
+            if not isinstance(value, str) or not name or any(c in f"{name}{value}" for c in "\r\n"):
+                raise ConfigError(f"data.http_headers.{name}: a header is a name and a one-line string value")
+        if self.http_ca_bundle and not Path(self.http_ca_bundle).is_file():
+            raise ConfigError(f"data.http_ca_bundle: {self.http_ca_bundle}: no such file")
 
 
 @dataclass

@@ -22,7 +22,8 @@ into `pipe:` shard specs and command lines (issue 44). What is redacted:
 * bare provider tokens by their shape (Hugging Face `hf_...`, AWS key ids `AKIA...` /
   `ASIA...`, GitHub `ghp_...` / `github_pat_...`, GitLab `glpat-...`, `sk-...`, Slack `xox.-...`).
 
-`***` stays in place so that a reader knows something was there. Names that merely contain
+`***` stays in place so that a reader knows something was there; a `${env:NAME}`
+reference stays as it is (it is what a config holds instead of a secret). Names that merely contain
 such a word are left alone where they are not credentials (`model.token_drop`,
 `tokens_kept`, `init_from_keys`).
 """
@@ -54,7 +55,8 @@ _SECRET_KEY = re.compile(r"(?i)^(?:[\w.-]*[_.-])?(?:password|passwd|secret|secre
                          r"auth[_-]?token|refresh[_-]?token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)$")
 _SECRET_FIELD = re.compile(r"(?i)(?P<lead>(?P<q>[\"']?)\b(?:[\w.-]*[_.-])?(?:password|passwd|secret|secret[_-]?key|"
                            r"token|access[_-]?token|auth[_-]?token|refresh[_-]?token|api[_-]?key|access[_-]?key|"
-                           r"private[_-]?key|credentials?)(?P=q)\s*[:=]\s*)(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;}'\"&#]+)")
+                           r"private[_-]?key|credentials?)(?P=q)\s*[:=]\s*)"
+                           r"(?P<value>\"[^\"]*\"|'[^']*'|\$\{env:\w+\}|[^\s,;}'\"&#]+)")
 _TOKEN_SHAPES = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|(?:AKIA|ASIA)[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|"
                            r"github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}|sk-[A-Za-z0-9_-]{20,}|"
                            r"xox[abprs]-[A-Za-z0-9-]{10,})\b")
@@ -62,11 +64,18 @@ _TOKEN_SHAPES = re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|(?:AKIA|ASIA)[0-9A-Z]{16}|
 _MAYBE = re.compile(r"://|=|:|-u\b|--user|--proxy-user|-U\b|hf_|AKIA|ASIA|gh[pousr]_|github_pat_|glpat-|sk-|xox")
 
 
+# a reference to an environment variable (pipeline/data/remote.py resolve_env) is no secret:
+# it is what a config holds instead of one, and stays readable
+_REFERENCE = re.compile(r"\$\{env:[A-Za-z_][A-Za-z0-9_]*\}")
+
+
 def _quoted_mask(value: str) -> str:
     return f"{value[0]}{MASK}{value[0]}" if value[:1] in ("'", '"') else MASK
 
 
 def _masked(m: re.Match) -> str:
+    if _REFERENCE.fullmatch(m.group("value").strip("'\"")):
+        return m.group(0)
     return f"{m.group('lead')}{_quoted_mask(m.group('value'))}"
 
 
@@ -103,7 +112,8 @@ def redact(value):
             value = pattern.sub(_masked, value)
         return _TOKEN_SHAPES.sub(MASK, value)
     if isinstance(value, dict):
-        return {redact(k): (MASK if isinstance(k, str) and _SECRET_KEY.match(k) and v not in (None, "") else redact(v))
+        return {redact(k): (MASK if isinstance(k, str) and _SECRET_KEY.match(k) and v not in (None, "")
+                            and not (isinstance(v, str) and _REFERENCE.fullmatch(v)) else redact(v))
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(redact(v) for v in value)

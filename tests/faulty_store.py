@@ -28,8 +28,12 @@ class Fault:
 
 
 class FaultyStore:
-    def __init__(self, directory: Path, faults: dict[str, Fault] | None = None):
+    def __init__(self, directory: Path, faults: dict[str, Fault] | None = None, authorization: str = ""):
+        """authorization: the Authorization header every request must carry (else 401), as
+        a Hugging Face dataset or a lab's store asks for a bearer token or basic auth."""
         self.directory, self.faults = Path(directory), dict(faults or {})
+        self.authorization = authorization
+        self.refused: Counter = Counter()  # per file name: requests without the right credentials
         self.requests: Counter = Counter()  # per file name
         self.ranges: list[tuple[str, int]] = []  # (name, offset) of every Range request
         self.stopping = threading.Event()
@@ -50,6 +54,10 @@ class FaultyStore:
             def serve(self):
                 name = self.path.lstrip("/").split("?")[0]
                 store.requests[name] += 1
+                if store.authorization and self.headers.get("Authorization") != store.authorization:
+                    store.refused[name] += 1
+                    self.send_error(401)
+                    return
                 path = store.directory / name
                 if not path.is_file():
                     self.send_error(404)
@@ -95,8 +103,9 @@ class FaultyStore:
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def url(self, name: str = "") -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{name}"
+    def url(self, name: str = "", host: str = "127.0.0.1") -> str:
+        """`host`: a name only a LoopbackProxy resolves, for a store reachable through it alone."""
+        return f"http://{host}:{self.server.server_address[1]}/{name}"
 
     def __enter__(self) -> "FaultyStore":
         self.thread.start()
@@ -107,3 +116,64 @@ class FaultyStore:
         self.server.shutdown()
         self.server.server_close()
         time.sleep(0.05)
+
+
+class LoopbackProxy:
+    """A forward HTTP proxy on loopback, as a cluster's egress proxy: it takes absolute-form
+    requests (`GET http://host:port/path`), resolves the hosts it is told about (names no
+    one else resolves: a shard store reachable only through it), and streams the answer
+    back chunk by chunk (a stalled upstream stalls the client too, as through a real proxy).
+
+        with LoopbackProxy({"shards.internal": "127.0.0.1"}) as proxy:
+            os.environ["HTTP_PROXY"] = proxy.url
+    """
+
+    def __init__(self, hosts: dict[str, str]):
+        import http.client
+        from urllib.parse import urlsplit
+        self.hosts, self.requests = dict(hosts), []  # requests: the absolute URLs forwarded
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                if not parts.scheme or parts.hostname not in proxy.hosts:
+                    self.send_error(502, "unknown host")
+                    return
+                proxy.requests.append(self.path)
+                upstream = http.client.HTTPConnection(proxy.hosts[parts.hostname], parts.port or 80, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "host")}
+                upstream.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                                 headers={**headers, "Host": parts.netloc})
+                answer = upstream.getresponse()
+                try:
+                    self.send_response(answer.status, answer.reason)
+                    for key, value in answer.getheaders():
+                        if key.lower() not in ("connection", "transfer-encoding"):
+                            self.send_header(key, value)
+                    self.end_headers()
+                    while chunk := answer.read1(65536):
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                    self.close_connection = True
+                finally:
+                    upstream.close()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> "LoopbackProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -47,6 +47,7 @@ ADMIN, ALICE = ("admin", "admin-pw-7Qx2"), ("alice", "alice-pw-9Kt4")
     ("http://host:8080/a@b", "http://host:8080/a@b"),
     ("model.token_drop=0.5 tokens_kept: 0.5 init_from_keys: 12", "model.token_drop=0.5 tokens_kept: 0.5 init_from_keys: 12"),
     ("[train] step 3/6 loss 2.1000 123.4 samples/s", "[train] step 3/6 loss 2.1000 123.4 samples/s"),
+    ("-H 'Authorization: Bearer ${env:HF_TOKEN}' token=${env:T}", "-H 'Authorization: Bearer ${env:HF_TOKEN}' token=${env:T}"),
 ])
 def test_redaction_hides_credentials_and_says_so(raw, shown):
     assert redact(raw) == shown

@@ -69,6 +69,36 @@ def test_every_fault_either_reads_whole_or_fails_within_its_bound(tmp_path):
         assert store.requests["missing.bin"] == 1
 
 
+def test_http_as_a_cluster_has_it_a_proxy_a_bearer_token_and_basic_auth(shard_dir, monkeypatch):
+    """Issue 44: the opener spoke http.client by hand, so HTTP_PROXY / NO_PROXY were ignored
+    (behind a proxy nothing was read), a URL's user:password was not sent, and no header
+    could be. The store here is reachable only through the proxy (its host name resolves in
+    the proxy alone) and answers 401 without the bearer token, which the policy names as
+    `${env:SHARD_TOKEN}`: the reference is what a config holds, the value what is sent."""
+    import base64
+    import dataclasses
+
+    from faulty_store import LoopbackProxy
+    data = (shard_dir / "00000.tar").read_bytes()
+    monkeypatch.setenv("SHARD_TOKEN", "s3cr3t-t0ken")
+    policy = dataclasses.replace(FAST, headers=(("Authorization", "Bearer ${env:SHARD_TOKEN}"),))
+    with FaultyStore(shard_dir, authorization="Bearer s3cr3t-t0ken") as store, \
+            LoopbackProxy({"shards.internal": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        url = store.url("00000.tar", host="shards.internal")
+        assert open_url(url, policy).read() == data
+        assert proxy.requests == [url]
+        with pytest.raises(ShardReadError, match="HTTP 401"):  # without the token: refused, and not retried
+            open_url(url, FAST).read()
+        assert store.refused["00000.tar"] == 1
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # NO_PROXY goes direct, as curl does
+        assert open_url(store.url("00000.tar"), policy).read() == data
+        assert len(proxy.requests) == 2
+    basic = "Basic " + base64.b64encode(b"alice:p@ss:w/rd").decode()
+    with FaultyStore(shard_dir, authorization=basic) as store:  # userinfo, percent-encoded, sent as basic auth
+        assert open_url(store.url("00000.tar").replace("http://", "http://alice:p%40ss%3Aw%2Frd@"), FAST).read() == data
+
+
 def test_a_consumer_that_pauses_is_not_a_slow_store(tmp_path):
     """The progress clock runs only while a read waits: a reader whose consumer is busy for
     longer than the timeout (a long evaluation, a full prefetch queue) reads on from the

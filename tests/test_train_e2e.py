@@ -511,24 +511,32 @@ def test_data_fault_corpus(tmp_path, demo_data, fault, overrides, expected):
     assert time.time() - start < 60  # the launcher and two ranks' start-up: nothing waits for a stall limit
 
 
-def test_a_shard_that_stops_answering_costs_its_samples_not_the_run(tmp_path, demo_data):
+def test_a_shard_that_stops_answering_costs_its_samples_not_the_run(tmp_path, demo_data, monkeypatch):
     """Issue 32: shards over HTTP, one of which stops answering after 20 KB while keeping the
     connection open (a stuck object store): the job hung, 0 steps in 400 s and no message,
     with data.stall_seconds=30. Now the read gives up after data.read_timeout_seconds x
     tries, the shard's lost samples are counted and named, and the run finishes. The shard
     is rank 1's first (its loader worker was the one blocked); the manifest is read over
-    HTTP too."""
-    from faulty_store import Fault, FaultyStore
+    HTTP too. As a cluster has it (issue 44): the store is reachable only through the
+    environment's proxy (HTTP_PROXY; its host name resolves in the proxy alone) and answers
+    only requests with its bearer token, which the config names as ${env:SHARD_TOKEN}: the
+    token is sent, and written nowhere."""
+    from faulty_store import Fault, FaultyStore, LoopbackProxy
 
     from pipeline.data.shards import assign_shards, resolve_shards
     digits = demo_data / "shards" / "digits"
     shards = resolve_shards(str(digits))
     stalled = Path(shards.urls[assign_shards(shards, 0, 0, 1, 2)[0]]).name  # virtual reader 1 = rank 1
-    with FaultyStore(digits, {stalled: Fault("stall", after=20_000)}) as store:
+    token = "t0ken-9Hq2"
+    with FaultyStore(digits, {stalled: Fault("stall", after=20_000)}, authorization=f"Bearer {token}") as store, \
+            LoopbackProxy({"shards.internal": "127.0.0.1"}) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("SHARD_TOKEN", token)
         # a skip budget that lets one shard of six go (the epoch is sized by it)
         config = run_config(tmp_path, demo_data, "stalled", data={
-            "train_shards": store.url(), "resampled": False, "shuffle_buffer": 0, "max_skip_rate": 0.9,
-            "read_timeout_seconds": 2, "read_retries": 1, "stall_seconds": 30}, train={"steps": 6, "log_every": 1})
+            "train_shards": store.url(host="shards.internal"), "resampled": False, "shuffle_buffer": 0,
+            "max_skip_rate": 0.9, "read_timeout_seconds": 2, "read_retries": 1, "stall_seconds": 30,
+            "http_headers": {"Authorization": "Bearer ${env:SHARD_TOKEN}"}}, train={"steps": 6, "log_every": 1})
         start = time.time()
         result = launch(config, ds_config(tmp_path), timeout=300)
         elapsed = time.time() - start
@@ -536,10 +544,17 @@ def test_a_shard_that_stops_answering_costs_its_samples_not_the_run(tmp_path, de
     assert [r["step"] for r in logged] == [1, 2, 3, 4, 5, 6]
     lost = logged[-1]["data_skipped/unreadable_shard"]
     assert 0 < lost < 250, lost  # the stalled shard's samples after the first 20 KB
-    assert re.search(rf"shard {re.escape(store.url(stalled))}: unreadable \(no byte in 2 s .*after 2 tries",
+    stalled_url = store.url(stalled, host="shards.internal")
+    assert re.search(rf"shard {re.escape(stalled_url)}: unreadable \(no byte in 2 s .*after 2 tries",
                      result.stdout + result.stderr), result.stderr[-3000:]
     assert store.requests[stalled] == 2  # the first try and one retry (from where it stopped)
     assert elapsed < 150, elapsed
+    # every request went through the proxy, with the token; the run folder keeps the reference
+    assert proxy.requests and all(url.startswith("http://shards.internal:") for url in proxy.requests)
+    assert not store.refused and sum(store.requests.values()) == len(proxy.requests)
+    written = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "runs").rglob("*") if p.is_file()
+                        and p.suffix in (".yaml", ".json", ".jsonl"))
+    assert token not in written + result.stdout + result.stderr and "${env:SHARD_TOKEN}" in written
 
 
 @pytest.mark.parametrize("override,message", [

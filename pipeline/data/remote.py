@@ -24,17 +24,18 @@ A failure to read is therefore bounded by about timeout x (retries + 1) + 2^retr
 """
 from __future__ import annotations
 
-import http.client
 import io
 import os
+import re
 import select
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 import weakref
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,45 @@ class ReadPolicy:
     retries: int = 3  # tries after the first
     min_bytes_per_second: float = 16384.0  # a slower average over `timeout` seconds is no progress
     backoff: float = 1.0  # seconds before the first retry, doubled for each next one
+    # http(s): headers sent with every request, their values as written (`${env:NAME}`
+    # references resolved at each request), and the CA bundle that verifies TLS ("": the
+    # system's)
+    headers: tuple[tuple[str, str], ...] = ()
+    ca_bundle: str = ""
 
 
 def read_policy(data_cfg) -> ReadPolicy:
     """The policy of a `DataConfig` (data.read_timeout_seconds, read_retries,
-    read_min_bytes_per_second)."""
+    read_min_bytes_per_second, http_headers, http_ca_bundle)."""
     return ReadPolicy(timeout=data_cfg.read_timeout_seconds, retries=data_cfg.read_retries,
-                      min_bytes_per_second=data_cfg.read_min_bytes_per_second)
+                      min_bytes_per_second=data_cfg.read_min_bytes_per_second,
+                      headers=tuple(sorted(getattr(data_cfg, "http_headers", {}).items())),
+                      ca_bundle=getattr(data_cfg, "http_ca_bundle", ""))
 
 
 class ShardReadError(OSError):
     """A remote read that failed every try, or failed in a way a retry cannot change."""
+
+
+_ENV_REFERENCE = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def env_references(value: str) -> list[str]:
+    """The variables `${env:NAME}` references in a value names."""
+    return _ENV_REFERENCE.findall(value)
+
+
+def resolve_env(value: str) -> str:
+    """A value with its `${env:NAME}` references replaced by the environment's values: a
+    secret (a token in a header, a signature in a URL) is written in the config as a
+    reference, so the run folder, MLflow and the logs hold the reference, and only the
+    request holds the value. A variable that is not set is a KeyError naming it (preflight
+    checks them before launch: pipeline/train/preflight.py)."""
+    def value_of(m: re.Match) -> str:
+        if m.group(1) not in os.environ:  # the same answer on every try
+            raise ShardReadError(f"${{env:{m.group(1)}}} is not set in the environment")
+        return os.environ[m.group(1)]
+    return _ENV_REFERENCE.sub(value_of, value)
 
 
 class _Retry(Exception):
@@ -184,62 +213,88 @@ class _Resumable(io.RawIOBase):
 
 
 def _describe(error: Exception, policy: ReadPolicy) -> str:
-    if isinstance(error, (socket.timeout, TimeoutError)):
+    import urllib3
+    if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
+        error = error.reason  # urllib3 wraps the cause (a refused connect, a timeout)
+    if isinstance(error, (socket.timeout, TimeoutError, urllib3.exceptions.TimeoutError)):
         return f"no byte in {policy.timeout:g} s (data.read_timeout_seconds)"
+    if isinstance(error, urllib3.exceptions.NewConnectionError):
+        return f"cannot connect: {str(error).rsplit(': ', 1)[-1]}"
     text = str(error) or type(error).__name__
     return text if isinstance(error, _Retry) else f"{type(error).__name__}: {text}"
 
 
+_pools: dict = {}  # (pid, proxy, CA bundle) -> urllib3 pool manager: connections are reused across shards
+
+
+def _pool_for(url: str, ca_bundle: str):
+    """A urllib3 pool manager for `url`, through the proxy the environment names for it
+    (HTTP_PROXY / HTTPS_PROXY / NO_PROXY, read as urllib and curl read them) or direct;
+    one per process (a forked loader worker makes its own connections)."""
+    import urllib3
+    parts = urlsplit(url)
+    proxy = None
+    if not urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy = urllib.request.getproxies().get(parts.scheme)
+    key = (os.getpid(), proxy, ca_bundle)
+    if key not in _pools:
+        tls = {"ca_certs": ca_bundle} if ca_bundle else {}
+        _pools[key] = (urllib3.ProxyManager(proxy, num_pools=32, **tls) if proxy
+                       else urllib3.PoolManager(num_pools=32, **tls))
+    return _pools[key]
+
+
 class _HTTPStream(_Resumable):
-    """http(s) through http.client: its socket timeout bounds the connect and every recv."""
+    """http(s) through urllib3 (a maintained client: proxies, TLS verification, pooled
+    keep-alive connections), its connect and read timeouts bounding every wait. A URL's
+    userinfo is sent as basic auth, never in the request line; data.http_headers go with
+    every request (a Hugging Face dataset: `Authorization: Bearer ${env:HF_TOKEN}`); a
+    redirect to another host drops Authorization (urllib3's rule, as curl's)."""
 
     MAX_REDIRECTS = 5
 
     def _open(self, offset: int):
-        url = self.url
-        for _ in range(self.MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            connection = kind(parts.hostname, parts.port, timeout=self.policy.timeout)
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
-            headers = {"Range": f"bytes={offset}-"} if offset else {}
-            try:
-                connection.request("GET", path, headers=headers)
-                response = connection.getresponse()
-            except BaseException:
-                connection.close()
-                raise
-            status = response.status
-            if status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-                url = urljoin(url, response.getheader("Location"))
-                connection.close()
-                continue
-            if status in (200, 206):
-                if offset and status == 200:  # no range support: skip what was already read
-                    _skip(response, offset)
-                response._connection = connection  # closed with the response
-                return response
-            connection.close()
-            message = f"HTTP {status} {response.reason}"
-            if status == 404:
-                raise FileNotFoundError(message)
-            if status in (408, 429) or status >= 500:
-                raise _Retry(message)
-            raise ShardReadError(message)  # 401/403 and the like: a retry gets the same answer
-        raise ShardReadError(f"more than {self.MAX_REDIRECTS} redirects")
+        import urllib3
+        parts = urlsplit(resolve_env(self.url))
+        headers = {name: resolve_env(value) for name, value in self.policy.headers}
+        if parts.username is not None:  # basic auth from the userinfo, which leaves the URL
+            headers.update(urllib3.make_headers(basic_auth=f"{unquote(parts.username)}:"
+                                                          f"{unquote(parts.password or '')}"))
+            parts = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1])
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        url = urlunsplit(parts)
+        response = _pool_for(url, self.policy.ca_bundle).request(
+            "GET", url, headers=headers, preload_content=False, decode_content=False,
+            timeout=urllib3.Timeout(connect=self.policy.timeout, read=self.policy.timeout),
+            # redirects followed here; every other retry is ours (it resumes where the read stopped)
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=self.MAX_REDIRECTS))
+        status = response.status
+        if status in (200, 206):
+            if offset and status == 200:  # no range support: skip what was already read
+                _skip(response, offset)
+            return response
+        response.release_conn()
+        message = f"HTTP {status} {response.reason}"
+        if status == 404:
+            raise FileNotFoundError(message)
+        if status in (408, 429) or status >= 500:
+            raise _Retry(message)
+        raise ShardReadError(message)  # 401/403 and the like: a retry gets the same answer
 
     def _read(self, buffer) -> int:
         data = self.source.read1(len(buffer))
-        if not data and self.source.length:  # the server closed early: a retry resumes
-            raise http.client.IncompleteRead(b"", self.source.length)
+        if not data and self.source.length_remaining:  # the server closed early: a retry resumes
+            raise _Retry(f"the connection closed with {self.source.length_remaining} bytes to come")
         buffer[:len(data)] = data
         return len(data)
 
     def _close(self, source):
-        source.close()
-        source._connection.close()
+        if source.length_remaining == 0:
+            source.release_conn()  # read whole: the connection serves the next shard
+        else:
+            source.close()  # abandoned midway: its connection cannot be reused
+            source.release_conn()
 
 
 def _skip(reader, count: int):
@@ -256,7 +311,7 @@ class _PipeStream(_Resumable):
     and a retry re-runs it and skips the bytes already read."""
 
     def _open(self, offset: int):
-        process = subprocess.Popen(self.url[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+        process = subprocess.Popen(resolve_env(self.url[len("pipe:"):]), shell=True, stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, bufsize=0)
         process.skip = offset
         return process
@@ -307,7 +362,8 @@ class _FsspecStream(_Resumable):
                        # 4 MiB blocks read ahead (s3fs's default is 50 MB per open file: 32
                        # readers per loader worker would hold 1.6 GB)
                        "default_block_size": 4 << 20}
-        f = _bounded(lambda: fsspec.open(self.url, "rb", **options).open(), self.policy.timeout)
+        url = resolve_env(self.url)
+        f = _bounded(lambda: fsspec.open(url, "rb", **options).open(), self.policy.timeout)
         if offset:
             _bounded(lambda: f.seek(offset), self.policy.timeout)
         return f

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, features_only, load_config
-from pipeline.data.remote import ReadPolicy, is_remote, read_policy
+from pipeline.data.remote import ReadPolicy, env_references, is_remote, read_policy
 from pipeline.data.shards import ShardSet, batches_per_epoch, check_readers, debiased_sources, resolve_shards
 from pipeline.train.ds_config import fill_ds_config, read_ds_config
 from pipeline.weights import files as checkpoint_files
@@ -44,6 +44,7 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(deepspeed_config), cfg.train, cfg.optim, world)
     accum = ds_config["gradient_accumulation_steps"]
+    check_env_references(cfg)
     read = read_policy(cfg.data)
     sources = shard_sources(cfg, world, read)
     check_output_dir(Path(cfg.train.output_dir))
@@ -66,6 +67,17 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
     return Plan(cfg, ds_config, world, accum, read, sources, resume)
+
+
+def check_env_references(cfg: RunConfig):
+    """Every ${env:NAME} a shard spec or an http header references is set here (each rank
+    reads it at each request: a missing one would fail every shard)."""
+    values = {"data.train_shards": cfg.data.train_shards,
+              **{f"data.http_headers.{name}": value for name, value in cfg.data.http_headers.items()}}
+    for key, value in values.items():
+        missing = [name for name in env_references(value) if name not in os.environ]
+        if missing:
+            raise ConfigError(f"{key}: ${{env:{missing[0]}}} is not set in the environment")
 
 
 def warn_short_run(cfg: RunConfig):

@@ -151,39 +151,50 @@ def test_secrets_in_a_shard_url_and_a_tracking_url_go_nowhere(tmp_path, demo_dat
     into the server's params, tags and artifacts, into the run folder and into stdout. Two
     processes through the launcher, shards over HTTP each signed, the tracking URL with
     alice's password: the run trains and logs, and neither secret is anywhere it wrote.
-    Nothing in the run folder is writable by others."""
+    Nothing in the run folder is writable by others. Issue 44: what users also write, a
+    `pipe:curl` shard with `-H 'Authorization: Bearer ...'` and `-u user:password`, and a
+    header whose value is a `${env:...}` reference, is written nowhere either; the run
+    folder and its checkpoints are the owner's alone under a umask of 000."""
     from mlflow.tracking import MlflowClient
 
     from faulty_store import FaultyStore
     from pipeline.data.manifest import Manifest
     from test_train_e2e import DEEPSPEED, REPO_ROOT, ds_config, jsonl, run_config
     from test_tracking_server import artifact_paths
-    signature = "5ec12e7516a7u2e0f00d"
+    signature, bearer, curl_password, header_key = "5ec12e7516a7u2e0f00d", "b3arer-7Yq1", "curl-pw-4Rt8", "k3y-2Wn6"
     digits = demo_data / "shards" / "digits"
     with FaultyStore(digits) as store:
-        signed = "::".join(f"{store.url(s.name)}?X-Amz-Expires=3600&X-Amz-Signature={signature}"
-                           for s in Manifest.read(digits).shards)
+        # every shard read by curl, with a bearer header, basic auth and a signed URL
+        shards = Manifest.read(digits).shards
+        signed = "::".join(f"pipe:curl -sf -H 'Authorization: Bearer {bearer}' -u alice:{curl_password} "
+                           f"'{store.url(s.name)}?X-Amz-Expires=3600&X-Amz-Signature={signature}'" for s in shards)
         with_password = auth_server.uri.replace("http://", f"http://{ALICE[0]}:{ALICE[1]}@")
-        config = run_config(tmp_path, demo_data, "signed", data={"train_shards": signed, "resampled": False,
-                                                                 "shuffle_buffer": 0},
+        config = run_config(tmp_path, demo_data, "signed", data={"train_shards": signed, "resampled": True,
+                                                                 "train_num_samples": 1000, "shuffle_buffer": 0,
+                                                                 "http_headers": {"X-Api-Key": "${env:SHARD_KEY}"}},
                             train={"steps": 4, "log_every": 2}, tracking={"tracking_uri": with_password,
                                                                          "experiment": "secrets"})
         # secrets live in the config file, not on the command line (the launcher prints its command)
         result = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
                                  "launch/train.py", "--deepspeed_config", str(ds_config(tmp_path)), "--config",
-                                 str(config)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+                                 str(config)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "SHARD_KEY": header_key}, preexec_fn=lambda: os.umask(0o000))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "signed"
     assert [r["step"] for r in jsonl(run_dir) if "loss" in r] == [2, 4]
-    secrets = (signature, ALICE[1])
+    assert sum(store.requests.values()) >= 2  # the shards were read (by curl)
+    for folder in (run_dir, run_dir / "checkpoints"):  # under umask 000: the owner's alone
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, oct(folder.stat().st_mode)
+    secrets = (signature, ALICE[1], bearer, curl_password, header_key)
     for secret in secrets:
         assert secret not in result.stdout and secret not in result.stderr, secret
     for path in run_dir.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert not any(s.encode() in data for s in secrets), path
-        assert not path.stat().st_mode & stat.S_IWOTH, path  # nothing world-writable
-    assert "X-Amz-Signature=***" in (run_dir / "config.yaml").read_text()  # a reader sees that it was there
+    written = (run_dir / "config.yaml").read_text()
+    assert "X-Amz-Signature=***" in written and "Bearer ***" in written  # a reader sees that it was there
+    assert "${env:SHARD_KEY}" in written  # a reference is written as it is
     os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN[0], MLFLOW_TRACKING_PASSWORD=ADMIN[1])
     try:
         client = MlflowClient(tracking_uri=auth_server.uri)

@@ -163,7 +163,12 @@ def prepare_run_dir(cfg: RunConfig, ds_config: dict, module: TrainModule, run_na
     objective trained, and which objective heads evaluation keeps."""
     run_dir = Path(cfg.train.output_dir) / run_name
     if rank == 0:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        # Owner-only whatever the umask (issue 44): the folder holds the run's configs, its
+        # JSONL and checkpoints; under a umask of 000 they were open to every user of a
+        # shared filesystem. What lies inside is reached through these folders only.
+        for folder in (run_dir, run_dir / "checkpoints"):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
         save_config(cfg, run_dir / "config.yaml")
         # what goes out (the run folder, then MLflow's artifacts) goes without credentials
         (run_dir / "ds_config.json").write_text(json.dumps(redact(ds_config), indent=2))

@@ -9,6 +9,9 @@ from pathlib import Path
 DEMO_BUILD = {"image_size": 64, "renders": 1, "crops_per_photo": 20, "samples_per_shard": 250, "seed": 0}
 
 
+# The steps of the session's trained model (tests/conftest.py `trained_model`, msclip-s-tiny),
+# which the evaluation tests' thresholds read (their margins: bench/convergence_margins.py)
+TRAINED_STEPS = 400
 # The steps clip-tiny trains for tests/test_suite.py's CLIP_benchmark CLI test: from a random init
 # every image gets one class; this many steps gives distinct predictions (bench/convergence_margins.py)
 CLIP_CLI_STEPS = 40
@@ -20,14 +23,15 @@ def demo_build_args(out: Path) -> list[str]:
                                     for a in (f"--{key.replace('_', '-')}", str(value)))]
 
 
-def train_demo_model(demo_data: Path, path: Path, steps: int = 400, model_name: str = "msclip-s-tiny",
-                     seed: int = 0) -> Path:
+def train_demo_model(demo_data: Path, path: Path, steps: int = TRAINED_STEPS, model_name: str = "msclip-s-tiny",
+                     seed: int = 0, also_at: dict[int, Path] | None = None) -> Path:
     """A tiny model (msclip-s-tiny unless named) trained on the demo shards (single process,
     plain loop: the launcher's own runs are tested elsewhere), exported as the trainer
-    exports it. `seed` draws the initial weights and the data order."""
+    exports it. `seed` draws the initial weights and the data order; `also_at` exports the
+    model at earlier steps too ({step: path})."""
     import torch
 
-    from pipeline.config import DataConfig, to_dict
+    from pipeline.config import DataConfig
     from pipeline.data.loader import DataStream
     from pipeline.data.recipe import ImageSpec
     from pipeline.losses import contrastive_loss
@@ -48,8 +52,17 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = 400, model_name: 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if step + 1 in (also_at or {}):
+            export(model, model_name, step + 1, also_at[step + 1])
         if step + 1 == steps:
             break
-    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": model_name,
-                "step": steps}, path)
+    export(model, model_name, steps, path)
     return path
+
+
+def export(model, model_name: str, step: int, path: Path):
+    import torch
+
+    from pipeline.config import to_dict
+    torch.save({"state_dict": model.state_dict(), "arch": to_dict(model.arch), "model_name": model_name,
+                "step": step}, path)

@@ -219,9 +219,14 @@ class TrainConfig:
     # of one logging window (log_every); 0 stops at the first. A run that skips most of
     # its updates (a diverged lr) trains nothing while it looks alive.
     max_skipped_steps: float = 0.5
-    # A step that takes longer than this ends the run in one line on every rank (a dead or
-    # hung rank must not hang it); collectives time out a minute later (lifecycle.py).
+    # The longest any rank may go without finishing a step before the run ends in one line on
+    # every rank (a dead, hung or lost rank must not hang it): the first steps of a start and
+    # the work between steps (an evaluation, a save); collectives time out a minute later.
     timeout_minutes: float = 30.0
+    # The deadline of a step once a start has timed a few: None adapts it (10 x the median
+    # step, at least a minute or the remote reads' budget, at most timeout_minutes), so a
+    # lost node is seen in minutes on any model size (pipeline/train/lifecycle.py Heartbeat).
+    step_timeout_minutes: Optional[float] = None
     # The last unmasked_steps steps train on every token (FLIP's unmasked tuning at the end
     # of a model.token_drop run): the gap between training on kept tokens and evaluating
     # on all of them closes there. 0: token dropping to the end.
@@ -233,6 +238,8 @@ class TrainConfig:
         _check_range("train.save_every", self.save_every, 0)
         _check_range("train.keep_last", self.keep_last, 1)
         _check_range("train.timeout_minutes", self.timeout_minutes, 0, exclusive=True)
+        if self.step_timeout_minutes is not None:
+            _check_range("train.step_timeout_minutes", self.step_timeout_minutes, 0, exclusive=True)
         _check_range("train.max_skipped_steps", self.max_skipped_steps, 0)
         _check_range("train.unmasked_steps", self.unmasked_steps, 0)
         if self.unmasked_steps > self.steps:

@@ -113,3 +113,37 @@ def test_the_watchdogs_line_names_the_work_between_steps_that_ran_past_the_deadl
             "train.timeout_minutes=0.01: the evaluation at step 7 (eval.every_steps) took longer (raise "
             "train.timeout_minutes), or a peer rank is hung or gone;") in errors["evaluating"], errors
     assert "(last step 8), over train.timeout_minutes=0.01: a peer rank is hung or gone;" in errors["stepped"], errors
+
+
+ADAPTIVE = """
+import sys, time
+from pipeline.train.lifecycle import Heartbeat
+Heartbeat.MIN_FLOOR_SECONDS = 1.0  # a minute in a run
+seen = []
+heartbeat = Heartbeat(sys.argv[1], 0, timeout_minutes=5, on_deadline=seen.append)
+for step in range(1, 10):  # the warm-up steps, then steps timed at ~0.05 s
+    time.sleep(0.05)
+    heartbeat.beat(step)
+print("adapted", heartbeat.timeout, seen, flush=True)
+heartbeat.doing("the evaluation at step 9")
+time.sleep(1.5)  # longer than the step deadline: work between steps gets train.timeout_minutes
+heartbeat.beat(10)
+print("after the evaluation", heartbeat.timeout, seen, flush=True)
+time.sleep(30)  # then a peer is lost
+"""
+
+
+def test_the_step_deadline_adapts_to_the_measured_steps_and_work_between_steps_keeps_the_long_one(tmp_path):
+    """Issue 44: a lost peer held every rank for train.timeout_minutes (30). After the
+    warm-up steps the deadline is 10 x the median step, at least the floor (a minute in a
+    run, a second here), and the backend's collective timeout follows it (on_deadline); an
+    evaluation between steps still gets the long deadline, and the next step the short one."""
+    import time
+    start = time.monotonic()
+    child = subprocess.run([sys.executable, "-c", ADAPTIVE, str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode == 3, child.stderr
+    assert child.stdout.splitlines() == ["adapted 1.0 [1.0]", "after the evaluation 1.0 [1.0, 300.0, 1.0]"]
+    assert "(last step 10), over the step deadline of 1 s (10 x the median step of 0.05 s, at least 1 s;" \
+           in child.stderr, child.stderr
+    assert time.monotonic() - start < 10

@@ -4,6 +4,7 @@ rank resumes from the newest complete checkpoint (train.resume=auto) with no cha
 command, in the same MLflow run, tagged with the restart count."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,3 +171,45 @@ def test_a_lost_node_leaves_the_other_to_finish_alone_from_the_last_checkpoint(t
     final = json.loads((run_dir / "checkpoints" / "step_00000012" / "COMPLETE.json").read_text())
     assert final["world_size"] == 1
     assert mlflow_run(run_dir).data.tags["restarts"] == str(restarts[-1]["restarts"])
+
+
+def test_a_node_that_freezes_whole_is_left_behind_in_minutes_with_default_deadlines(tmp_path, demo_data):
+    """Issue 44: an abrupt node loss (power, a kernel panic, a network partition) takes the
+    agent and its workers at once and no TCP reset reaches the survivors: SIGSTOP of the
+    second node's whole process group keeps its sockets open and silent. The first node's
+    rank waited in a collective for train.timeout_minutes (30) before anything restarted.
+    With the default step deadline (10 x the median step, at least a minute) its watchdog
+    ends it in about a minute, its agent re-forms the group alone and the run finishes from
+    the newest checkpoint. train.run_name is not given: under torchrun it is the rendezvous
+    id, so train.resume=auto finds the checkpoints."""
+    config = run_config(tmp_path, demo_data, "unused", train={"steps": 12, "log_every": 1, "save_every": 2,
+                                                               "run_name": ""})
+    ds = ds_config(tmp_path)
+    run_dir = tmp_path / "runs" / "nodes"  # the rendezvous id agent() passes
+    endpoint = f"127.0.0.1:{free_port()}"
+    first = agent(config, ds, endpoint, "first", tmp_path / "first.log")  # hosts the rendezvous store
+    time.sleep(1)
+    second = agent(config, ds, endpoint, "second", tmp_path / "second.log")
+    try:
+        wait_for_step(run_dir, 7, first)  # past the warm-up steps: the deadline has adapted
+        frozen_at = time.time()
+        node = psutil.Process(second.pid)
+        for process in [node, *node.children(recursive=True)]:  # the agent and its worker (a session of its own)
+            process.suspend()
+        assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text()[-4000:]
+        healed_in = time.time() - frozen_at
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                for process in psutil.Process(proc.pid).children(recursive=True):
+                    process.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "first.log").read_text()
+    assert "no step finished in" in out and re.search(r"over the step deadline of \d+ s \(10 x the median step", out), \
+        out[-3000:]
+    print(f"frozen node left behind, run finished {healed_in:.0f} s after the freeze")
+    assert healed_in < 300, healed_in  # was train.timeout_minutes (30 min) before anything restarted
+    losses = logged_twice_agree(run_dir)
+    assert sorted(losses) == list(range(1, 13))
+    restarts = [r for r in jsonl(run_dir) if r.get("event") == "restart"]
+    assert restarts and restarts[-1]["world_size"] == 1, restarts

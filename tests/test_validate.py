@@ -176,3 +176,16 @@ def test_a_warmup_longer_than_the_run_is_said_not_refused(tmp_path, demo_data, t
     monkeypatch.setenv("RANK", "1")  # said once, by rank 0
     validate(args_for(tmp_path, demo_data, "optim.warmup_steps=100"))
     assert "warmup" not in capsys.readouterr().err
+
+
+def test_under_torchrun_the_run_is_named_by_its_rendezvous_id(tmp_path, demo_data, monkeypatch):
+    """Issue 44: train.resume=auto under torchrun needed train.run_name as well; every node
+    and every restart of a job share its rendezvous id (--rdzv-id), which now names the run."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1234")
+    plan, *_ = validate(args_for(tmp_path, demo_data, "train.run_name=", "train.resume=auto"))
+    assert plan.cfg.train.run_name == "job-1234"
+    assert validate(args_for(tmp_path, demo_data))[0].cfg.train.run_name == "r"  # a name given wins
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without a rendezvous id
+    with pytest.raises(ConfigError, match="train.resume=auto needs train.run_name"):
+        validate(args_for(tmp_path, demo_data, "train.run_name=", "train.resume=auto"))

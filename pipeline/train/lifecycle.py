@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
+from collections import deque
 from datetime import timedelta
 
 import torch
@@ -100,69 +102,131 @@ def stop_with_launcher(stop: StopRequest, poll_seconds: float = 1.0, grace_secon
 
 
 def collective_timeout(timeout_minutes: float) -> timedelta:
-    """How long a collective may wait: the step deadline (train.timeout_minutes) plus a
-    minute. Every rank's Heartbeat watchdog ends a hung step in one line at the deadline;
-    a backend's timeout firing first (gloo raises, NCCL aborts) would end it with a
-    traceback that does not say a peer is hung. Before the first step (rendezvous, loading a
+    """How long a collective may wait: the deadline (train.timeout_minutes) plus a minute.
+    Every rank's Heartbeat watchdog ends a hung step in one line at the deadline; a
+    backend's timeout firing first (gloo raises, NCCL aborts) would end it with a traceback
+    that does not say a peer is hung. Before the first step (rendezvous, loading a
     checkpoint) the collective timeout is what ends a wait, a minute later than the
-    deadline."""
+    deadline; once the step deadline has adapted, the collective timeout follows it
+    (Heartbeat's on_deadline)."""
     return timedelta(minutes=timeout_minutes + 1)
 
 
 class Heartbeat:
-    """A hung rank must not hang the job (issue 34): a rank stopped by SIGSTOP, or stuck in
-    a collective a peer never joins, makes no step. Each rank writes its last step to
-    `<run dir>/heartbeat/rank<N>.json` (which rank reached which step, for a post-mortem:
-    at most every WRITE_SECONDS, and at the end, since on a network filesystem a file
-    written every step is a metadata operation every step), and a watchdog thread that
-    reads the step from memory ends the process, non-zero and with one
-    line, once no step has finished for `timeout_minutes` (train.timeout_minutes): the
-    launcher (torchrun's agent, the deepspeed launcher) then ends the group, and torchrun
-    with --max-restarts starts it again from the newest checkpoint (train.resume=auto).
-    The backend's collective timeout, a minute later (collective_timeout), is the second
-    line of defence; a backend that spins (a shared-memory all-reduce) never times out,
-    hence the watchdog on every rank. Work between steps (an evaluation, a save) counts
-    against the same deadline; `doing` names it, so that the line says what ran long."""
+    """A hung rank must not hang the job (issue 34), and a lost one must not hold it for
+    half an hour (issue 44): a rank stopped by SIGSTOP, a node that lost its power or its
+    network (no TCP reset reaches the survivors), a collective a peer never joins: no step
+    finishes. Each rank writes its last step to `<run dir>/heartbeat/rank<N>.json` (which
+    rank reached which step, for a post-mortem: at most every WRITE_SECONDS, and at the
+    end, since on a network filesystem a file written every step is a metadata operation
+    every step), and a watchdog thread that reads the step from memory ends the process,
+    non-zero and with one line, once no step has finished by the deadline: the launcher
+    (torchrun's agent, the deepspeed launcher) then ends the group, and torchrun with
+    --max-restarts starts it again from the newest checkpoint (train.resume=auto).
+
+    The deadline adapts. For the first WARMUP_STEPS steps of a start (compilation, the first
+    batches, a resume's fast-forward) and during work between steps that `doing` names (an
+    evaluation, a save) it is train.timeout_minutes (30). After them a step gets
+    STEP_FACTOR x the median of the steps measured so far, at least `floor_seconds` (a
+    minute, or the data's read budget when shards are remote: one shard's timeouts and
+    retries must not look like a lost peer), at most train.timeout_minutes;
+    train.step_timeout_minutes fixes it instead. So a lost node is seen in about a minute
+    on a model whose steps take a second, and a slow model is not cut short. torchtitan's
+    default for a training collective is 100 s. The backend's collective timeout follows
+    the deadline (`on_deadline`) as the second line of defence; a backend that spins (a
+    shared-memory all-reduce) never times out, hence the watchdog on every rank."""
 
     WRITE_SECONDS = 5.0
+    WARMUP_STEPS = 5
+    STEP_FACTOR = 10.0
+    MIN_FLOOR_SECONDS = 60.0
 
-    def __init__(self, run_dir, rank: int, timeout_minutes: float):
+    def __init__(self, run_dir, rank: int, timeout_minutes: float, step_timeout_minutes: float | None = None,
+                 floor_seconds: float = 0.0, on_deadline=None):
         from pathlib import Path
         self.path = Path(run_dir) / "heartbeat" / f"rank{rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rank, self.timeout = rank, timeout_minutes * 60
-        self.step, self.last, self.written = 0, time.monotonic(), float("-inf")
+        self.rank, self.ceiling = rank, float(timeout_minutes) * 60
+        self.fixed = step_timeout_minutes * 60 if step_timeout_minutes else None
+        self.floor = max(self.MIN_FLOOR_SECONDS, floor_seconds)
+        self.on_deadline = on_deadline  # called with the new deadline (s), from the training thread
+        self.timeout = self.ceiling  # the deadline now
+        self.durations: deque[float] = deque(maxlen=200)  # recent steps' seconds, work between them excluded
+        self.step, self.last, self.written = 0, time.monotonic(), float("-inf")  # last: when the wait began
+        self.step_start = None  # when the step under way began, if it is to be timed
         self.activity = ""  # what the rank does after its last step, when not stepping
-        self.done = threading.Event()
+        self.done, self.wake = threading.Event(), threading.Event()
         threading.Thread(target=self._watch, name="heartbeat-watchdog", daemon=True).start()
 
     def beat(self, step: int):
-        self.step, self.last, self.activity = step, time.monotonic(), ""
+        now = time.monotonic()
+        if self.step_start is not None:
+            self.durations.append(now - self.step_start)
+        self.step, self.last, self.step_start, self.activity = step, now, now, ""
+        self._set_deadline(self.step_deadline())
         if self.last - self.written >= self.WRITE_SECONDS:
             self._write()
 
-    def doing(self, activity: str):
-        """Work between two steps (e.g. "the evaluation at step 40"): the deadline still
-        runs, and the watchdog's line names this work, not only a hung peer."""
-        self.activity = activity
+    def doing(self, activity: str) -> "_Activity":
+        """Work between two steps (e.g. "the evaluation at step 40"): it gets
+        train.timeout_minutes, not the step deadline, and the watchdog's line names it. Used
+        as a context (`with heartbeat.doing(...):`), its end starts the next step's clock."""
+        self.activity, self.step_start = activity, None
+        self._set_deadline(self.ceiling)
+        return _Activity(self)
+
+    def _activity_over(self):
+        now = time.monotonic()
+        self.last, self.step_start, self.activity = now, now, ""
+        self._set_deadline(self.step_deadline())
+
+    def step_deadline(self) -> float:
+        if len(self.durations) < self.WARMUP_STEPS:
+            return self.ceiling
+        if self.fixed:
+            return self.fixed
+        return min(self.ceiling, max(self.floor, self.STEP_FACTOR * statistics.median(self.durations)))
+
+    def _set_deadline(self, seconds: float):
+        if seconds == self.timeout:
+            return
+        self.timeout = seconds
+        self.wake.set()  # a shorter deadline: the watchdog must not sleep past it
+        if self.on_deadline:
+            self.on_deadline(seconds)
 
     def _write(self):
         import json
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "step": self.step, "time": time.time(), "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"rank": self.rank, "step": self.step, "time": time.time(), "pid": os.getpid(),
+                                   "deadline_seconds": round(self.timeout, 1)}))
         os.replace(tmp, self.path)
         self.written = time.monotonic()
 
     def stop(self):
         self.done.set()
+        self.wake.set()
         self._write()  # the last step, whenever the previous write was
+
+    def _deadline_words(self) -> str:
+        if self.timeout == self.ceiling:
+            return f"train.timeout_minutes={self.ceiling / 60:g}"
+        if self.fixed:
+            return f"train.step_timeout_minutes={self.fixed / 60:g}"
+        return (f"the step deadline of {self.timeout:.0f} s ({self.STEP_FACTOR:g} x the median step of "
+                f"{statistics.median(self.durations):.2f} s, at least {self.floor:.0f} s; "
+                f"train.step_timeout_minutes sets it)")
 
     def _watch(self):
         # Wakes when the deadline of the last beat falls due, not on a period: the collective
         # a hung peer blocks began after that beat, so its own timeout (a margin later, see
         # collective_timeout) comes after this line; woken every timeout/4, the watchdog
-        # lost that race to gloo's traceback in CI.
-        while not self.done.wait(max(0.0, self.last + self.timeout - time.monotonic())):
+        # lost that race to gloo's traceback in CI. A deadline made shorter wakes it too.
+        while not self.done.is_set():
+            self.wake.wait(max(0.0, self.last + self.timeout - time.monotonic()))
+            self.wake.clear()
+            if self.done.is_set():
+                return
             waited = time.monotonic() - self.last
             if waited >= self.timeout:
                 then, cause = "", "a peer rank is hung or gone"
@@ -170,8 +234,21 @@ class Heartbeat:
                     then = f", then {self.activity}"
                     cause = f"{self.activity} took longer (raise train.timeout_minutes), or {cause}"
                 sys.stderr.write(f"error: rank {self.rank}: no step finished in {waited / 60:.1f} min (last step "
-                                 f"{self.step}{then}), over train.timeout_minutes={self.timeout / 60:g}: {cause}; "
-                                 f"exiting so that the launcher ends the group (torchrun --max-restarts restarts "
-                                 f"it from the newest checkpoint)\n")
+                                 f"{self.step}{then}), over {self._deadline_words()}: {cause}; exiting so that the "
+                                 f"launcher ends the group (torchrun --max-restarts restarts it from the newest "
+                                 f"checkpoint)\n")
                 sys.stderr.flush()
                 os._exit(3)
+
+
+class _Activity:
+    """The end of a Heartbeat's work between steps, as a context manager."""
+
+    def __init__(self, heartbeat: Heartbeat):
+        self.heartbeat = heartbeat
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.heartbeat._activity_over()

@@ -10,6 +10,7 @@ point, the world size, the accumulation) is the run's `Plan`, handed to the trai
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Plan:
 def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -> Plan:
     """The run's plan, or a ConfigError / FileNotFoundError / ValueError naming the key or
     file."""
-    cfg = load_config(config, overrides)
+    cfg = with_rendezvous_run_name(load_config(config, overrides))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ds_config = fill_ds_config(read_ds_config(deepspeed_config), cfg.train, cfg.optim, world)
     accum = ds_config["gradient_accumulation_steps"]
@@ -49,7 +50,8 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     sources = shard_sources(cfg, world, read)
     check_output_dir(Path(cfg.train.output_dir))
     if cfg.train.resume in ("latest", "auto") and not cfg.train.run_name:
-        raise ConfigError(f"train.resume={cfg.train.resume} needs train.run_name (which run to resume)")
+        raise ConfigError(f"train.resume={cfg.train.resume} needs train.run_name (which run to resume; under "
+                          f"torchrun it defaults to the rendezvous id, --rdzv-id)")
     resume = None
     if cfg.train.resume:  # a path that is no checkpoint, or one this run cannot continue
         found = checkpoint_files.resolve_resume(cfg.train.resume,
@@ -67,6 +69,16 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
     return Plan(cfg, ds_config, world, accum, read, sources, resume)
+
+
+def with_rendezvous_run_name(cfg: RunConfig) -> RunConfig:
+    """Under torchrun, train.run_name defaults to the rendezvous id (--rdzv-id; torchrun's
+    TORCHELASTIC_RUN_ID): the same on every node and at every restart of the job, so a
+    restarted group finds its checkpoints with train.resume=auto and nothing more."""
+    rendezvous = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if cfg.train.run_name or not rendezvous or rendezvous == "none":
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_name=rendezvous))
 
 
 def check_env_references(cfg: RunConfig):

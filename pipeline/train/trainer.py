@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +29,7 @@ from pipeline.config import RunConfig, flatten, save_config, to_dict
 from pipeline.data.debiased import make_stream
 from pipeline.data.loader import DataQualityError, check_skip_rate, shard_losses_over_ranks, summed_over_ranks
 from pipeline.data.recipe import ImageSpec
+from pipeline.data.remote import is_remote
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.redact import redact
 from pipeline.tracking.logger import MetricsLogger
@@ -352,6 +354,7 @@ class Trainer:
         self.data, self.state, self.logger, self.run_dir = data, state, logger, run_dir
         self.flops_per_sample, self.evaluator, self.stop = flops_per_sample, evaluator, stop
         self.window = Window()
+        self.heartbeat: Heartbeat | None = None  # train() starts it
         bf16 = bool(plan.ds_config.get("bf16", {}).get("enabled"))
         self.peak_tflops, peak_source = peak_tflops(self.cfg.tracking.peak_tflops, engine.device, bf16)
         if logger.enabled:
@@ -364,48 +367,52 @@ class Trainer:
         cfg, state = self.cfg, self.state
         clamp_logit_scales(self.scales)  # FILIP's init ln(1/0.07) lies below its floor 3
         batches = self.data.forever()
-        heartbeat = Heartbeat(self.run_dir, ranks.world()[0], cfg.train.timeout_minutes)  # a hung peer ends the group
-        while state.step < cfg.train.steps:
-            batch = next(batches)
-            self.window.tokens_kept = token_schedule(batch, state.step, cfg, self.image_tokens)
-            out = train_step(self.engine, batch, self.objective, self.plan.accum,
-                             lr_factor(state.step, cfg.optim, cfg.train.steps), self.scales)
-            state.step += 1
-            heartbeat.beat(state.step)
-            state.samples_seen += cfg.train.global_batch_size
-            self.window.add(out)
-            if cfg.train.batch_digests:  # which samples made this step: the same on any topology
-                digest = global_batch_digest(batch["keys"], self.plan.world)
-                self.logger.event("batch", step=state.step, keys_sha1=digest)
-            if out["skipped"]:
-                self.handle_nonfinite(batch)
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                self.log_window(out)
-            if self.evaluator and self.evaluator.due(state.step):
-                heartbeat.doing(f"the evaluation at step {state.step} (eval.every_steps)")
-                self.evaluate()
-            saved = False  # the final step's save is the one after the loop
-            if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
-                heartbeat.doing(f"the checkpoint save at step {state.step}")
-                saved = self.periodic_save()
-            if self.stop and state.step < cfg.train.steps and self.stop.agreed(self.engine.device):
-                self.preempt(saved)
-        heartbeat.doing(f"the final checkpoint save at step {state.step}")
-        self.save()  # never skipped
-        heartbeat.stop()
+        self.heartbeat = heartbeat = Heartbeat(  # a hung or lost peer ends the group
+            self.run_dir, ranks.world()[0], cfg.train.timeout_minutes, cfg.train.step_timeout_minutes,
+            floor_seconds=read_budget(self.plan), on_deadline=set_collective_timeout if self.plan.world > 1 else None)
+        try:
+            while state.step < cfg.train.steps:
+                batch = next(batches)
+                self.window.tokens_kept = token_schedule(batch, state.step, cfg, self.image_tokens)
+                out = train_step(self.engine, batch, self.objective, self.plan.accum,
+                                 lr_factor(state.step, cfg.optim, cfg.train.steps), self.scales)
+                state.step += 1
+                heartbeat.beat(state.step)
+                state.samples_seen += cfg.train.global_batch_size
+                self.window.add(out)
+                if cfg.train.batch_digests:  # which samples made this step: the same on any topology
+                    digest = global_batch_digest(batch["keys"], self.plan.world)
+                    self.logger.event("batch", step=state.step, keys_sha1=digest)
+                if out["skipped"]:
+                    self.handle_nonfinite(batch)
+                if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                    self.log_window(out)
+                if self.evaluator and self.evaluator.due(state.step):
+                    with heartbeat.doing(f"the evaluation at step {state.step} (eval.every_steps)"):
+                        self.evaluate()
+                saved = False  # the final step's save is the one after the loop
+                if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.steps:
+                    saved = self.periodic_save()
+                if self.stop and state.step < cfg.train.steps and self.stop.agreed(self.engine.device):
+                    self.preempt(saved)
+            self.save("the final checkpoint save")  # never skipped
+        finally:  # whatever ends the loop: the watchdog has no step to wait for any more
+            heartbeat.stop()
 
     def evaluate(self):
         started = time.perf_counter()
         self.logger.log_metrics(self.evaluator(self.engine), self.state.step)
         self.window.started += time.perf_counter() - started  # evaluation time is not training throughput
 
-    def save(self):
+    def save(self, what: str = "the checkpoint save"):
         """Everything a resume needs: the engine's state, the data position and the RNGs,
-        captured now (the data position only here, not every step)."""
-        self.state.data = self.data.state_dict()
-        self.state.rng = checkpoint.capture_rng()
-        checkpoint.save(self.engine, self.run_dir / "checkpoints", self.state, self.cfg.train.keep_last,
-                        resume_facts(self.cfg, self.engine.zero_optimization_stage()))
+        captured now (the data position only here, not every step). A save is work between
+        steps: it gets train.timeout_minutes, not the step deadline (lifecycle.py Heartbeat)."""
+        with self.heartbeat.doing(f"{what} at step {self.state.step}"):
+            self.state.data = self.data.state_dict()
+            self.state.rng = checkpoint.capture_rng()
+            checkpoint.save(self.engine, self.run_dir / "checkpoints", self.state, self.cfg.train.keep_last,
+                            resume_facts(self.cfg, self.engine.zero_optimization_stage()))
 
     def periodic_save(self) -> bool:
         """A save on the train.save_every schedule. With train.save_failure=continue, every
@@ -505,6 +512,21 @@ class Window:
 
     def mean_loss(self):
         return self.loss / self.losses if self.losses else None
+
+
+def read_budget(plan: Plan) -> float:
+    """The longest one remote shard's read may take before the loader gives it up (its
+    timeouts, retries and backoffs): a step waiting on it is not a lost peer. 0 on local shards."""
+    if not any(is_remote(url) for shards in plan.sources for url in shards.urls):
+        return 0.0
+    read = plan.read
+    return read.timeout * (read.retries + 1) + read.backoff * (2 ** read.retries - 1) + 10.0
+
+
+def set_collective_timeout(deadline_seconds: float):
+    """The backend's collective timeout a minute after the watchdog's deadline (lifecycle.py)."""
+    import torch.distributed as dist
+    dist.set_timeout(timedelta(seconds=deadline_seconds + 60))
 
 
 def token_schedule(batch: dict, step: int, cfg: RunConfig, image_tokens: int) -> float:

@@ -1,6 +1,7 @@
 """A loopback HTTP object store that misbehaves on purpose, as stuck and overloaded stores do
 (issue 32): per file it can stop answering mid-body while keeping the connection open,
-trickle at a fixed rate, answer 503 for a while, or reset the connection mid-body. Healthy
+trickle at a fixed rate, answer 503 for a while, reset the connection mid-body, or close it
+cleanly short of its Content-Length (a dropped connection whose bytes all arrived). Healthy
 files are served whole or from a Range offset (206), as S3 and GCS serve them.
 
     with FaultyStore(directory, {"00003.tar": Fault("stall", after=4096)}) as store:
@@ -8,6 +9,7 @@ files are served whole or from a Range offset (206), as S3 and GCS serve them.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import struct
@@ -21,8 +23,8 @@ from pathlib import Path
 
 @dataclass
 class Fault:
-    kind: str  # "stall" | "slow" | "unavailable" | "reset"
-    after: int = 0  # stall/reset: bytes of the body sent first
+    kind: str  # "stall" | "slow" | "unavailable" | "reset" | "close"
+    after: int = 0  # stall/reset/close: bytes of the body sent first
     rate: int = 1024  # slow: bytes per second
     times: int | None = None  # unavailable/reset: the first this many requests; None: every one
 
@@ -77,6 +79,7 @@ class FaultyStore:
                 self.send_response(206 if offset else 200)
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')  # as S3 and GCS name a version
                 self.end_headers()
                 if not active:
                     self.wfile.write(body)
@@ -84,6 +87,10 @@ class FaultyStore:
                     self.wfile.write(body[:fault.after])
                     self.wfile.flush()
                     store.stopping.wait()
+                elif fault.kind == "close":  # a clean close (FIN) short of Content-Length: every byte sent arrives
+                    self.wfile.write(body[:fault.after])
+                    self.wfile.flush()
+                    self.close_connection = True
                 elif fault.kind == "reset":
                     self.wfile.write(body[:fault.after])
                     self.wfile.flush()

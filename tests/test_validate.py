@@ -12,7 +12,7 @@ import yaml
 from launch.train import main, parse_args, validate
 from pipeline.config import ConfigError
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 
 
 def args_for(tmp_path, demo_data, *overrides):
@@ -141,6 +141,10 @@ def test_bad_configs_fail_in_one_line_before_torch_deepspeed_or_mlflow_is_import
         (['data.http_headers={Authorization: "Bearer ${env:NO_SUCH_TOKEN_VAR}"}'],
          "data.http_headers.Authorization: ${env:NO_SUCH_TOKEN_VAR} is not set in the environment"),
         (["data.http_headers={X-Key: [1, 2]}"], "data.http_headers.X-Key: a header is a name and a one-line string"),
+        # remote shards (nothing listens there: their optional manifest is refused at once)
+        ([f"data.train_shards=http://127.0.0.1:{free_port()}/{{00000..00003}}.tar", "data.resampled=true",
+          "data.train_num_samples=1000", "data.read_retries=0", "data.stall_seconds=30"],
+         "data.stall_seconds: 30 s is shorter than one remote shard's read budget, 60 s"),
         (["--config", str(not_a_mapping)], f"{not_a_mapping}: the top level must be a mapping"),
         (["--deepspeed_config", str(ds_owned)], f"{ds_owned}: 'train_batch_size' belongs in the run config"),
         (["--deepspeed_config", str(ds_stage)], f"{ds_stage}: zero_optimization.stage: 7 is not a ZeRO stage"),

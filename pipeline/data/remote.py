@@ -19,8 +19,17 @@ Every remote stream here obeys one `ReadPolicy`:
   cannot change on a retry (404, 401/403, a malformed URL) are not retried.
 * **Then the read raises `ShardReadError`** (an OSError naming the reason and the tries):
   the loader counts the shard as `unreadable_shard` with the samples it loses and moves on.
+* **Progress resets the tries**: a read that has moved 8 rate windows of bytes (8 x
+  timeout x min_bytes_per_second, ~8 MB by default) since its last failure starts its
+  tries over, so a long shard on a store that drops a connection now and then is read
+  whole, while one that stalls every few KB still fails within its budget.
+* **A resumed read reads the same object**: its ETag (else its total length) must be the
+  first try's; an object replaced mid-read is a ShardReadError, not two objects spliced.
+* **A `pipe:` command** runs in a process group of its own (the shell and what it runs
+  end together) and its stderr's last line is in the error.
 
-A failure to read is therefore bounded by about timeout x (retries + 1) + 2^retries s.
+A dead shard is therefore given up after about timeout x (retries + 1) + 2^retries s
+(`ReadPolicy.budget`; preflight refuses a data.stall_seconds under it).
 """
 from __future__ import annotations
 
@@ -28,8 +37,10 @@ import io
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -49,6 +60,13 @@ class ReadPolicy:
     # system's)
     headers: tuple[tuple[str, str], ...] = ()
     ca_bundle: str = ""
+
+    @property
+    def budget(self) -> float:
+        """The longest one shard's read may wait before the loader gives it up: every try's
+        timeout and the backoffs between them (a read that keeps making progress resets
+        its tries, so this bounds a dead shard, not a long one)."""
+        return self.timeout * (self.retries + 1) + self.backoff * (2 ** self.retries - 1)
 
 
 def read_policy(data_cfg) -> ReadPolicy:
@@ -141,12 +159,16 @@ class _Resumable(io.RawIOBase):
     """The retry loop, the progress clock and the resume offset; a subclass opens a try at
     an offset (`_open`), reads from it (`_read`) and closes it (`_close`)."""
 
+    PROGRESS_WINDOWS = 8  # ~8 MB at the default 60 s x 16 KB/s
+
     def __init__(self, url: str, policy: ReadPolicy):
         super().__init__()
         _live.add(self)
         self.url, self.policy = url, policy
         self.offset = 0  # bytes handed to the caller
-        self.failures = 0  # failed tries so far
+        self.failures = 0  # failed tries since the read last made progress
+        self.since_failure = 0  # bytes read since the last failed try
+        self.identity = None  # the object's identity at the first try (http: its ETag or length)
         self.source = None
         # the progress clock counts time spent waiting in reads only: a consumer that pauses
         # (a long evaluation, a full prefetch queue) is not a slow store
@@ -165,6 +187,13 @@ class _Resumable(io.RawIOBase):
                 n = self._read(buffer)
                 self._check_rate(n, time.monotonic() - start)
                 self.offset += n
+                self.since_failure += n
+                # PROGRESS_WINDOWS rate windows of progress since the last failure: the tries
+                # start over (a long shard on a store that drops a connection now and then is
+                # read whole; one that stalls every few KB still fails within its budget)
+                if self.failures and self.since_failure >= self.PROGRESS_WINDOWS * self.policy.timeout * \
+                        self.policy.min_bytes_per_second:
+                    self.failures = 0
                 return n
             except (FileNotFoundError, ShardReadError):  # another try gets the same answer
                 raise
@@ -185,6 +214,7 @@ class _Resumable(io.RawIOBase):
     def _failed(self, error: Exception):
         self._drop()
         self.failures += 1
+        self.since_failure = 0
         reason = _describe(error, self.policy)
         if self.failures > self.policy.retries:
             raise ShardReadError(f"{reason} (after {self.failures} tries, at byte {self.offset})") from None
@@ -220,6 +250,11 @@ def _describe(error: Exception, policy: ReadPolicy) -> str:
         return f"no byte in {policy.timeout:g} s (data.read_timeout_seconds)"
     if isinstance(error, urllib3.exceptions.NewConnectionError):
         return f"cannot connect: {str(error).rsplit(': ', 1)[-1]}"
+    if isinstance(error, urllib3.exceptions.ProtocolError):  # mid-body: a reset, or a close short of the length
+        cause = error.args[-1] if isinstance(error.args[-1], Exception) else error
+        if isinstance(cause, urllib3.exceptions.IncompleteRead):
+            return f"the connection closed early ({cause})"
+        return f"the connection broke ({type(cause).__name__}: {cause})"
     text = str(error) or type(error).__name__
     return text if isinstance(error, _Retry) else f"{type(error).__name__}: {text}"
 
@@ -271,6 +306,7 @@ class _HTTPStream(_Resumable):
             retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=self.MAX_REDIRECTS))
         status = response.status
         if status in (200, 206):
+            self._check_identity(response, offset)
             if offset and status == 200:  # no range support: skip what was already read
                 _skip(response, offset)
             return response
@@ -281,6 +317,24 @@ class _HTTPStream(_Resumable):
         if status in (408, 429) or status >= 500:
             raise _Retry(message)
         raise ShardReadError(message)  # 401/403 and the like: a retry gets the same answer
+
+    def _check_identity(self, response, offset: int):
+        """A try that resumes must read the same object: one replaced mid-read (a shard
+        rewritten in place) would splice two objects' bytes into one tar. Its ETag, else its
+        total length, is what the first try saw."""
+        etag = response.headers.get("ETag")
+        total = response.headers.get("Content-Length")
+        if response.status == 206 and response.headers.get("Content-Range", "").rpartition("/")[2].isdigit():
+            total = response.headers["Content-Range"].rpartition("/")[2]
+        elif total is not None and offset and response.status == 206:
+            total = str(int(total) + offset)
+        identity = etag or (f"length {total}" if total is not None else None)
+        if self.identity is None:
+            self.identity = identity
+        elif identity is not None and identity != self.identity:
+            response.release_conn()
+            raise ShardReadError(f"the object changed while it was read (was {self.identity}, now {identity}); "
+                                 f"the bytes after {offset} would belong to another object")
 
     def _read(self, buffer) -> int:
         data = self.source.read1(len(buffer))
@@ -311,10 +365,20 @@ class _PipeStream(_Resumable):
     and a retry re-runs it and skips the bytes already read."""
 
     def _open(self, offset: int):
+        # its own process group: the shell and what it started (curl, aws) end together; its
+        # stderr in a file, whose last line says why a failed command failed
+        errors = tempfile.TemporaryFile()
         process = subprocess.Popen(resolve_env(self.url[len("pipe:"):]), shell=True, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, bufsize=0)
-        process.skip = offset
+                                   stderr=errors, bufsize=0, start_new_session=True)
+        process.skip, process.errors = offset, errors
         return process
+
+    @staticmethod
+    def _last_error_line(process) -> str:
+        process.errors.seek(0)
+        lines = [line.strip() for line in process.errors.read()[-4096:].decode(errors="replace").splitlines()]
+        lines = [line for line in lines if line]
+        return f": {lines[-1][:300]}" if lines else ""
 
     def _read(self, buffer) -> int:
         process = self.source
@@ -326,7 +390,7 @@ class _PipeStream(_Resumable):
             if not data:
                 status = process.wait(self.policy.timeout)
                 if status != 0:
-                    raise _Retry(f"command exited with status {status}")
+                    raise _Retry(f"command exited with status {status}{self._last_error_line(process)}")
                 if process.skip:
                     raise _Retry("the re-run command ended before the resume point")
                 return 0
@@ -341,8 +405,12 @@ class _PipeStream(_Resumable):
 
     def _close(self, process):
         if process.poll() is None:
-            process.kill()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # the shell and the command it runs
+            except ProcessLookupError:
+                pass
         process.stdout.close()
+        process.errors.close()
         process.wait()
 
 

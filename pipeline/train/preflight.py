@@ -48,6 +48,7 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     check_env_references(cfg)
     read = read_policy(cfg.data)
     sources = shard_sources(cfg, world, read)
+    check_stall_budget(cfg, read, sources)
     check_output_dir(Path(cfg.train.output_dir))
     if cfg.train.resume in ("latest", "auto") and not cfg.train.run_name:
         raise ConfigError(f"train.resume={cfg.train.resume} needs train.run_name (which run to resume; under "
@@ -69,6 +70,17 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
     return Plan(cfg, ds_config, world, accum, read, sources, resume)
+
+
+def check_stall_budget(cfg: RunConfig, read: ReadPolicy, sources: list[ShardSet]):
+    """A reader stalls after data.stall_seconds without a good sample; one remote shard may
+    hold it for its whole read budget before the loader gives the shard up and reads on. A
+    stall limit under that budget would stop the run for one stuck shard (issue 44)."""
+    if any(is_remote(url) for shards in sources for url in shards.urls) and cfg.data.stall_seconds < read.budget:
+        raise ConfigError(f"data.stall_seconds: {cfg.data.stall_seconds:g} s is shorter than one remote shard's read "
+                          f"budget, {read.budget:g} s (data.read_timeout_seconds x (data.read_retries + 1) and the "
+                          f"backoffs): one stuck shard would stop the run instead of being skipped; raise "
+                          f"data.stall_seconds or lower the read settings")
 
 
 def with_rendezvous_run_name(cfg: RunConfig) -> RunConfig:

@@ -32,8 +32,8 @@ def shard_dir(tmp_path_factory):
     return root
 
 
-def remote_stream(url: str, *, workers=2, resampled=False, **data) -> DataStream:
-    cfg = DataConfig(train_shards=url, workers=workers, resampled=resampled, shuffle_buffer=0, readers=2,
+def remote_stream(url: str, *, workers=2, resampled=False, readers=2, **data) -> DataStream:
+    cfg = DataConfig(train_shards=url, workers=workers, resampled=resampled, shuffle_buffer=0, readers=readers,
                      max_skip_rate=1.0, **{"read_timeout_seconds": FAST.timeout, "read_retries": FAST.retries,
                                            **data})
     stream = DataStream(cfg, batch_size=10, image=ImageSpec(32, "clip"), context_length=16, drop_last=False)
@@ -216,6 +216,27 @@ def test_a_dead_dataset_stops_at_once_with_default_settings(shard_dir, tmp_path)
     message = str(error)
     assert "\n" not in message and f"every one of the {SHARDS} shards failed before its first sample" in message
     assert store.url("0000") in message and time.monotonic() - start < 60, message
+
+
+def test_a_dead_store_with_many_shards_stops_after_a_read_budget_not_after_every_shard(shard_dir, tmp_path):
+    """Issue 44: a dead store was detected only once every shard of the list had failed;
+    with thousands of shards data.stall_seconds came first (10 minutes). A store whose every
+    shard stalls stops the run once a few shards failed before a first sample and a read
+    budget has gone by."""
+    shards = 40
+    for i in range(shards):
+        (tmp_path / f"{i:05d}.tar").write_bytes((shard_dir / "00000.tar").read_bytes())
+    Manifest([ShardInfo(f"{i:05d}.tar", PER_SHARD) for i in range(shards)]).write(str(tmp_path))
+    faults = {f"{i:05d}.tar": Fault("stall", after=0) for i in range(shards)}  # headers, then nothing
+    with FaultyStore(tmp_path, faults) as store:
+        stream = remote_stream(store.url(), workers=1, resampled=True, readers=1)
+        start = time.monotonic()
+        error = first_error_within(stream, 60)
+        elapsed = time.monotonic() - start
+    assert isinstance(error, DataQualityError), error
+    assert "no shard has given a sample in" in str(error) and "the 3 tried all failed" in str(error), error
+    # three shards' reads (2 tries of 1 s each), not forty: the budget is 2.1 s a shard
+    assert elapsed < 20, elapsed
 
 
 def test_pipe_commands_read_whole_and_a_silent_one_is_bounded(tmp_path):

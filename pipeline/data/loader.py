@@ -70,6 +70,8 @@ class _VirtualReader:
     shuffle -> skip what a resumed run already consumed -> decoded samples, counting what is
     lost and why. Its order and draws depend on (seed, epoch, reader) only."""
 
+    DEAD_AFTER_SHARDS = 3  # remote shards failed before their first sample, with no sample at all
+
     def __init__(self, spec: StreamSpec, reader: int, maker: BatchMaker):
         self.spec, self.reader, self.maker = spec, reader, maker
         state = spec.resume.get(reader, {})
@@ -90,7 +92,8 @@ class _VirtualReader:
         # list is here and no good sample ever came, nothing can (a dead dataset stops at
         # once instead of after data.stall_seconds)
         self.barren: dict[str, str] = {}
-        self.last_good = time.monotonic()
+        self.last_good = self.started = time.monotonic()
+        self.good_before = self.good  # a resumed reader's earlier good samples
         self.ids = (spec.seed, spec.epoch, reader)
         self.samples = None  # opened at the reader's first turn
 
@@ -114,6 +117,17 @@ class _VirtualReader:
                           f"has arrived (virtual reader {self.reader}, rank {self.spec.rank}): {why}"
                           f"{'; ...' if len(urls) > 3 else ''}. Check the shard list and the store, e.g. with "
                           f"`python -m data_prep.verify`.")
+        # a dead store, by time (issue 44): with thousands of shards the list never runs out
+        # before data.stall_seconds; no sample at all since the start, three or more shards
+        # failed before their first sample and longer than one shard's read budget gone by
+        trying = time.monotonic() - self.started
+        if self.good == self.good_before and len(self.barren) >= self.DEAD_AFTER_SHARDS and \
+                trying > self.spec.read.budget and any(is_remote(url) for url in self.barren):
+            why = "; ".join(f"{url}: {reason}" for url, reason in list(self.barren.items())[:3])
+            raise Stalled(f"no shard has given a sample in {trying:.0f} s: the {len(self.barren)} tried all failed "
+                          f"before their first sample, longer than one shard's read budget ({self.spec.read.budget:g} "
+                          f"s) (virtual reader {self.reader}, rank {self.spec.rank}): {why}. The store looks dead: "
+                          f"check it, the credentials and the shard list, e.g. with `python -m data_prep.verify`.")
         waited = time.monotonic() - self.last_good
         if self.spec.stall_seconds and waited > self.spec.stall_seconds:
             reasons = ", ".join(f"{k}={v}" for k, v in self.skipped.most_common()) or "none"

@@ -147,3 +147,35 @@ def test_the_step_deadline_adapts_to_the_measured_steps_and_work_between_steps_k
     assert "(last step 10), over the step deadline of 1 s (10 x the median step of 0.05 s, at least 1 s;" \
            in child.stderr, child.stderr
     assert time.monotonic() - start < 10
+
+
+PEER_ENDS = """
+import os, sys
+import torch, torch.distributed as dist
+from datetime import timedelta
+from pipeline.train.trainer import peer_failure
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+dist.barrier()
+if rank == 1:
+    sys.stderr.write("error: rank 1 ends (its own one line)\\\\n")
+    os._exit(1)
+try:
+    dist.all_reduce(torch.ones(1))  # the peer is gone: its socket closes under this collective
+except Exception as e:
+    print("peer failure" if peer_failure(e) else f"not recognized: {type(e).__name__}: {e}")
+"""
+
+
+def test_a_collective_left_by_a_peer_that_ended_is_told_from_other_errors(tmp_path):
+    """Issue 44: a rank whose peer ended (that peer's one line said why) died in the
+    backend's traceback, which buried the cause; the trainer tells that failure apart (the
+    real gloo error of a real peer's exit) and ends in one line. A plain error is not one."""
+    from conftest import free_port
+    from pipeline.train.trainer import peer_failure
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", PEER_ENDS], cwd=REPO_ROOT, env={**env, "RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    out = [p.communicate(timeout=120) for p in procs]
+    assert out[0][0].strip() == "peer failure", out
+    assert not peer_failure(RuntimeError("CUDA out of memory")) and not peer_failure(ValueError("x"))

@@ -107,6 +107,14 @@ def run(plan: Plan, evaluator: Evaluator | None = None, initial: tuple | None = 
         sys.stderr.write(f"error: {e}\n")  # one write: print's two would interleave with the other ranks'
         sys.stderr.flush()
         return 1
+    except Exception as e:
+        if not peer_failure(e):
+            raise
+        # the rank that failed said why in its own line; this one says only that it was left
+        sys.stderr.write(f"error: rank {rank}: a collective at step {state.step} failed because a peer rank ended or "
+                         f"cannot be reached ({str(e).strip().splitlines()[0][:160]}); the peer's own line says why\n")
+        sys.stderr.flush()
+        return 1
     except Preempted as e:  # checkpoint saved: a requeued job resumes with train.resume=latest
         status = "KILLED"
         logger.set_tags({"preempted": str(e)})
@@ -316,6 +324,18 @@ def run_params(plan: Plan, arch, counts: dict) -> dict:
             "world_size": plan.world, "accumulation_steps": plan.accum, "params_total": counts["total"],
             "params_shared": counts["shared"], "shared_fraction": round(counts["shared"] / counts["total"], 4),
             "params_objective_heads": counts["objective_heads"]}
+
+
+def peer_failure(error: BaseException) -> bool:
+    """A collective that failed because a peer rank ended (its sockets closed) or cannot be
+    reached: torch's distributed errors, and gloo's and NCCL's own RuntimeErrors. Such a
+    rank ends in one line, not the backend's traceback under the failed rank's line (issue 44)."""
+    import torch.distributed as dist
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "gloo/transport", "NCCL"))
 
 
 def release_shm_workspace():

@@ -238,7 +238,9 @@ def test_zeroshot_is_above_chance_and_equals_clip_benchmark(model, demo_data):
     from pipeline.tokenizer import tokenize
     data = read_classification(demo_data / "eval" / "digits", "test")
     ours = zeroshot.evaluate(model, data, workers=0)
-    assert ours["acc1"] > 0.25, ours["acc1"]  # chance is 0.10
+    # chance is 0.10; measured 0.671 +- 0.044 over demo builds and seeds, 9.5 std above 0.25
+    # (bench/convergence_margins.py; bench/RESULTS.md)
+    assert ours["acc1"] > 0.25, ours["acc1"]
     loader = image_loader(data.images, model_transform(model), 64, 0, data.labels)
     # CLIP_benchmark's own classifier and classification pass. (Its `evaluate` wrapper's
     # accuracy() calls float() on a 1-element array, which numpy 2.4 rejects, so the final
@@ -292,6 +294,8 @@ def test_linear_probe_beats_zeroshot_and_is_reproducible(model, demo_data):
     b = linear_probe.evaluate(model, train, test, workers=0, seed=0)
     assert a == b  # the same lambda and accuracy for a fixed seed
     zs = zeroshot.evaluate(model, test, workers=0)
+    # measured lp_acc1 - acc1 = 0.175 +- 0.031 over demo builds and seeds, 5.7 std above 0
+    # (bench/convergence_margins.py; bench/RESULTS.md)
     assert a["lp_acc1"] > zs["acc1"], (a, zs["acc1"])
     assert a["lp_searched"] >= 10  # the grid plus the halving refinement
 

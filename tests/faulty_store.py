@@ -29,7 +29,25 @@ class Fault:
     times: int | None = None  # unavailable/reset: the first this many requests; None: every one
 
 
-class FaultyStore:
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (a free port), serving while in a `with` block."""
+
+    def serve(self, handler):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FaultyStore(LoopbackServer):
     def __init__(self, directory: Path, faults: dict[str, Fault] | None = None, authorization: str = ""):
         """authorization: the Authorization header every request must carry (else 401), as
         a Hugging Face dataset or a lab's store asks for a bearer token or basic auth."""
@@ -106,26 +124,19 @@ class FaultyStore:
                         self.wfile.write(body[start:start + step])
                         self.wfile.flush()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.serve(Handler)
 
     def url(self, name: str = "", host: str = "127.0.0.1") -> str:
         """`host`: a name only a LoopbackProxy resolves, for a store reachable through it alone."""
-        return f"http://{host}:{self.server.server_address[1]}/{name}"
-
-    def __enter__(self) -> "FaultyStore":
-        self.thread.start()
-        return self
+        return f"http://{host}:{self.port}/{name}"
 
     def __exit__(self, *exc):
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.stopping.set()  # stalled and trickling answers end first
+        super().__exit__(*exc)
         time.sleep(0.05)
 
 
-class LoopbackProxy:
+class LoopbackProxy(LoopbackServer):
     """A forward HTTP proxy on loopback, as a cluster's egress proxy: it takes absolute-form
     requests (`GET http://host:port/path`), resolves the hosts it is told about (names no
     one else resolves: a shard store reachable only through it), and streams the answer
@@ -172,15 +183,5 @@ class LoopbackProxy:
                 finally:
                     upstream.close()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> "LoopbackProxy":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
+        self.url = f"http://127.0.0.1:{self.port}"

@@ -123,7 +123,10 @@ def tracking_uri(args) -> str:
     folder or the run trained into another train.output_dir (issue 44)."""
     if args.training_run and not args.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         folder = run_folder(args.checkpoint)
-        recorded = recorded_tracking_uri(folder) if (folder / "metrics.jsonl").is_file() else ""
+        try:
+            recorded = recorded_tracking_uri(folder) if (folder / "metrics.jsonl").is_file() else ""
+        except (OSError, ValueError):  # an unreadable or torn JSONL: the rule's next step
+            recorded = ""
         if recorded:
             return recorded
     return resolve_tracking_uri(args.tracking_uri)

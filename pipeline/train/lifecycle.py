@@ -196,12 +196,19 @@ class Heartbeat:
             self.on_deadline(seconds)
 
     def _write(self):
+        """Best effort: the file is a post-mortem record, so a full or vanished filesystem
+        must neither stop training nor hide the error that matters (a checkpoint save that
+        ran out of space ends the loop, and this write in its `finally` would replace that
+        one line with a traceback)."""
         import json
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "step": self.step, "time": time.time(), "pid": os.getpid(),
-                                   "deadline_seconds": round(self.timeout, 1)}))
-        os.replace(tmp, self.path)
         self.written = time.monotonic()
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps({"rank": self.rank, "step": self.step, "time": time.time(), "pid": os.getpid(),
+                                       "deadline_seconds": round(self.timeout, 1)}))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
     def stop(self):
         self.done.set()

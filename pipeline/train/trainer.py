@@ -107,14 +107,6 @@ def run(plan: Plan, evaluator: Evaluator | None = None, initial: tuple | None = 
         sys.stderr.write(f"error: {e}\n")  # one write: print's two would interleave with the other ranks'
         sys.stderr.flush()
         return 1
-    except Exception as e:
-        if not peer_failure(e):
-            raise
-        # the rank that failed said why in its own line; this one says only that it was left
-        sys.stderr.write(f"error: rank {rank}: a collective at step {state.step} failed because a peer rank ended or "
-                         f"cannot be reached ({str(e).strip().splitlines()[0][:160]}); the peer's own line says why\n")
-        sys.stderr.flush()
-        return 1
     except Preempted as e:  # checkpoint saved: a requeued job resumes with train.resume=latest
         status = "KILLED"
         logger.set_tags({"preempted": str(e)})
@@ -125,6 +117,14 @@ def run(plan: Plan, evaluator: Evaluator | None = None, initial: tuple | None = 
         # EX_TEMPFAIL makes the agent restart the group (on whatever nodes are left); an
         # agent that is itself being stopped does not restart anything.
         return 75 if "TORCHELASTIC_RUN_ID" in os.environ else 0
+    except Exception as e:
+        if not peer_failure(e):
+            raise
+        # the rank that failed said why in its own line; this one says only that it was left
+        sys.stderr.write(f"error: rank {rank}: a collective at step {state.step} failed because a peer rank ended or "
+                         f"cannot be reached ({str(e).strip().splitlines()[0][:160]}); the peer's own line says why\n")
+        sys.stderr.flush()
+        return 1
     finally:
         logger.close(status)
     if rank == 0:

@@ -57,3 +57,17 @@ def bar_chart(results: list[dict], path: Path, title: str = "results by dataset"
     ax.set_ylabel("top-1 % (classification) / RSUM (retrieval)")
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def error_bars(labels: list[str], panels: dict[str, tuple[list, list]], path: Path) -> Path:
+    """One panel per metric: each label's mean as a bar, its std as the error bar (a
+    sweep's variants over seeds, eval.compare's groups of runs). Labels without a mean
+    in a panel are left out of it."""
+    fig, axes = plt.subplots(1, len(panels), figsize=((2 + 0.5 * len(labels)) * len(panels), 3.8), squeeze=False)
+    for ax, (metric, (means, stds)) in zip(axes[0], panels.items()):
+        shown = [i for i, m in enumerate(means) if m is not None]
+        ax.bar(range(len(shown)), [means[i] for i in shown], yerr=[stds[i] or 0 for i in shown], capsize=3)
+        ax.set_xticks(range(len(shown)), [labels[i] for i in shown], rotation=45, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path, dpi=110)

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,7 +196,7 @@ def child_runs(client, experiment_id: str, parent_run_id: str) -> dict[str, obje
 
 def summarize(state: dict, runs: dict, out_dir: Path) -> tuple[Path, Path]:
     """runs.csv (one row per child) and summary.csv (per variant: mean and std over seeds)."""
-    from eval.compare import eval_metric_names, short_name
+    from eval.compare import eval_metric_names, mean_std, short_name
     finished = [(c, runs[c["run_name"]]) for c in counted(state) if c["run_name"] in runs]
     metrics = ["loss", *eval_metric_names([r for _, r in finished])]
     names = [m if m == "loss" else short_name(m) for m in metrics]
@@ -212,11 +211,7 @@ def summarize(state: dict, runs: dict, out_dir: Path) -> tuple[Path, Path]:
         groups.setdefault(child["variant"], [described, []])[1].append(values)
     summary = [["variant", "seeds", "params (M)", "shared", *(f"{n} {s}" for n in names for s in ("mean", "std"))]]
     for _, (described, rows) in sorted(groups.items()):
-        cells = []
-        for column in zip(*rows):
-            present = [v for v in column if v is not None]
-            cells += [fmt(statistics.fmean(present)) if present else "",
-                      fmt(statistics.stdev(present)) if len(present) > 1 else ("0" if present else "")]
+        cells = [fmt(x) for column in zip(*rows) for x in mean_std(column)]
         summary.append([described[0], len(rows), *described[1:], *cells])
     paths = out_dir / "runs.csv", out_dir / "summary.csv"
     for path, table in zip(paths, (per_child, summary)):
@@ -236,20 +231,13 @@ def fmt(value) -> str:
 
 def summary_plot(summary_csv: Path, path: Path) -> Path:
     """Per headline metric, each variant's mean with its std over seeds as the error bar."""
-    from eval.plots import plt, save_figure
+    from eval.plots import error_bars
     with open(summary_csv) as f:
         header, *rows = list(csv.reader(f))
     metrics = [h[:-len(" mean")] for h in header if h.endswith(" mean")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=((2 + 0.5 * len(rows)) * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        mean, std = header.index(f"{metric} mean"), header.index(f"{metric} std")
-        shown = [r for r in rows if r[mean]]
-        ax.bar(range(len(shown)), [float(r[mean]) for r in shown], yerr=[float(r[std] or 0) for r in shown],
-               capsize=3)
-        ax.set_xticks(range(len(shown)), [r[0] for r in shown], rotation=45, ha="right", fontsize=7)
-        ax.set_title(metric, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path, dpi=110)
+    column = lambda name: [float(r[header.index(name)]) if r[header.index(name)] else None for r in rows]
+    panels = {m: (column(f"{m} mean"), column(f"{m} std")) for m in metrics}
+    return error_bars([r[0] for r in rows], panels, path)
 
 
 def finish(client, state: dict, experiment_id: str, sweep_dir: Path):

@@ -13,9 +13,11 @@ Templates come from `ROOT/zeroshot_classification_templates.txt` (`{c}` is the c
 name), else OpenAI's ImageNet templates from open_clip.
 
 A remote ROOT (s3://, gs://, http(s)://, as CLIP_benchmark's sets are published) must be in
-the webdataset layout: its split is copied once into a local cache (MSCLIP_CACHE, default
+the webdataset layout: its split is copied into a local cache (MSCLIP_CACHE, default
 ~/.cache/msclip-pipeline) through the training reader's opener, with its timeouts and
-retries (pipeline/data/remote.py), and read from there.
+retries (pipeline/data/remote.py), and read from there; fetched again when a file changed
+on the store (its ETag, else its size and modification time, checked at each use), and
+the least recently used splits removed beyond MSCLIP_CACHE_MAX_GB (default 200).
 
 Retrieval:
 * Karpathy splits: `ROOT/dataset_coco.json` or `ROOT/dataset_flickr30k.json` (images with
@@ -32,6 +34,8 @@ import io
 import json
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import shard_samples
-from pipeline.data.remote import is_remote, open_url, opened, read_bytes, read_policy
+from pipeline.data.remote import is_remote, object_identity, open_url, opened, read_bytes, read_policy
 
 # The training reader's limits (pipeline.config.DataConfig), as refusals: an evaluation
 # set is curated, so a sample over a limit is an error naming it, not a silent skip that
@@ -110,9 +114,23 @@ def read_templates(root: Path) -> list[str]:
     return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
+def cache_bound() -> float:
+    """Bytes the eval cache may hold (MSCLIP_CACHE_MAX_GB, default 200): CLIP_benchmark's
+    suite copied whole is larger than many home folders."""
+    value = os.environ.get("MSCLIP_CACHE_MAX_GB", "200")
+    try:
+        return float(value) * 1e9
+    except ValueError:
+        raise EvalDataError(f"MSCLIP_CACHE_MAX_GB={value!r}: not a number of GB") from None
+
+
 def local_copy(root: str | Path, split: str) -> Path:
     """`root` itself when local; a remote webdataset-layout set's split copied into the
-    cache (once: a copy that is complete carries a stamp, a broken one is fetched again)."""
+    cache. A copy is complete when its stamp is written; the stamp records each file's
+    identity on the store (remote.object_identity), checked at each use: a set changed on
+    the store is fetched again, and one whose store cannot be asked now (offline) is used
+    as it is, with a line saying so. After a copy, the least recently used other copies are
+    removed until the cache fits MSCLIP_CACHE_MAX_GB."""
     if not is_remote(str(root)):
         return Path(root)
     url = str(root).rstrip("/")
@@ -120,9 +138,12 @@ def local_copy(root: str | Path, split: str) -> Path:
     # the set's own name last: it names the dataset in MLflow
     local = cache / hashlib.sha256(url.encode()).hexdigest()[:12] / urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
     stamp = local / split / ".complete"
-    if stamp.is_file():
-        return local
     policy = read_policy(LIMITS)
+    if stamp.is_file():
+        if cached_copy_is_current(url, split, stamp, policy):
+            stamp.touch()  # its last use, for the eviction order
+            return local
+        shutil.rmtree(local / split)
     try:
         nshards = read_bytes(f"{url}/{split}/nshards.txt", policy)
     except FileNotFoundError:
@@ -141,15 +162,70 @@ def local_copy(root: str | Path, split: str) -> Path:
         count = int(nshards.decode().strip())
     except ValueError:
         raise EvalDataError(f"{url}/{split}/nshards.txt: not a shard count") from None
-    for i in range(count):
-        source = f"{url}/{split}/{i}.tar"
+    identities = {}
+    for name in [f"{split}/nshards.txt", *(f"{split}/{i}.tar" for i in range(count))]:
+        source = f"{url}/{name}"
         try:
-            with open_url(source, policy) as f, open(local / split / f"{i}.tar", "wb") as out:
-                shutil.copyfileobj(f, out, 1 << 20)
+            # before the copy: an object replaced during it is then found changed next time
+            identities[name] = object_identity(source, policy)
+            if name.endswith(".tar"):
+                with open_url(source, policy) as f, open(local / name, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)
         except OSError as e:
             raise EvalDataError(f"{source}: cannot be read ({e})") from None
-    stamp.touch()
+    stamp.write_text(json.dumps({"url": url, "split": split, "identities": identities}))
+    evict_least_recently_used(cache, keep=local / split)
     return local
+
+
+def cached_copy_is_current(url: str, split: str, stamp: Path, policy) -> bool:
+    """Whether every file the stamp records still has its identity on the store. A store
+    that cannot be asked keeps the copy (an offline node evaluates what it has)."""
+    try:
+        recorded = json.loads(stamp.read_text() or "{}").get("identities", {})
+    except json.JSONDecodeError:
+        recorded = {}
+    if not recorded:  # a stamp written before identities were recorded
+        return True
+    for name, identity in recorded.items():
+        try:
+            now = object_identity(f"{url}/{name}", policy)
+        except FileNotFoundError:
+            now = "gone"
+        except OSError as e:
+            copied = time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp.stat().st_mtime))
+            print(f"[eval] {url}/{split}: the store cannot be asked whether it changed ({e}); the cached copy "
+                  f"(last used {copied}) is used", file=sys.stderr, flush=True)
+            return True
+        if now != identity:
+            print(f"[eval] {url}/{name} changed on the store since it was cached ({identity} -> {now}); "
+                  f"{split} is fetched again", file=sys.stderr, flush=True)
+            return False
+    return True
+
+
+def evict_least_recently_used(cache: Path, keep: Path):
+    """Remove whole cached splits, least recently used first (a stamp's mtime is its last
+    use), until the cache fits MSCLIP_CACHE_MAX_GB; never `keep`, the split just copied."""
+    bound = cache_bound()
+    splits = []
+    for stamp in cache.glob("*/*/*/.complete"):
+        folder = stamp.parent
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        splits.append((stamp.stat().st_mtime, folder, size))
+    total = sum(size for _, _, size in splits)
+    for _, folder, size in sorted(splits, key=lambda entry: entry[0]):
+        if total <= bound:
+            return
+        if folder == keep:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        print(f"[eval] cache: removed {folder} ({size / 1e9:.2f} GB, the least recently used) to stay under "
+              f"MSCLIP_CACHE_MAX_GB={bound / 1e9:g}", file=sys.stderr, flush=True)
+    if total > bound:
+        print(f"[eval] cache: {keep} alone is {total / 1e9:.2f} GB, over MSCLIP_CACHE_MAX_GB={bound / 1e9:g}; kept "
+              f"while it is in use", file=sys.stderr, flush=True)
 
 
 def read_classification(root: str | Path, split: str = "test") -> ClassificationSet:

@@ -71,6 +71,8 @@ class FaultyStore(LoopbackServer):
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up: as it should
                     pass
 
+            do_HEAD = do_GET  # the headers alone (serve stops after them)
+
             def serve(self):
                 name = self.path.lstrip("/").split("?")[0]
                 store.requests[name] += 1
@@ -99,6 +101,8 @@ class FaultyStore(LoopbackServer):
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')  # as S3 and GCS name a version
                 self.end_headers()
+                if self.command == "HEAD":
+                    return
                 if not active:
                     self.wfile.write(body)
                 elif fault.kind == "stall":  # the connection stays open, nothing more comes

@@ -275,3 +275,62 @@ def test_an_eval_set_on_a_store_that_stalls_is_one_line_in_bounded_time(tmp_path
         assert time.monotonic() - start < 10
         store.faults.clear()  # the store recovers: the set reads whole (the broken copy was not kept as done)
         assert len(read_classification(store.url("digits"), "test").images) == 40
+
+
+def write_eval_set(root, samples: int):
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    write_tar(root / "test" / "0.tar",
+              [{"__key__": f"s{i}", "jpg": jpeg_bytes(i), "cls": b"0"} for i in range(samples)])
+    (root / "test" / "nshards.txt").write_text("1\n")
+    (root / "classnames.txt").write_text("zero\n")
+
+
+def test_the_eval_cache_follows_the_store_works_offline_and_stays_under_its_bound(tmp_path, monkeypatch, capsys):
+    """A cached eval set is checked against the store at each use (ETag): kept while it is
+    unchanged, fetched again once a shard is rewritten, used as it is when the store cannot
+    be asked; beyond MSCLIP_CACHE_MAX_GB the least recently used split goes, never the one
+    just copied."""
+    from eval.data import read_classification
+    monkeypatch.setenv("MSCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("eval.data.LIMITS", DataConfig(read_timeout_seconds=1, read_retries=0))
+    store_dir = tmp_path / "store"
+    write_eval_set(store_dir / "a", 40)
+    write_eval_set(store_dir / "b", 40)
+    size = (store_dir / "a" / "test" / "0.tar").stat().st_size
+    monkeypatch.setenv("MSCLIP_CACHE_MAX_GB", str(1.5 * size / 1e9))  # room for one set, not two
+    with FaultyStore(store_dir) as store:
+        assert len(read_classification(store.url("a"), "test").images) == 40
+        copied = next((tmp_path / "cache").rglob("a/test/0.tar"))
+        first_copy = copied.stat().st_mtime_ns
+        assert len(read_classification(store.url("a"), "test").images) == 40
+        assert copied.stat().st_mtime_ns == first_copy  # unchanged on the store: not fetched again
+        write_eval_set(store_dir / "a", 30)  # the shard rewritten in place
+        assert len(read_classification(store.url("a"), "test").images) == 30
+        assert "a/test/0.tar changed on the store since it was cached" in capsys.readouterr().err
+        port = store.port
+    # the store is gone (an offline node, a new process: no kept-alive connection to the
+    # old server, whose handler threads would still answer on one): the copy is used, and says so
+    monkeypatch.setattr("pipeline.data.remote._pools", {})
+    assert len(read_classification(f"http://127.0.0.1:{port}/a", "test").images) == 30
+    assert "the store cannot be asked whether it changed" in capsys.readouterr().err
+    with FaultyStore(store_dir) as store:
+        os.utime(next((tmp_path / "cache").rglob("a/test/.complete")), (1, 1))  # a: long unused
+        assert len(read_classification(store.url("b"), "test").images) == 40
+        assert not list((tmp_path / "cache").rglob("a/test")) and list((tmp_path / "cache").rglob("b/test/0.tar"))
+        assert "the least recently used) to stay under MSCLIP_CACHE_MAX_GB" in capsys.readouterr().err
+
+
+def test_an_objects_identity_on_s3_follows_a_rewrite(s3_server, tmp_path):
+    """The eval cache's check on an fsspec store (moto's S3 on loopback): the identity is
+    the object's ETag, a rewrite changes it, a missing object is FileNotFoundError."""
+    from pipeline.data.remote import object_identity
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "shard.tar").write_bytes(b"first")
+    s3_server.upload(tmp_path / "one", "identity")
+    before = object_identity(s3_server.url("identity/shard.tar"), FAST)
+    assert before == object_identity(s3_server.url("identity/shard.tar"), FAST)
+    (tmp_path / "one" / "shard.tar").write_bytes(b"third")  # the same size
+    s3_server.upload(tmp_path / "one", "identity")
+    assert object_identity(s3_server.url("identity/shard.tar"), FAST) not in (before, None)
+    with pytest.raises(FileNotFoundError):
+        object_identity(s3_server.url("identity/missing.tar"), FAST)

@@ -288,7 +288,7 @@ class _HTTPStream(_Resumable):
 
     MAX_REDIRECTS = 5
 
-    def _open(self, offset: int):
+    def _request(self, method: str, offset: int = 0):
         import urllib3
         parts = urlsplit(resolve_env(self.url))
         headers = {name: resolve_env(value) for name, value in self.policy.headers}
@@ -299,11 +299,14 @@ class _HTTPStream(_Resumable):
         if offset:
             headers["Range"] = f"bytes={offset}-"
         url = urlunsplit(parts)
-        response = _pool_for(url, self.policy.ca_bundle).request(
-            "GET", url, headers=headers, preload_content=False, decode_content=False,
+        return _pool_for(url, self.policy.ca_bundle).request(
+            method, url, headers=headers, preload_content=False, decode_content=False,
             timeout=urllib3.Timeout(connect=self.policy.timeout, read=self.policy.timeout),
             # redirects followed here; every other retry is ours (it resumes where the read stopped)
             retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=self.MAX_REDIRECTS))
+
+    def _open(self, offset: int):
+        response = self._request("GET", offset)
         status = response.status
         if status in (200, 206):
             self._check_identity(response, offset)
@@ -349,6 +352,38 @@ class _HTTPStream(_Resumable):
         else:
             source.close()  # abandoned midway: its connection cannot be reused
             source.release_conn()
+
+
+def object_identity(url: str, policy: ReadPolicy = ReadPolicy()) -> str | None:
+    """What a cached copy of `url` is checked against (eval/data.py): over http(s) its ETag,
+    else its length and Last-Modified (a HEAD request); on an fsspec store its ETag (or
+    checksum), else its size and modification time; a local file's size and mtime. None
+    for a `pipe:` command, which cannot be asked. One try, no retries: an OSError says the
+    store cannot be asked now."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if url.startswith("pipe:"):
+        return None
+    if not is_remote(url):
+        stat = os.stat(url)
+        return f"size {stat.st_size} mtime {stat.st_mtime_ns}"
+    if urlsplit(url).scheme in ("http", "https"):
+        try:
+            response = _HTTPStream(url, policy)._request("HEAD")
+        except Exception as e:  # noqa: BLE001 (urllib3's errors are not all OSErrors)
+            raise OSError(_describe(e, policy)) from None
+        response.release_conn()
+        if response.status != 200:
+            raise (FileNotFoundError if response.status == 404 else OSError)(f"HTTP {response.status} {response.reason}")
+        headers = response.headers
+        return headers.get("ETag") or f"length {headers.get('Content-Length')} modified {headers.get('Last-Modified')}"
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(resolve_env(url))
+    fs.invalidate_cache(path)  # the store's answer now, not a listing cached by this process
+    info = _bounded(lambda: fs.info(path), policy.timeout)
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("checksum")
+    modified = info.get("LastModified") or info.get("mtime") or info.get("updated") or info.get("created")
+    return str(tag) if tag else f"size {info.get('size')} modified {modified}"
 
 
 def _skip(reader, count: int):

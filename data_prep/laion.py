@@ -17,9 +17,11 @@ URL (in file order, then row order).
 order or sharding of the input.
 
 The engine is DuckDB (embedded, multi-threaded, out of core): the rules, the caption
-cleaning and the de-duplication are one query, which spills to a temporary directory next
-to the output when it outgrows --memory-limit, so LAION-5B's de-duplication runs on a
-node whose memory is far smaller than the URL set. Python touches only what SQL cannot
+cleaning, the de-duplication and the drop counts are one aggregate over one scan of each
+file, streamed into the output (nothing stored between, except with --sample, which needs
+every URL's priority before it writes one). It spills to a temporary directory next to
+the output when it outgrows --memory-limit, so LAION-5B's de-duplication runs on a node
+whose memory is far smaller than the URL set. Python touches only what SQL cannot
 express exactly: html.unescape of captions that contain '&', and the seeded URL hash of
 --sample (pandas' vectorized SipHash, so the selection equals the earlier implementation's,
 data_prep/laion_pandas.py, which tests/test_data_prep.py runs side by side).
@@ -54,10 +56,11 @@ def number(column: str, missing: float) -> str:
     return f"(CASE WHEN {column} IS NULL OR isnan({column}::DOUBLE) THEN {missing} ELSE {column}::DOUBLE END)"
 
 
-def file_queries(index: int, path: str, rules: dict) -> tuple[str, str]:
-    """Two queries over one file: every row's drop reason (NULL: every rule passed; no
-    caption is read), and the rows every rule passed with their position, key and cleaned
-    caption. Rules whose column the file lacks are skipped for that file."""
+def file_query(index: int, path: str, rules: dict) -> str:
+    """One scan of one file: every row's position, URL, key, the first rule it fails
+    (`reason`; NULL when it passed every rule) and, for rows that passed, the cleaned
+    caption (nothing is cleaned for a dropped row). Rules whose column the file lacks are
+    skipped for that file."""
     cols = column_map(path)
     if rules["min_similarity"] > 0 and "similarity" not in cols:
         raise SystemExit(f"error: {path}: no similarity column; pass --min-similarity 0 to skip that filter")
@@ -83,18 +86,18 @@ def file_queries(index: int, path: str, rules: dict) -> tuple[str, str]:
            else f"left(sha1({url}), 16)")
     # clean_text: tags -> " ", then html.unescape (Python, only where there is an entity
     # to decode), then whitespace runs -> " ", stripped; each step only where it can
-    # change the caption (a regex over every caption costs more than the rest together)
+    # change the caption (a regex over every caption costs more than the rest together),
+    # and only on rows that passed the rules (CASE evaluates a branch on its rows alone)
     text = f"coalesce({col('text')}::VARCHAR, '')"
     stripped = f"CASE WHEN contains({text}, '<') THEN regexp_replace({text}, '{TAG}', ' ', 'g') ELSE {text} END"
     unescaped = "CASE WHEN contains(stripped, '&') THEN py_html_unescape(stripped) ELSE stripped END"
     caption = (f"CASE WHEN regexp_matches(unescaped, '{WHITESPACE}| {{2}}|^ | $') "
                f"THEN trim(regexp_replace(unescaped, '[ {WHITESPACE[1:]}+', ' ', 'g'), ' ') ELSE unescaped END")
     position = f"{index}::BIGINT * {1 << 40} + file_row_number"
-    reasons = f"SELECT {reason} AS reason FROM {source}"
-    passed = (f"SELECT position, url, key, {caption} AS caption FROM (SELECT *, {unescaped} AS unescaped FROM ("
-              f"SELECT {position} AS position, {url} AS url, {key} AS key, {stripped} AS stripped "
-              f"FROM {source} WHERE ({reason}) IS NULL))")
-    return reasons, passed
+    return (f"SELECT position, url, key, reason, CASE WHEN reason IS NULL THEN {caption} END AS caption FROM ("
+            f"SELECT *, CASE WHEN reason IS NULL THEN {unescaped} END AS unescaped FROM ("
+            f"SELECT position, url, key, reason, CASE WHEN reason IS NULL THEN {stripped} END AS stripped FROM ("
+            f"SELECT {position} AS position, {url} AS url, {key} AS key, {reason} AS reason, * FROM {source})))")
 
 
 def html_unescape(texts: pa.Array) -> pa.Array:
@@ -103,7 +106,7 @@ def html_unescape(texts: pa.Array) -> pa.Array:
 
 def memory_per_thread(con) -> float:
     """DuckDB's memory limit over its threads, in bytes."""
-    limit, threads = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
+    limit, threads = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
     number, unit = limit.split()
     scale = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
              "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
@@ -130,15 +133,21 @@ def connect(database: str, memory_limit: str, threads: int, seed: int):
     return con
 
 
+# The one aggregate: a group per URL of the rows that passed every rule and kept a caption
+# (the first occurrence's key and caption, and how many rows had that URL), and a group
+# per drop reason (its count), so the drop counts come from the same scan as the output.
+GROUPED = ("SELECT coalesce(reason, CASE WHEN caption = '' THEN 'dropped_empty_caption' END) AS dropped, "
+           "CASE WHEN reason IS NULL AND caption <> '' THEN url END AS url, min_by(key, position) AS key, "
+           "min_by(caption, position) AS caption, count(*) AS n FROM {source} GROUP BY ALL")
+
+
 def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, min_side: int = 0,
             nsfw: tuple[str, ...] = ("UNLIKELY",), max_punsafe: float = 0.5, sample: int | None = None,
             seed: int = 0, memory_limit: str = "", threads: int = 0) -> Counter:
     paths = resolve_inputs(input_pattern)
     rules = {"min_similarity": min_similarity, "min_side": min_side, "nsfw": {t.upper() for t in nsfw},
              "max_punsafe": max_punsafe}
-    queries = [file_queries(i, p, rules) for i, p in enumerate(paths)]
-    reasons = " UNION ALL ".join(q[0] for q in queries)
-    passed = " UNION ALL ".join(q[1] for q in queries)
+    rows = " UNION ALL ".join(file_query(i, p, rules) for i, p in enumerate(paths))
     output = Path(output_path)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -146,41 +155,22 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
     except OSError as e:
         raise SystemExit(f"error: --output {output}: cannot write there ({e.strerror})") from None
     partial = output.with_name(output.name + ".tmp")
-    stats: Counter = Counter()
     try:
         # a database file in the scratch directory: what outgrows memory_limit goes to disk
         con = connect(str(Path(spill) / "work.duckdb"), memory_limit, threads, seed)
-        for reason, n in con.execute(f"SELECT reason, count(*) FROM ({reasons}) GROUP BY reason").fetchall():
-            stats[reason or "passed_rules"] += n  # every row under the first rule it fails
-        stats["input_rows"] = sum(stats.values())
-        passed_rules = stats.pop("passed_rules", 0)
-        # The first occurrence of each URL, with how many rows had that URL: a hash
-        # aggregate, which spills beyond the memory limit. Straight from the parquet scan it
-        # saves a table write but needs ~128 MB per thread (at 64 MB per thread it ran out
-        # of memory instead of spilling: tests/test_data_prep.py's 128 MB case on 2 threads
-        # takes the stored-table path); below that it reads a stored table.
-        source = f"({passed}) WHERE caption <> ''"
+        source = f"({rows})"
+        # Straight from the parquet scan, the aggregate needs ~128 MB per thread to spill (at
+        # 64 MB per thread it ran out of memory instead: tests/test_data_prep.py's 128 MB
+        # case on 2 threads); below that it reads a stored table of the scan.
         if memory_per_thread(con) < 128 << 20:
-            con.execute(f"CREATE TABLE passed AS SELECT * FROM {source}")
-            source = "passed"
-        con.execute(f"CREATE TABLE urls AS SELECT min_by(key, position) AS key, url, min_by(caption, position) "
-                    f"AS caption, count(*) AS n FROM {source} GROUP BY url")
-        candidates = con.execute("SELECT coalesce(sum(n), 0) FROM urls").fetchone()[0]
-        stats["dropped_empty_caption"] = passed_rules - candidates
-        where = ""
-        if sample is not None:
-            con.execute("ALTER TABLE urls ADD COLUMN p UBIGINT")
-            con.execute("UPDATE urls SET p = url_priority(url)")
-            stats["sample_candidates"] = con.execute("SELECT count(DISTINCT p) FROM urls").fetchone()[0]
-            if stats["sample_candidates"] > sample:
-                threshold = con.execute(f"SELECT DISTINCT p FROM urls ORDER BY p LIMIT 1 OFFSET {sample - 1}"
-                                        ).fetchone()[0]
-                where = f"WHERE p <= {threshold}"
-        sampled, kept = con.execute(f"SELECT coalesce(sum(n), 0), count(*) FROM urls {where}").fetchone()
-        con.execute(f"COPY (SELECT {', '.join(OUTPUT_COLUMNS)} FROM urls {where}) TO {sql_string(str(partial))} "
-                    f"(FORMAT parquet)")
+            con.execute(f"CREATE TABLE scanned AS SELECT * FROM {source}")
+            source = "scanned"
+        grouped = GROUPED.format(source=source)
+        if sample is None:
+            stats = stream_kept(con.sql(grouped).to_arrow_reader(1 << 17), partial)
+        else:
+            stats = write_sample(con, grouped, sample, partial)
         con.close()
-        stats.update(kept=kept, dropped_not_sampled=candidates - sampled, dropped_duplicate_url=sampled - kept)
         partial.replace(output)
     except duckdb.Error as e:  # a file that breaks off mid-way, a full disk: DuckDB names the file
         raise SystemExit(f"error: {' '.join(str(e).split())[:300]}") from None
@@ -188,6 +178,53 @@ def convert(input_pattern: str, output_path: str, min_similarity: float = 0.28, 
         partial.unlink(missing_ok=True)
         shutil.rmtree(spill, ignore_errors=True)
     return +stats
+
+
+def stream_kept(batches, path: Path) -> Counter:
+    """The aggregate's URL groups into the parquet as they come; its reason groups (a few
+    rows) into the counts."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    stats: Counter = Counter()
+    candidates = 0  # rows that passed every rule and kept a caption
+    schema = pa.schema([(name, pa.string()) for name in OUTPUT_COLUMNS])
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in batches:
+            dropped = batch.column("dropped")
+            kept = pc.is_null(dropped)
+            for reason, n in zip(dropped.filter(pc.invert(kept)).to_pylist(),
+                                 batch.column("n").filter(pc.invert(kept)).to_pylist()):
+                stats[reason] += n
+            urls = pa.Table.from_batches([batch]).filter(kept)
+            stats["kept"] += urls.num_rows
+            candidates += pc.sum(urls.column("n")).as_py() or 0
+            writer.write_table(urls.select(OUTPUT_COLUMNS).cast(schema))
+    stats["input_rows"] = sum(stats.values()) - stats["kept"] + candidates
+    stats["dropped_duplicate_url"] = candidates - stats["kept"]
+    return stats
+
+
+def write_sample(con, grouped: str, sample: int, path: Path) -> Counter:
+    """--sample: the URL groups kept as a table, to find the priority of the sample-th
+    distinct URL before any is written."""
+    con.execute(f"CREATE TABLE groups AS {grouped}")
+    stats = Counter(dict(con.execute("SELECT dropped, sum(n) FROM groups WHERE dropped IS NOT NULL GROUP BY dropped"
+                                     ).fetchall()))
+    con.execute("CREATE TABLE urls AS SELECT * EXCLUDE (dropped) FROM groups WHERE dropped IS NULL")
+    candidates = con.execute("SELECT coalesce(sum(n), 0) FROM urls").fetchone()[0]
+    con.execute("ALTER TABLE urls ADD COLUMN p UBIGINT")
+    con.execute("UPDATE urls SET p = url_priority(url)")
+    stats["sample_candidates"] = con.execute("SELECT count(DISTINCT p) FROM urls").fetchone()[0]
+    where = ""
+    if stats["sample_candidates"] > sample:
+        threshold = con.execute(f"SELECT DISTINCT p FROM urls ORDER BY p LIMIT 1 OFFSET {sample - 1}").fetchone()[0]
+        where = f"WHERE p <= {threshold}"
+    sampled, kept = con.execute(f"SELECT coalesce(sum(n), 0), count(*) FROM urls {where}").fetchone()
+    con.execute(f"COPY (SELECT {', '.join(OUTPUT_COLUMNS)} FROM urls {where}) TO {sql_string(str(path))} "
+                f"(FORMAT parquet)")
+    stats["input_rows"] = sum(stats.values()) - stats["sample_candidates"] + candidates
+    stats.update(kept=kept, dropped_not_sampled=candidates - sampled, dropped_duplicate_url=sampled - kept)
+    return stats
 
 
 def main(argv=None):

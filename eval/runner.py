@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 from eval import linear_probe, retrieval, zeroshot
 from eval.data import read_classification, read_retrieval
 from eval.features import FeatureCache
-from pipeline.weights.export import export, load_exported, model_from_payload
-from pipeline.weights.interop import InteropError, import_weights
+from pipeline.weights.interop import InteropError
+from pipeline.weights.load import load_checkpoint
 from pipeline.redact import redact
 from pipeline.tracking.store import resolve_tracking_uri, store_key, training_experiment, use_store
 from pipeline.tracking.sync import recorded_tracking_uri, synced_run_id
@@ -23,24 +22,6 @@ METRIC_PREFIX = {"zeroshot_classification": "zeroshot", "linear_probe": "linear_
 TASKS = tuple(METRIC_PREFIX)
 # The number a dataset contributes to tables and aggregates, per task (a suite may name another)
 HEADLINE = {"zeroshot_classification": "acc1", "linear_probe": "lp_acc1", "zeroshot_retrieval": "rsum"}
-
-
-def load_checkpoint(path: str, fmt: str = "ours", model_name: str | None = None, source: str | None = None):
-    """Our export or a run's checkpoints/; with `fmt` msclip/openai/open_clip, a released
-    file imported on the fly (pipeline/weights/interop.py)."""
-    if fmt != "ours":
-        if not model_name:
-            raise FileNotFoundError(f"--format {fmt}: name the model to build with --model (e.g. msclip-s-b32)")
-        payload, _ = import_weights(path, fmt, model_name, source)
-        return model_from_payload(payload), payload
-    path = Path(path)
-    if path.is_dir():  # a DeepSpeed checkpoints/ directory: consolidate first
-        tmp = Path(tempfile.mkdtemp()) / "model.pt"
-        export(path, tmp)
-        path = tmp
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
-    return load_exported(path)
 
 
 class CheckpointError(Exception):

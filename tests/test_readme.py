@@ -136,6 +136,11 @@ def check_command(words: list[str]):
         assert args[at] == "launch/train.py", command
         check(parser_of(parse_args, []), [*args[:at], "launch/train.py"], synopsis, command)
         check_train(args[at + 1:], synopsis, command)
+    elif program == "torchrun" and "-m" in args:  # a module run on every process (data_prep.curate embed)
+        from torch.distributed.run import get_args_parser
+        at = args.index("-m")
+        check(get_args_parser(), [*args[:at + 1], args[at + 1]], synopsis, command)
+        check(parser_of(module_main(args[at + 1]), ["--help"]), args[at + 2:], synopsis, command)
     elif program == "torchrun":
         from torch.distributed.run import get_args_parser
         at = next(i for i, a in enumerate(args) if a.endswith(".py"))

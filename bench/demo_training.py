@@ -30,12 +30,13 @@ def demo_build_args(out: Path) -> list[str]:
 
 def train_demo_model(demo_data: Path, path: Path, steps: int = TRAINED_STEPS, model_name: str = "msclip-s-tiny",
                      seed: int = 0, also_at: dict[int, Path] | None = None, until=None,
-                     check_every: int = 20) -> Path:
+                     check_every: int = 20, shards: str = "") -> Path:
     """A tiny model (msclip-s-tiny unless named) trained on the demo shards (single process,
     plain loop: the launcher's own runs are tested elsewhere), exported as the trainer
     exports it. `seed` draws the initial weights and the data order; `also_at` exports the
     model at earlier steps too ({step: path}); `until(model)`, asked every `check_every`
-    steps, ends the training early when it says so (the export's `step` says where)."""
+    steps, ends the training early when it says so (the export's `step` says where).
+    `shards`: another shard spec to train on (default: the demo's digits and photos)."""
     import torch
 
     from pipeline.config import DataConfig
@@ -48,7 +49,7 @@ def train_demo_model(demo_data: Path, path: Path, steps: int = TRAINED_STEPS, mo
     model = build_model(model_name)
     lr, warmup = 5e-4, 50
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-    shards = f"{demo_data}/shards/digits::{demo_data}/shards/photos"
+    shards = shards or f"{demo_data}/shards/digits::{demo_data}/shards/photos"
     stream = DataStream(DataConfig(train_shards=shards, workers=1, shuffle_buffer=1000, resampled=True, readers=1),
                         batch_size=64, image=ImageSpec(64, model.arch.normalization), context_length=32, seed=seed)
     for step, batch in enumerate(stream):

@@ -1,4 +1,4 @@
-"""python -m data_prep.curate on a noisy pool planted in the demo's digit shards (tests/noisy_pool.py):
+"""python -m data_prep.curate on a noisy pool planted in the demo's digit shards (bench/noisy_pool.py):
 scored by the session's model trained on the clean shards, filtered by CLIP score and the
 other rules, resharded, and read back by the trainer's stream. How much of the planted noise
 the filter finds depends on the scoring model: bench/curation.py measures it."""
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.curate import CurateError, embed, filter_pool, main, reshard
-from noisy_pool import plant_noise, read_samples
+from bench.noisy_pool import plant_noise, read_samples
 
 
 @pytest.fixture(scope="module")

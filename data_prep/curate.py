@@ -49,6 +49,7 @@ import tarfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cli import command_line
+from pipeline.redact import redact
 
 EMBED_CONFIG = "embed.json"
 
@@ -65,8 +67,8 @@ class CurateError(ValueError):
 
 
 def sample_uid(shard_url: str, key: str) -> str:
-    path = PurePosixPath(shard_url.split("://", 1)[-1].split("?", 1)[0])
-    return f"{path.parent.name}/{path.name}/{key}"
+    path = PurePosixPath(urlsplit(shard_url).path if "://" in shard_url else shard_url)
+    return redact(f"{path.parent.name}/{path.name}/{key}")  # a pipe: command's words could hold a secret
 
 
 def raw_shard_samples(url: str, policy, counts: Counter):
@@ -149,8 +151,9 @@ def embed(shards_spec: str, checkpoint: str, output: str, fmt: str = "ours", mod
     model, payload = load_checkpoint(checkpoint, fmt, model_name, source)
     model = model.to(device).eval()
     name = payload.get("model_name") or model_name or "?"
-    described = {"shards": shards_spec, "checkpoint": str(checkpoint), "format": fmt, "model": name,
-                 "embed_dim": int(model.arch.embed_dim), "shard_urls": shards.urls}
+    # what is written names the shards without their credentials (a signed URL, a userinfo)
+    described = redact({"shards": shards_spec, "checkpoint": str(checkpoint), "format": fmt, "model": name,
+                        "embed_dim": int(model.arch.embed_dim), "shard_urls": shards.urls})
     check_embed_config(out, described, rank)
     todo = [(i, url) for i, url in enumerate(shards.urls) if i % world == rank and not shard_output(out, i).exists()]
     print(f"[curate] embed: {len(shards.urls)} shards, {len(todo)} to do on rank {rank} of {world} "
@@ -180,7 +183,7 @@ def embed(shards_spec: str, checkpoint: str, output: str, fmt: str = "ours", mod
                 embedded += len(rows)
             if skipped is not None:  # the shard is complete
                 counts.update(skipped)
-                write_shard(out, index, shards.urls[index], pending.pop(index, []))
+                write_shard(out, index, redact(shards.urls[index]), pending.pop(index, []))
                 counts["shards"] += 1
     seconds = time.perf_counter() - started
     counts["embedded"] = embedded

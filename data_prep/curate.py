@@ -44,6 +44,7 @@ import io
 import json
 import math
 import os
+import pickle
 import sys
 import tarfile
 import time
@@ -51,6 +52,7 @@ from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -244,7 +246,6 @@ REASONS = ("dropped_short_caption", "dropped_small_image", "dropped_low_score", 
 def filter_pool(embeddings: str, output: str, min_score: float | None = None, top_fraction: float | None = None,
                 min_caption_words: int = 0, min_side: int = 0, dedup_threshold: float = 0.0,
                 clusters: int = 0, memory_gb: float = 4.0, seed: int = 0) -> dict:
-    import duckdb
     folder = Path(embeddings)
     files = sorted(folder.glob("*.parquet"))
     if not files:
@@ -465,6 +466,12 @@ def main(argv=None) -> int:
             reshard(args.shards, args.kept, args.output, args.samples_per_shard)
     except (CurateError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError:  # weights-only loading refused it (or it is no torch file)
+        print(f"error: --checkpoint {args.checkpoint}: refusing to load: not a weights-only file", file=sys.stderr)
+        return 2
+    except duckdb.Error as e:  # a per-shard file that is not parquet: DuckDB names it
+        print(f"error: --embeddings: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return 2
     return 0
 

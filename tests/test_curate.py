@@ -116,10 +116,20 @@ def test_the_kept_samples_are_resharded_whole_and_read_by_the_trainers_stream(no
     assert sum(len(batch["keys"]) for batch in stream) == kept.num_rows - kept.num_rows % 50
 
 
-def test_bad_input_is_one_line(tmp_path, capsys):
+def test_bad_input_is_one_line(demo_data, tmp_path, capsys):
     assert main(["filter", "--embeddings", str(tmp_path), "--output", str(tmp_path / "k.parquet")]) == 2
     assert capsys.readouterr().err.strip() == (f"error: --embeddings {tmp_path}: no per-shard parquet (run "
                                                f"`python -m data_prep.curate embed`)")
     assert main(["reshard", "--shards", str(tmp_path), "--kept", str(tmp_path / "none.parquet"),
                  "--output", str(tmp_path / "o")]) == 2
     assert "error:" in capsys.readouterr().err
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "000000.parquet").write_text("not parquet")
+    assert main(["filter", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "k.parquet")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --embeddings: ") and "000000.parquet" in err and "\n" not in err
+    (tmp_path / "bad.pt").write_text("not weights")
+    assert main(["embed", "--shards", str(demo_data / "shards" / "digits"), "--checkpoint", str(tmp_path / "bad.pt"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --checkpoint {tmp_path / 'bad.pt'}: refusing to load: not a " \
+                                              f"weights-only file"

@@ -17,9 +17,20 @@ from torch import nn
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back (CLIP's); MS-CLIP uses eps=1e-12."""
+    """LayerNorm computed in fp32 and returned in the input's dtype (CLIP's); MS-CLIP uses
+    eps=1e-12.
+
+    CLIP writes it as `layer_norm(x.float()).to(x.dtype)`. When the input and the weights
+    are both bf16/fp16 (DeepSpeed's bf16 engine), PyTorch's kernels already accumulate the
+    statistics and compute the affine output in fp32 and round once (CPU and CUDA), so the
+    explicit round trip adds only two casts over the activations per LayerNorm (four
+    LayerNorm-sized kernels per block in the step) for the same numbers up to one rounding
+    step (tests/test_model.py). Mixed dtypes (autocast over fp32 weights) keep the fp32
+    computation."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
         return y.to(x.dtype)
 

@@ -10,8 +10,8 @@ The fast paths:
 * channels_last (model.channels_last): msclip-s-b32 forward + backward with NHWC images
   (its conv stem, parallel branch and adapters) against NCHW;
 * compile (model.compile): msclip-s-b32 forward + backward (batch 8; the contrastive
-  loss) compiled with torch.compile (inductor) against eager; the first compiled step's
-  time is reported as the compile time;
+  loss) with its regions compiled (pipeline/model/compile.py, inductor) against eager; the
+  first compiled step's time is reported as the compile time;
 * sdpa: our attention (F.scaled_dot_product_attention) against the explicit
   softmax(QK^T / sqrt(d)) V it replaces, ViT-B/32 vision shapes, forward + backward;
 * fused_qkv: one (D -> 3D) projection against three (D -> D) ones;
@@ -79,10 +79,11 @@ def compiled(repeats: int, quick: bool) -> dict:
 
     from pipeline.losses import contrastive_loss
     from pipeline.model import build_model
+    from pipeline.model.compile import compile_regions
     torch.manual_seed(0)
     eager = build_model("msclip-s-tiny" if quick else "msclip-s-b32")
     model = copy.deepcopy(eager)
-    model.compile()
+    compile_regions(model)
     size, batch = eager.arch.image_size, 8
     images = torch.randn(batch, 3, size, size)
     text = torch.randint(1, 49405, (batch, eager.arch.context_length))

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -37,9 +37,11 @@ class ModelConfig:
     # Convolutions (MS-CLIP-S's stem and parallel branch, the patch embedding) in NHWC
     # layout, the images fed the same way: bench/bench_fast_paths.py measures what it buys.
     channels_last: bool = False
-    # torch.compile (inductor) of the model's forward and backward through DeepSpeed's
-    # engine.compile; the first step pays the compilation (tiny models: 50-80 s on 2 CPU cores,
-    # bench/bench_fast_paths.py measures compile time and speed-up).
+    # torch.compile (inductor) of each transformer block, the conv stem, each branch stage and
+    # adapter, in place (torchtitan's regional compilation: pipeline/model/compile.py); the
+    # embeddings, pooling, objective heads and losses stay eager. The first step pays the
+    # compilation and reports it (first_step_s); bench/profile_step.py and bench_train
+    # --compile measure the speed-up.
     compile: bool = False
     # Token dropping (FLIP, Li et al. 2023; open_clip's patch_dropout): in training, each
     # image keeps a seeded uniformly random (1 - token_drop) of its patch tokens (the CLS
@@ -193,7 +195,9 @@ class OptimConfig:
 class TrainConfig:
     # Samples per optimizer step over all ranks = micro_batch_size x accumulation x world size.
     global_batch_size: int = 64
-    micro_batch_size: int = 32
+    # "auto": on a GPU, the largest micro batch that fits (a short probe before the engine
+    # starts, activation checkpointing as the next step down: pipeline/train/auto_batch.py)
+    micro_batch_size: Union[int, Literal["auto"]] = 32
     steps: int = 200
     seed: int = 0
     output_dir: str = "runs"
@@ -234,7 +238,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("global_batch_size", "micro_batch_size", "steps", "log_every"):
-            _check_range(f"train.{key}", getattr(self, key), 1)
+            if getattr(self, key) != "auto":
+                _check_range(f"train.{key}", getattr(self, key), 1)
         _check_range("train.save_every", self.save_every, 0)
         _check_range("train.keep_last", self.keep_last, 1)
         _check_range("train.timeout_minutes", self.timeout_minutes, 0, exclusive=True)
@@ -244,7 +249,7 @@ class TrainConfig:
         _check_range("train.unmasked_steps", self.unmasked_steps, 0)
         if self.unmasked_steps > self.steps:
             raise ConfigError(f"train.unmasked_steps: {self.unmasked_steps} is more than train.steps {self.steps}")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_size != "auto" and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size: {self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size {self.micro_batch_size}")
 

@@ -34,6 +34,7 @@ from pipeline.data.loader import DataStream
 from pipeline.data.recipe import ImageSpec
 from pipeline.train.engine import train_step
 from pipeline.model import build_model
+from pipeline.model.compile import compile_regions
 from pipeline.model.configs import MODEL_CONFIGS
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.pixels import PIXEL_KEYS
@@ -132,13 +133,15 @@ def build(model_name: str, recipe: str, dtype: torch.dtype):
     return module, module.objective
 
 
-def run_step(model_name, recipe, dtype, device, accum, shards, mutate=None, token_drop=0.0):
+def run_step(model_name, recipe, dtype, device, accum, shards, mutate=None, token_drop=0.0, compiled=False):
     module, objective = build(model_name, recipe, dtype)
     host_batch = loader_batch(shards, recipe, model_name, accum, token_drop)
     assert ("token_keep" in host_batch) == bool(token_drop)
     assert host_batch["images"].dtype == torch.uint8 and host_batch["images"].device.type == "cpu"
     mode = fake_mode()
     to_fake_device(module.train(), mode, device)
+    if compiled:  # model.compile's regions, traced by dynamo and AOT autograd on the fake tensors
+        compile_regions(module.encoder, fullgraph=True, backend="aot_eager")
     batch = fake_host_batch(host_batch, mode)
     if mutate:
         mutate(objective)
@@ -189,6 +192,17 @@ def test_token_dropping_keeps_every_tensor_on_the_model_device(model_name, devic
     and the MS-CLIP-S adapters scatter and gather with them."""
     run_step(model_name, "clip+filip+mixup" if accum == 1 else "clip", torch.bfloat16, device, accum, photos,
              token_drop=0.5)
+
+
+def test_compiled_regions_keep_every_tensor_on_the_model_device(photos):
+    """model.compile (pipeline/model/compile.py): the regions traced by dynamo and AOT
+    autograd (backend aot_eager) on meta, forward and backward, with token dropping, MS-CLIP-S's
+    branch and adapters, and exact accumulation (its first pass runs the regions without
+    grad, its second with). A host tensor made inside a compiled region meets the device
+    there (seen with one planted into the adapters). On fake "cuda" the trace needs a real
+    CUDA context (device properties), so the compiled tier is meta only; bench/gpu.sh runs
+    the CUDA kernels (tests/test_gpu.py)."""
+    run_step("msclip-s-tiny", "clip", torch.bfloat16, "meta", 2, photos, token_drop=0.5, compiled=True)
 
 
 TERM_RECIPE = {"clip": "slip", "slip": "slip", "filip": "filip", "mlm": "declip", "simsiam": "declip", "nn": "declip",

@@ -16,15 +16,26 @@ TRAIN_THREE_TIMES = """
 import sys
 from launch.train import main
 
-ds_path, common = sys.argv[1], sys.argv[2:]
-# the first leg of the split run stops at step 3, before the unmasked phase of steps 5-6
-for name, *extra in (["straight", "train.steps=6"], ["split", "train.steps=3", "train.unmasked_steps=0"],
-                     ["split", "train.steps=6", "train.resume=latest"]):
-    assert main(["--deepspeed_config", ds_path, *common, f"train.run_name={name}", *extra]) == 0
+ds_path, zero3_path, common = sys.argv[1], sys.argv[2], sys.argv[3:]
+# the first leg of a split run stops at step 3, before the unmasked phase of steps 5-6; the
+# compiled run (model.compile) splits the same way on ZeRO-3 with activation checkpointing
+compiled = ["model.compile=true", "model.grad_checkpointing=true"]
+for ds, name, *extra in ([ds_path, "straight", "train.steps=6"],
+                         [ds_path, "split", "train.steps=3", "train.unmasked_steps=0"],
+                         [ds_path, "split", "train.steps=6", "train.resume=latest"],
+                         [zero3_path, "compiled", "train.steps=3", "train.unmasked_steps=0", *compiled],
+                         [zero3_path, "compiled", "train.steps=6", "train.resume=latest", *compiled]):
+    assert main(["--deepspeed_config", ds, *common, f"train.run_name={name}", *extra]) == 0
 """
 
 
 def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_path, demo_data):
+    """Also model.compile in the real engine path (pipeline/model/compile.py through the
+    trainer): under ZeRO-3 (its parameter-gathering hooks inside every compiled block), with
+    activation checkpointing (a compiled block recomputed in backward), token dropping (the
+    adapters' gathers) and its unmasked phase (the regions' second shapes), split by a
+    resume: the losses of the eager straight run within fp32 reordering tolerance, the
+    compilation reported on each start's first step."""
     # evaluation during training by a suite (eval.suite): one dataset there, one not
     suite = tmp_path / "mini.yaml"
     suite.write_text("name: mini\ndatasets:\n  - {name: digits, task: zeroshot_classification, paths: [digits]}\n"
@@ -41,11 +52,14 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
               "model.token_drop=0.5", "train.unmasked_steps=2"]
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
+    zero3 = tmp_path / "zero3_fp32.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}, "steps_per_print": 1000000,
+                                 "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     done = subprocess.run([sys.executable, "-c", TRAIN_THREE_TIMES,
-                           str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), *common],
+                           str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"), str(zero3), *common],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("[eval] suite mini: imagenet1k skipped") == 3  # once per start
+    assert done.stdout.count("[eval] suite mini: imagenet1k skipped") == 5  # once per start
 
     def records(name):
         return [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
@@ -69,3 +83,13 @@ def test_n_steps_then_resume_then_n_steps_equal_2n_steps_without_a_launcher(tmp_
                                            for r in evals.values())
     kept = {r["step"]: r["tokens_kept"] for r in records("straight") if "tokens_kept" in r}
     assert kept == {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.5, 5: 1.0, 6: 1.0}  # msclip-s-tiny: 8 of 16 patch tokens
+
+    compiled, straight = losses("compiled"), losses("straight")
+    assert sorted(compiled) == list(range(1, 7))
+    for step in straight:
+        assert abs(compiled[step] - straight[step]) <= 1e-4 * abs(straight[step]), (step, compiled[step], straight[step])
+    assert digests("compiled") == digests("straight")
+    assert done.stdout.count("[train] model.compile: 22 regions") == 2  # pipeline.model.compile.regions, each start
+    assert done.stdout.count(" (model.compile)\n") == 2  # "[train] first step: N s (model.compile)"
+    assert [r["step"] for r in records("compiled") if "first_step_s" in r] == [1, 4]
+

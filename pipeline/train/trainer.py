@@ -25,16 +25,18 @@ from typing import Protocol
 import torch
 
 from pipeline import ranks
-from pipeline.config import RunConfig, flatten, save_config, to_dict
+from pipeline.config import RunConfig, features_only, flatten, save_config, to_dict
 from pipeline.data.debiased import make_stream
 from pipeline.data.loader import DataQualityError, check_skip_rate, shard_losses_over_ranks, summed_over_ranks
 from pipeline.data.recipe import ImageSpec
 from pipeline.data.remote import is_remote
+from pipeline.model.compile import compile_regions
 from pipeline.objectives import ComposedObjective, TrainModule, objective_arch
 from pipeline.redact import redact
 from pipeline.tracking.logger import MetricsLogger
 from pipeline.tracking.store import store_key
-from pipeline.train.ds_config import check_against_deepspeed
+from pipeline.train.auto_batch import probe_micro_batch
+from pipeline.train.ds_config import check_against_deepspeed, fill_ds_config
 from pipeline.train.engine import (arch_list_deepspeed_can_parse, clamp_logit_scale, full_fp32, lr_factor,
                                    param_groups, topology_free_grad_norm, train_step)
 from pipeline.train.lifecycle import Heartbeat, Preempted, StopRequest, collective_timeout, stop_with_launcher
@@ -81,6 +83,13 @@ def run(plan: Plan, evaluator: Evaluator | None = None, initial: tuple | None = 
         raise RuntimeError(f"the process group has {dist.get_world_size()} ranks, WORLD_SIZE said {plan.world}")
     release_shm_workspace()
     module, counts, flops_per_sample = build_module(cfg, initial)
+    if plan.probe_micro_batch:
+        try:
+            plan = probed_micro_batch(plan, module, rank)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        cfg = plan.cfg
     run_name = broadcast_str(cfg.train.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = prepare_run_dir(cfg, plan.ds_config, module, run_name, rank)
     try:
@@ -157,6 +166,35 @@ def build_module(cfg: RunConfig, initial: tuple | None) -> tuple[TrainModule, di
     return TrainModule(model, objective), counts, flops_per_sample
 
 
+def probed_micro_batch(plan: Plan, module: TrainModule, rank: int) -> Plan:
+    """train.micro_batch_size=auto: each rank probes its GPU with one real batch of its whole
+    share (pipeline/train/auto_batch.py); the group takes the smallest micro batch, and
+    activation checkpointing if any rank needed it. The plan as if the numbers had been given."""
+    import torch.distributed as dist
+    cfg, device = plan.cfg, torch.device("cuda", torch.cuda.current_device())
+    batch = next(iter(open_stream(plan, module, rank)))
+    try:
+        micro, checkpointing, said = probe_micro_batch(module, batch, plan.ds_config, plan.world,
+                                                       cfg.train.micro_batch_size, features_only(cfg.objective), device)
+    except ValueError as e:  # every rank must reach the reduction, or the others wait in it
+        micro, checkpointing, said = 0, False, str(e)
+    mine = micro
+    agreed = torch.tensor([micro, -int(checkpointing)], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    micro, checkpointing = int(agreed[0]), bool(agreed[1])
+    if micro == 0:
+        raise ValueError(said if mine == 0 else "train.micro_batch_size=auto: another rank's GPU fits no micro batch")
+    if rank == 0:
+        print(f"[train] {said}" + (f"; the group takes {micro}, its smallest" if micro != mine else ""), flush=True)
+    module.encoder.set_grad_checkpointing(checkpointing or cfg.model.grad_checkpointing)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro),
+                              model=dataclasses.replace(cfg.model, grad_checkpointing=checkpointing or
+                                                        cfg.model.grad_checkpointing))
+    ds_config = fill_ds_config(plan.ds_config, cfg.train, cfg.optim, plan.world)
+    return dataclasses.replace(plan, cfg=cfg, ds_config=ds_config, accum=ds_config["gradient_accumulation_steps"],
+                               probe_micro_batch=False)
+
+
 def start_from(model, state_dict: dict):
     """Load model.init_from's weights before DeepSpeed starts (it broadcasts rank 0's).
     DeCLIP's MLM adds a mask-token row the file does not have: it keeps its init."""
@@ -224,8 +262,11 @@ def start_engine(plan: Plan, module: TrainModule, resume: tuple | None, rank: in
     engine, *_ = deepspeed.initialize(model=module, model_parameters=param_groups(module, plan.cfg.optim),
                                       config=ds_config)
     topology_free_grad_norm(engine)
-    if plan.cfg.model.compile:
-        engine.compile()  # in place, the forward compiles on the first step (the accelerator's backend: inductor)
+    if plan.cfg.model.compile:  # each region compiles on its first call: the first step reports the time
+        compiled = compile_regions(engine.module.encoder)
+        if rank == 0:
+            print(f"[train] model.compile: {len(compiled)} regions (the transformer blocks, the conv stem, the "
+                  f"branch stages, the adapters) compile on the first step; the rest runs eager", flush=True)
     return engine
 
 
@@ -387,6 +428,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         clamp_logit_scales(self.scales)  # FILIP's init ln(1/0.07) lies below its floor 3
         batches = self.data.forever()
+        self.window, first_step = Window(), state.step + 1
         self.heartbeat = heartbeat = Heartbeat(  # a hung or lost peer ends the group
             self.run_dir, ranks.world()[0], cfg.train.timeout_minutes, cfg.train.step_timeout_minutes,
             floor_seconds=read_budget(self.plan), on_deadline=set_collective_timeout if self.plan.world > 1 else None)
@@ -397,6 +439,8 @@ class Trainer:
                 out = train_step(self.engine, batch, self.objective, self.plan.accum,
                                  lr_factor(state.step, cfg.optim, cfg.train.steps), self.scales)
                 state.step += 1
+                if state.step == first_step:
+                    self.report_first_step()
                 heartbeat.beat(state.step)
                 state.samples_seen += cfg.train.global_batch_size
                 self.window.add(out)
@@ -418,6 +462,16 @@ class Trainer:
             self.save("the final checkpoint save")  # never skipped
         finally:  # whatever ends the loop: the watchdog has no step to wait for any more
             heartbeat.stop()
+
+    def report_first_step(self):
+        """A start's first step pays the compilation (model.compile), the loader's start-up and
+        the allocator's warm-up: it is reported on its own (first_step_s) and left out of
+        the throughput of the window it falls in."""
+        self.window.first_step_s = seconds = time.perf_counter() - self.window.started
+        self.logger.log_metrics({"first_step_s": seconds}, self.state.step)
+        if self.logger.enabled:
+            print(f"[train] first step: {seconds:.1f} s{' (model.compile)' if self.cfg.model.compile else ''}",
+                  flush=True)
 
     def evaluate(self):
         started = time.perf_counter()
@@ -477,8 +531,7 @@ class Trainer:
         """The window's metrics on every rank's sums (every rank is here), the skip-rate
         check on them, and a line on rank 0."""
         cfg, engine, data, world = self.cfg, self.engine, self.data, self.plan.world
-        now = time.perf_counter()
-        samples_per_s = self.window.steps * cfg.train.global_batch_size / (now - self.window.started)
+        samples_per_s = self.window.samples_per_s(cfg.train.global_batch_size, time.perf_counter())
         metrics = {"loss": self.window.mean_loss(), "loss_last": out["loss"],
                    "logit_scale": full_fp32(engine.module.encoder.logit_scale).exp(),
                    "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": self.state.samples_seen,
@@ -509,7 +562,7 @@ class Trainer:
             loss = "skipped" if metrics["loss"] is None else f"{float(metrics['loss']):.4f}"
             print(f"[train] step {self.state.step}/{cfg.train.steps} loss {loss} {samples_per_s:.1f} samples/s",
                   flush=True)
-        self.window = Window(started=now)
+        self.window = Window()
 
 
 @dataclasses.dataclass
@@ -522,6 +575,13 @@ class Window:
     losses: int = 0
     loss: float | torch.Tensor = 0.0  # summed on the device: read on log steps only
     tokens_kept: float = 1.0  # the fraction of patch tokens the last step kept
+    first_step_s: float | None = None  # the start's first step, when it falls in this window
+
+    def samples_per_s(self, global_batch: int, now: float) -> float:
+        steps, seconds = self.steps, now - self.started
+        if self.first_step_s is not None and steps > 1:  # timed on its own (Trainer.report_first_step)
+            steps, seconds = steps - 1, seconds - self.first_step_s
+        return steps * global_batch / seconds
 
     def add(self, out: dict):
         self.steps += 1

@@ -121,3 +121,59 @@ def test_every_objective_steps_through_deepspeed_on_cuda(recipe, process_group, 
     assert out["skipped"] == 0 and torch.isfinite(out["loss"]).item()
     assert out["loss"].device.type == "cuda"
     assert not torch.equal(trunk.detach().float(), before)
+
+
+def test_compiled_regions_on_cuda_in_bf16_agree_with_eager():
+    """model.compile on the GPU (inductor's Triton kernels): MS-CLIP-S with token dropping,
+    in bf16 as the engine runs it; loss and gradients within bf16's rounding of eager's."""
+    import copy
+
+    from pipeline.losses import contrastive_loss
+    from pipeline.model import build_model
+    from pipeline.model.compile import compile_regions
+    from pipeline.model.token_drop import draw_keep
+    torch.manual_seed(0)
+    eager = build_model("msclip-s-tiny").cuda().bfloat16()
+    compiled = copy.deepcopy(eager)
+    compile_regions(compiled)
+    images = torch.randn(16, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    text = torch.randint(1, 49405, (16, 32), device="cuda")
+    text[:, -1] = 49407
+    keep = torch.stack([draw_keep(16, 0.5, torch.Generator().manual_seed(i)) for i in range(16)]).cuda()
+    losses, grads = {}, {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        out = model(images, text, keep=keep)
+        losses[name] = contrastive_loss(out["image_features"].float(), out["text_features"].float(),
+                                        out["logit_scale"].float())
+        losses[name].backward()
+        grads[name] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    assert abs(losses["compiled"].item() - losses["eager"].item()) < 1e-2 * losses["eager"].item()
+    assert (grads["compiled"] - grads["eager"]).norm() < 5e-2 * grads["eager"].norm()
+
+
+def test_the_micro_batch_probe_picks_the_largest_size_under_its_budget(demo_data):
+    """train.micro_batch_size=auto's probe (pipeline/train/auto_batch.py) on this GPU: given a
+    budget between two sizes' measured peaks, it picks the smaller; on the whole GPU it picks
+    a size whose real step fits, and says so in one line."""
+    from pipeline.config import ObjectiveConfig
+    from pipeline.model import build_model
+    from pipeline.objectives import ComposedObjective, TrainModule
+    from pipeline.train.auto_batch import StepProbe, largest_fitting, micro_batch_candidates, probe_micro_batch
+    torch.manual_seed(0)
+    model = build_model("msclip-s-tiny")
+    module = TrainModule(model, ComposedObjective(ObjectiveConfig(), model.arch))
+    batch = loader_batch(str(demo_data / "shards" / "photos"), "clip", "msclip-s-tiny", 8)  # 32 samples
+    device = torch.device("cuda", 0)
+    candidates = micro_batch_candidates(32, exact_accumulation=True)
+    unlimited = StepProbe(module, batch, torch.bfloat16, device, reserve=0, budget=2 ** 62)
+    assert largest_fitting(candidates, unlimited) == 32
+    for size in (8, 16):
+        unlimited(size)  # each probe records its peak
+    peaks = dict(unlimited.peaks)
+    unlimited.close()
+    assert peaks[8] < peaks[16]
+    budget = (peaks[8] + peaks[16]) // 2
+    assert largest_fitting(candidates, StepProbe(module, batch, torch.bfloat16, device, 0, budget)) == 8
+    ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    micro, checkpointing, said = probe_micro_batch(module, batch, ds, 1, 32, True, device)
+    assert micro == 32 and not checkpointing and said.startswith("train.micro_batch_size=auto: 32 ")

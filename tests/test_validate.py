@@ -92,6 +92,17 @@ def test_main_says_it_in_one_line_and_returns_2(tmp_path, demo_data, two_ranks, 
     assert err.startswith("error: train.global_batch_size:") and "\n" not in err
 
 
+def test_auto_micro_batch_without_a_gpu_is_one_line(tmp_path, demo_data, two_ranks, capsys):
+    """train.micro_batch_size=auto probes a CUDA GPU for the largest micro batch that fits;
+    this machine has none (tests never need one): rc 2 and one line naming the key."""
+    assert main(["--deepspeed_config", str(REPO_ROOT / "ds_configs" / "cpu_fp32.json"),
+                 "--config", str(args_for(tmp_path, demo_data).config), "train.micro_batch_size=auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.micro_batch_size=auto: ") and "no" in err and "\n" not in err
+    with pytest.raises(ConfigError, match="^train.micro_batch_size: expected an integer, got 'biggest'"):
+        validate(args_for(tmp_path, demo_data, "train.micro_batch_size=biggest"))
+
+
 # ---- the bad-config corpus: one line, rc 2, before torch / DeepSpeed / MLflow load --------
 
 IMPORTS_WATCHED = ("torch", "deepspeed", "mlflow")

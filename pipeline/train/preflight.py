@@ -36,6 +36,9 @@ class Plan:
     # train.resume as found before launch: (checkpoints folder, tag, its COMPLETE record);
     # rank 0 verifies the files' checksums once the process group exists (the trainer)
     resume: tuple[Path, str, dict] | None = None
+    # train.micro_batch_size=auto: cfg holds the rank's whole share until the trainer has
+    # probed the GPU for the largest micro batch that fits (pipeline/train/auto_batch.py)
+    probe_micro_batch: bool = False
 
 
 def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -> Plan:
@@ -43,6 +46,7 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     file."""
     cfg = with_rendezvous_run_name(load_config(config, overrides))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, probe_micro_batch = auto_micro_batch_ceiling(cfg, world)
     ds_config = fill_ds_config(read_ds_config(deepspeed_config), cfg.train, cfg.optim, world)
     accum = ds_config["gradient_accumulation_steps"]
     check_env_references(cfg)
@@ -69,7 +73,24 @@ def check_run(config: str | None, overrides: list[str], deepspeed_config: str) -
     if cfg.eval.every_steps and cfg.eval.dataset and not is_remote(cfg.eval.dataset) and not Path(cfg.eval.dataset).is_dir():
         raise ConfigError(f"eval.dataset: {cfg.eval.dataset}: no such dataset directory")
     warn_short_run(cfg)
-    return Plan(cfg, ds_config, world, accum, read, sources, resume)
+    return Plan(cfg, ds_config, world, accum, read, sources, resume, probe_micro_batch)
+
+
+def auto_micro_batch_ceiling(cfg: RunConfig, world: int) -> tuple[RunConfig, bool]:
+    """train.micro_batch_size=auto needs a GPU to probe; until the trainer probes it, the run
+    holds the rank's whole share of the global batch (no accumulation), the probe's ceiling.
+    Returns (the config, whether to probe)."""
+    train = cfg.train
+    if train.micro_batch_size != "auto":
+        return cfg, False
+    import torch
+    if not torch.cuda.is_available():
+        raise ConfigError("train.micro_batch_size=auto: finding the largest micro batch that fits is a probe on a "
+                          "CUDA GPU, and this machine has none: give a number (e.g. train.micro_batch_size=32)")
+    if train.global_batch_size % world:
+        raise ConfigError(f"train.global_batch_size: {train.global_batch_size} is not a multiple of the world size "
+                          f"{world} (train.micro_batch_size=auto divides it between the ranks)")
+    return dataclasses.replace(cfg, train=dataclasses.replace(train, micro_batch_size=train.global_batch_size // world)), True
 
 
 def check_stall_budget(cfg: RunConfig, read: ReadPolicy, sources: list[ShardSet]):

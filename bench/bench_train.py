@@ -29,8 +29,11 @@ clock waits for the device.
 positions drawn as the loader draws them) against our unmasked step and against
 open_clip's `patch_dropout=P`, and every --variants model with and without; FLOPs are
 counted on the dropped models. `--profile` prints torch.profiler's top operators of two of our steps per precision.
-`--compile` adds our model under torch.compile (its
-compilation happens in the untimed warm-up step).
+`--compile` adds our model and every --variants model under model.compile (torch.compile
+of each transformer block, conv stem, branch stage and adapter: pipeline/model/compile.py),
+and open_clip's model under torch.compile as open_clip_train's `--torchcompile` does it
+(the whole model); each compiled step's first call, the compilation, is timed on its own
+("compile s") and left out of the timed steps.
 Prints a table and one JSON line.
 """
 from __future__ import annotations
@@ -106,11 +109,14 @@ def drop_keep(arch, batch_size: int, drop: float, seed: int = 0) -> torch.Tensor
                         for i in range(batch_size)])
 
 
-def make_step(model, images, text, precision: str, batches=None, keep=None):
+def make_step(model, images, text, precision: str, batches=None, keep=None, compile: str = ""):
     """One training step's closure; with `batches` (an iterator) each step takes its next
-    batch; `keep`: our model's kept tokens (token dropping)."""
+    batch; `keep`: our model's kept tokens (token dropping). `compile`: "regions" (ours,
+    model.compile) or "model" (open_clip's --torchcompile), on a copy of `model`."""
     if precision == "bf16_engine":
-        return engine_bf16_step(model, images, text, keep, batches)
+        return engine_bf16_step(model, images, text, keep, batches, compile)
+    if compile:
+        model = compiled_copy(model, compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     device_type = next(model.parameters()).device.type
     autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
@@ -128,7 +134,20 @@ def make_step(model, images, text, precision: str, batches=None, keep=None):
     return step
 
 
-def engine_bf16_step(model, images, text, keep=None, batches=None):
+def compiled_copy(model, how: str):
+    """A copy compiled after copying: a deep copy of a compiled module would still call the
+    original's compiled forward."""
+    import copy
+
+    from pipeline.model.compile import compile_regions
+    model = copy.deepcopy(model)
+    if how == "regions":
+        compile_regions(model)
+        return model
+    return torch.compile(model)
+
+
+def engine_bf16_step(model, images, text, keep=None, batches=None, compile: str = ""):
     """The step as our trainer takes it in bf16, DeepSpeed's bf16 engine under ZeRO
     (ds_configs/cpu_bf16.json, zero2_bf16.json): bf16 weights and activations, no autocast;
     the gradients gathered into one flat fp32 buffer; one fused AdamW step on the flat fp32
@@ -136,6 +155,8 @@ def engine_bf16_step(model, images, text, keep=None, batches=None):
     the bf16 weights. On a bf16 copy of `model` (its fp32 weights untouched)."""
     import copy
     low = copy.deepcopy(model).to(torch.bfloat16)
+    if compile:
+        low = compiled_copy(low, compile)
     params = [p for p in low.parameters() if p.requires_grad]
     flat = torch.cat([p.detach().float().reshape(-1) for p in params]).requires_grad_(True)
     masters = [v.view(p.shape) for v, p in zip(torch.split(flat.detach(), [p.numel() for p in params]), params)]
@@ -284,9 +305,13 @@ def main(argv=None):
     variant_models = {v: build_model(v).to(args.device) for v in variants}
     for v, model in variant_models.items():
         flops[v] = count_flops(model, *(t.to(args.device) for t in make_batch(model.arch, 2)))
-    compiled = torch.compile(ours) if args.compile else None  # the same parameters as ours
-    if compiled is not None:
-        flops["ours+compile"] = flops["ours"]
+    # "<name>+compile" -> (its eager model, how it compiles); the copies compile in the warm-up
+    compiled = {}
+    if args.compile:
+        compiled = {"ours+compile": (ours, "regions"), "open_clip+compile": (ref, "model"),
+                    **{f"{v}+compile": (model, "regions") for v, model in variant_models.items()}}
+        flops.update({name: flops[name.removesuffix("+compile")] for name in compiled})
+    compile_seconds = {}
     keeps = {}  # "<name>+drop" -> (its model, the kept positions); ours and the variants share their models
     if args.token_drop:
         drop_ref = open_clip_twin(arch, patch_dropout=args.token_drop).to(args.device)
@@ -305,8 +330,13 @@ def main(argv=None):
         steps = {"ours": make_step(ours, images, text, precision), "open_clip": make_step(ref, images, text, precision)}
         for v, model in variant_models.items():
             steps[v] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)), precision)
-        if compiled is not None:  # timed() warms every step up first: the compilation is not timed
-            steps["ours+compile"] = make_step(compiled, images, text, precision)
+        for name, (model, how) in compiled.items():
+            steps[name] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size))
+                                    if name != "open_clip+compile" else (images, text), precision, compile=how)
+            started = time.perf_counter()
+            steps[name]()  # the compilation, timed on its own; timed() warms up again
+            synchronize(args.device)
+            compile_seconds[f"{name}/{precision}"] = round(time.perf_counter() - started, 1)
         for name, (model, keep) in keeps.items():
             steps[name] = make_step(model, *(t.to(args.device) for t in make_batch(model.arch, args.batch_size)),
                                     precision, keep=keep)
@@ -351,9 +381,14 @@ def main(argv=None):
                                                                  results[f"open_clip+shards/{precision}"]["samples_per_s"])
         for v in variants:
             ratios[f"{v}/ours {precision}"] = results[f"{v}/{precision}"]["samples_per_s"] / results[f"ours/{precision}"]["samples_per_s"]
-        if compiled is not None:
-            ratios[f"ours compiled/open_clip {precision}"] = (results[f"ours+compile/{precision}"]["samples_per_s"] /
-                                                            results[f"open_clip/{precision}"]["samples_per_s"])
+        if compiled:
+            def rate(name):
+                return results[f"{name}/{precision}"]["samples_per_s"]
+            ratios[f"ours compiled/open_clip compiled {precision}"] = rate("ours+compile") / rate("open_clip+compile")
+            for name in ("ours", "open_clip", *variants):
+                ratios[f"{name} compiled/eager {precision}"] = rate(f"{name}+compile") / rate(name)
+            for v in variants:
+                ratios[f"{v}/ours {precision}, compiled"] = rate(f"{v}+compile") / rate("ours+compile")
         if keeps:
             def rate(name):
                 return results[f"{name}/{precision}"]["samples_per_s"]
@@ -363,6 +398,9 @@ def main(argv=None):
     precisions = args.precisions.split(",")
     if "bf16" in precisions and "fp32" in precisions:
         ratios["ours bf16/open_clip fp32"] = results["ours/bf16"]["samples_per_s"] / results["open_clip/fp32"]["samples_per_s"]
+    if compiled and {"bf16", "bf16_engine"} <= set(precisions):  # each side at its best configuration
+        ratios["ours bf16_engine compiled/open_clip amp_bf16 compiled"] = (
+            results["ours+compile/bf16_engine"]["samples_per_s"] / results["open_clip+compile/bf16"]["samples_per_s"])
     if "bf16_engine" in precisions:  # our trainer's bf16 against open_clip's amp_bf16 (autocast) and fp32
         for other in ("bf16", "fp32"):
             if other in precisions:
@@ -370,10 +408,12 @@ def main(argv=None):
                                                                 results[f"open_clip/{other}"]["samples_per_s"])
     for key, value in ratios.items():
         print(f"ratio {key}: {value:.2f}x")
+    for key, seconds in compile_seconds.items():
+        print(f"compile {key}: {seconds} s (the first step)")
     print(json.dumps({"model": args.model, "device": args.device, "batch_size": args.batch_size, "threads": args.threads,
                       "params": counts,
                       "flops_per_sample": flops, "peak_flops": peaks, "results": results,
-                      "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()}, "compile_s": compile_seconds}))
     return results, ratios
 
 

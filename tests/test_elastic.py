@@ -10,7 +10,8 @@ from test_train_e2e import batch_digests, ds_config, jsonl, launch, launcher_cmd
 
 pytestmark = pytest.mark.slow
 
-STEPS = 20
+STEPS = 10
+MOVE = 5  # the step whose checkpoint is resumed on another topology
 # One process with exact accumulation scores each micro-batch as the rank of a 2-process run
 # holding those samples would (pipeline/train/engine.py, exact_accumulation_step), and the gradient
 # norm that clipping divides by is summed the same on both (engine.topology_free_grad_norm):
@@ -24,7 +25,7 @@ def elastic_config(tmp_path, demo_data, name, workers=1, **train):
     # 4 virtual readers: 2 per rank on 2 processes, so that 2 loader workers each have one
     return run_config(tmp_path, demo_data, name, data={"readers": 4, "workers": workers},
                       train={"global_batch_size": 32, "micro_batch_size": 16, "steps": STEPS, "log_every": 1,
-                             "save_every": 10, **train})
+                             "save_every": MOVE, **train})
 
 
 def assert_same_batches(reference, run_dir, steps):
@@ -48,7 +49,7 @@ def step_metrics(run_dir) -> dict[int, tuple[float, float]]:
 def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(tmp_path, demo_data):
     """2 processes (micro 16, global 32); 1 process (micro 16, exact accumulation 2); 2
     processes with 2 loader workers each: the same batches, losses and gradient norms. Then the 2-process
-    run's step-10 checkpoint resumed on 1 process under ZeRO-1, and the 1-process run's on
+    run's step-5 checkpoint resumed on 1 process under ZeRO-1, and the 1-process run's on
     2 processes under ZeRO-2, each continue the run they came from, with its batches."""
     runs = tmp_path / "runs"
     zero2, zero1 = ds_config(tmp_path, stage=2), ds_config(tmp_path, stage=1)
@@ -60,21 +61,21 @@ def test_one_run_on_any_topology_and_resumed_across_world_sizes_and_zero_stages(
         assert_same_batches(runs / "two", run_dir, every)
         assert_same_trajectory(runs / "two", run_dir, every)
 
-    two_at_10 = runs / "two" / "checkpoints" / "step_00000010"
-    result = launch(elastic_config(tmp_path, demo_data, "two_to_one", resume=str(two_at_10)), zero1, processes=1)
+    two_at_move = runs / "two" / "checkpoints" / f"step_{MOVE:08d}"
+    result = launch(elastic_config(tmp_path, demo_data, "two_to_one", resume=str(two_at_move)), zero1, processes=1)
     assert "through DeepSpeed's universal checkpoint" in result.stdout
-    assert (two_at_10 / "universal" / "zero").is_dir()  # converted once, kept with the checkpoint
-    one_at_10 = runs / "one" / "checkpoints" / "step_00000010"
-    launch(elastic_config(tmp_path, demo_data, "one_to_two", resume=str(one_at_10)), zero2)
-    later = range(11, STEPS + 1)
-    assert min(batch_digests(runs / "two_to_one")) == 11  # it resumed; it did not start over
+    assert (two_at_move / "universal" / "zero").is_dir()  # converted once, kept with the checkpoint
+    one_at_move = runs / "one" / "checkpoints" / f"step_{MOVE:08d}"
+    launch(elastic_config(tmp_path, demo_data, "one_to_two", resume=str(one_at_move)), zero2)
+    later = range(MOVE + 1, STEPS + 1)
+    assert min(batch_digests(runs / "two_to_one")) == MOVE + 1  # it resumed; it did not start over
     for moved in (runs / "two_to_one", runs / "one_to_two"):  # the fp32 weights and Adam's moments came over exactly
         assert_same_batches(runs / "two", moved, later)
         assert_same_trajectory(runs / "two", moved, later)
 
     # a checkpoint of another model is refused before any process group starts, in one line
     other = run_config(tmp_path, demo_data, "other", model={"name": "clip-tiny"}, data={"readers": 4},
-                       train={"global_batch_size": 32, "micro_batch_size": 16, "resume": str(two_at_10)})
+                       train={"global_batch_size": 32, "micro_batch_size": 16, "resume": str(two_at_move)})
     result = subprocess.run(launcher_cmd(other, zero2, processes=1), cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

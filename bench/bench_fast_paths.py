@@ -1,7 +1,7 @@
 """What each fast path buys, on against off, in one process, alternating, best of
 --repeats (bench_train covers bf16 autocast against fp32).
 
-    python -m bench.bench_fast_paths [--repeats 3] [--quick]
+    python -m bench.bench_fast_paths [--repeats 3] [--quick] [--only patch_depthwise,sdpa]
 
 The fast paths:
 
@@ -12,6 +12,9 @@ The fast paths:
 * compile (model.compile): msclip-s-b32 forward + backward (batch 8; the contrastive
   loss) with its regions compiled (pipeline/model/compile.py, inductor) against eager; the
   first compiled step's time is reported as the compile time;
+* patch_depthwise: msclip-s-b32's bf16 forward + backward (batch 8; the contrastive loss)
+  with the adapters' kernel == stride depthwise convolutions as patch sums
+  (vision.PatchDepthwiseConv2d) against the same model running them as convolutions;
 * sdpa: our attention (F.scaled_dot_product_attention) against the explicit
   softmax(QK^T / sqrt(d)) V it replaces, ViT-B/32 vision shapes, forward + backward;
 * fused_qkv: one (D -> 3D) projection against three (D -> D) ones;
@@ -98,6 +101,32 @@ def compiled(repeats: int, quick: bool) -> dict:
     return {**best_ms({"on": lambda: step(model), "off": lambda: step(eager)}, repeats), "compile_s": compile_s}
 
 
+def patch_depthwise(repeats: int, quick: bool) -> dict:
+    import copy
+
+    from torch import nn
+
+    from pipeline.losses import contrastive_loss
+    from pipeline.model import build_model
+    from pipeline.model.vision import PatchDepthwiseConv2d
+    torch.manual_seed(0)
+    patchwise = build_model("msclip-s-tiny" if quick else "msclip-s-b32").bfloat16()
+    convolution = copy.deepcopy(patchwise)
+    for module in convolution.modules():
+        if isinstance(module, PatchDepthwiseConv2d):
+            module.__class__ = nn.Conv2d  # the same weights, through the convolution kernel
+    size = patchwise.arch.image_size
+    images = torch.randn(8, 3, size, size).bfloat16()
+    text = torch.randint(1, 49405, (8, patchwise.arch.context_length))
+    text[:, -1] = 49407
+
+    def step(model):
+        out = model(images, text)
+        contrastive_loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float()).backward()
+        model.zero_grad(set_to_none=True)
+    return best_ms({"on": lambda: step(patchwise), "off": lambda: step(convolution)}, repeats)
+
+
 def attention(repeats: int) -> dict:
     from pipeline.model.layers import Attention
     torch.manual_seed(0)
@@ -140,10 +169,17 @@ def main(argv=None) -> dict:
     parser = command_line("python -m bench.bench_fast_paths", __doc__, notes=False)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
+    parser.add_argument("--only", default="", help="comma-separated fast paths to run (default: all)")
     args = parser.parse_args(argv)
-    results = {"jpeg_draft": jpeg_draft(args.repeats), "channels_last": channels_last(args.repeats, args.quick),
-               "compile": compiled(args.repeats, args.quick), "sdpa": attention(args.repeats), "fused_qkv": fused_qkv(args.repeats),
-               "fused_adamw": fused_adamw(args.repeats, args.quick)}
+    paths = {"jpeg_draft": lambda: jpeg_draft(args.repeats), "channels_last": lambda: channels_last(args.repeats, args.quick),
+             "compile": lambda: compiled(args.repeats, args.quick),
+             "patch_depthwise": lambda: patch_depthwise(args.repeats, args.quick), "sdpa": lambda: attention(args.repeats),
+             "fused_qkv": lambda: fused_qkv(args.repeats), "fused_adamw": lambda: fused_adamw(args.repeats, args.quick)}
+    chosen = [name for name in args.only.split(",") if name] or list(paths)
+    unknown = set(chosen) - set(paths)
+    if unknown:
+        parser.error(f"--only: no fast path {', '.join(sorted(unknown))} (known: {', '.join(paths)})")
+    results = {name: paths[name]() for name in chosen}
     print(f"{'fast path':<16} {'ms on':>9} {'ms off':>9} {'speed-up':>9}")
     for name, r in results.items():
         print(f"{name:<16} {r['on']:9.2f} {r['off']:9.2f} {r['off'] / r['on']:8.2f}x")
@@ -152,7 +188,7 @@ def main(argv=None) -> dict:
         if "deepspeed_fused" in r:
             print(f"{'  deepspeed':<16} {r['deepspeed_fused']:9.2f} {r['off']:9.2f} {r['off'] / r['deepspeed_fused']:8.2f}x")
     speedups = {name: round(r["off"] / r["on"], 3) for name, r in results.items()}
-    if "deepspeed_fused" in results["fused_adamw"]:
+    if "deepspeed_fused" in results.get("fused_adamw", {}):
         speedups["fused_adamw_deepspeed"] = round(results["fused_adamw"]["off"] / results["fused_adamw"]["deepspeed_fused"], 3)
     print(json.dumps({"ms": {k: {s: round(v, 3) for s, v in r.items()} for k, r in results.items()}, "speedup": speedups}))
     return {"ms": results, "speedup": speedups}

@@ -177,3 +177,18 @@ def test_the_micro_batch_probe_picks_the_largest_size_under_its_budget(demo_data
     ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
     micro, checkpointing, said = probe_micro_batch(module, batch, ds, 1, 32, True, device)
     assert micro == 32 and not checkpointing and said.startswith("train.micro_batch_size=auto: 32 ")
+
+
+def test_the_patchwise_depthwise_convolution_on_cuda_is_cudnns():
+    """The adapters' kernel == stride depthwise convolution as a patch sum, on CUDA in
+    bf16, against cuDNN's convolution: output and gradients to bf16 rounding."""
+    from pipeline.model.vision import PatchDepthwiseConv2d
+    torch.manual_seed(0)
+    conv = PatchDepthwiseConv2d(48, 48, 16, 16, padding=0, groups=48, bias=False).cuda().bfloat16()
+    x = torch.randn(16, 48, 112, 112, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ours, reference = conv(x), F.conv2d(x, conv.weight, None, 16, 0, 1, 48)
+    grad = torch.randn_like(reference)
+    pairs = [(ours, reference), *zip(torch.autograd.grad(ours, (x, conv.weight), grad),
+                                     torch.autograd.grad(reference, (x, conv.weight), grad))]
+    for a, b in pairs:
+        assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()

@@ -197,6 +197,27 @@ def test_bf16_layer_norm_without_the_fp32_round_trip_is_as_accurate_as_clip_laye
         assert reference_error < 2 ** -8 and error < 2 ** -8 and error <= 1.5 * reference_error
 
 
+@pytest.mark.parametrize("channels,size,kernel", [(48, 112, 16), (96, 56, 8), (8, 30, 4)])
+def test_the_patchwise_depthwise_convolution_is_the_convolution(channels, size, kernel):
+    """The adapters' kernel == stride depthwise convolution computed as a patch sum
+    (vision.PatchDepthwiseConv2d) gives the convolution's output and both gradients (30 px
+    with kernel 4: the remainder rows the convolution does not read), and MS-CLIP-S's
+    adapters are built with it."""
+    from pipeline.model.vision import PatchDepthwiseConv2d
+    torch.manual_seed(0)
+    conv = PatchDepthwiseConv2d(channels, channels, kernel, kernel, padding=0, groups=channels, bias=False)
+    x = torch.randn(4, channels, size, size, requires_grad=True)
+    ours, reference = conv(x), F.conv2d(x, conv.weight, None, kernel, 0, 1, channels)
+    torch.testing.assert_close(ours, reference)
+    grad = torch.randn_like(reference)
+    for a, b in zip(torch.autograd.grad(ours, (x, conv.weight), grad),
+                    torch.autograd.grad(reference, (x, conv.weight), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    model = build_model("msclip-s-b32")
+    assert all(isinstance(adapter.to_grid[0][0], PatchDepthwiseConv2d) for adapter in model.visual.adapters)
+    assert not any(isinstance(m, PatchDepthwiseConv2d) for m in model.visual.branch.modules())
+
+
 def test_encoders_agree_with_forward_and_expose_tokens():
     model = build_model("msclip-s-tiny").eval()
     images, text = batch(model.arch)

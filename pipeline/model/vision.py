@@ -16,14 +16,33 @@ from .layers import BatchNorm2d, Block, LayerNorm, checkpointed
 from .token_drop import gather_tokens, scatter_grid
 
 
+class PatchDepthwiseConv2d(nn.Conv2d):
+    """A depthwise convolution whose kernel equals its stride, without padding (the lateral
+    adapters' branch-to-grid convolution: kernel and stride 16, 8, 4 at B/32): each output
+    is one channel's non-overlapping K x K patch, weighted and summed. Computed as that sum,
+    a reshape and one batched contraction per channel, instead of a convolution kernel: the
+    depthwise large-kernel convolution's backward was msclip-s-b32's largest convolution
+    cost (148 of its 330 ms of convolution backward per bf16 CPU step, bench/RESULTS.md),
+    for a few MFLOPs. The weight keeps Conv2d's (C, 1, K, K) layout and name, so every
+    checkpoint and the reference's state dict load as before; the arithmetic is the
+    convolution's up to summation order (tests/test_model.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        K = self.kernel_size[0]
+        h, w = H // K, W // K  # the convolution's floor: a remainder row or column is not read
+        patches = x[:, :, :h * K, :w * K].reshape(B, C, h, K, w, K)
+        return torch.einsum("bchuwv,cuv->bchw", patches, self.weight[:, 0])
+
+
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int = 1, bn_eps: float = 1e-5,
             padding: int | None = None) -> nn.Sequential:
     """Bias-free conv + BN; 'same' padding unless given."""
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2 if padding is None else padding,
-                  groups=groups, bias=False),
-        BatchNorm2d(c_out, eps=bn_eps),
-    )
+    padding = kernel // 2 if padding is None else padding
+    patchwise = groups == c_in == c_out and kernel == stride and padding == 0
+    conv = (PatchDepthwiseConv2d if patchwise else nn.Conv2d)(c_in, c_out, kernel, stride, padding=padding,
+                                                                 groups=groups, bias=False)
+    return nn.Sequential(conv, BatchNorm2d(c_out, eps=bn_eps))
 
 
 class PatchEmbed(nn.Module):

@@ -4,6 +4,7 @@ of the step's self time, and the number of kernels one step runs.
 
     python -m bench.profile_step [--models clip-b32,msclip-s-b32] [--precision bf16]
         [--batch-size 8] [--steps 2] [--rows 12] [--compile] [--device cpu] [--threads N]
+        [--by-shape aten::convolution_backward]
 
 A step is forward, the CLIP loss and backward on synthetic tensors (the optimizer step is
 the engine's: bench_train --profile). bf16 is the bf16 engine's forward: bf16 weights and
@@ -58,14 +59,21 @@ def is_kernel(name: str) -> bool:
     return name.startswith("aten::") or bool(GENERATED.search(name))
 
 
-def profile_steps(step, steps: int, device: str) -> tuple[dict, float]:
-    """({operator: self microseconds per step}, kernels per step)."""
+def profile_steps(step, steps: int, device: str, by_shape: str = "") -> tuple[dict, float]:
+    """({operator: self microseconds per step}, kernels per step); with `by_shape`, that
+    operator's calls grouped by input shapes are printed (which layer it is)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=bool(by_shape)) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
+    if by_shape:
+        rows = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.key == by_shape),
+                      key=lambda e: -e.self_cpu_time_total)
+        for e in rows[:8]:
+            shapes = [shape for shape in e.input_shapes if shape]
+            print(f"  {by_shape} {e.self_cpu_time_total / steps / 1e3:8.1f} ms/step  inputs {shapes}")
     times, kernels = collections.Counter(), 0
     for event in prof.events():
         if device == "cuda":
@@ -93,6 +101,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="also profile model.compile's regions")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--by-shape", default="", metavar="OP",
+                        help="also list this operator's calls by input shape (e.g. aten::convolution_backward)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -121,7 +131,7 @@ def main(argv=None) -> dict:
                 step()
             synchronize(args.device)
             seconds = (time.perf_counter() - started) / args.steps
-            times, kernels = profile_steps(step, args.steps, args.device)
+            times, kernels = profile_steps(step, args.steps, args.device, args.by_shape)
             total = sum(times.values())
             top = sorted(times.items(), key=lambda kv: -kv[1])[:args.rows]
             report[f"{name}/{mode}"] = {"step_s": round(seconds, 4), "first_step_s": round(first, 2),

@@ -531,7 +531,8 @@ class Trainer:
         """The window's metrics on every rank's sums (every rank is here), the skip-rate
         check on them, and a line on rank 0."""
         cfg, engine, data, world = self.cfg, self.engine, self.data, self.plan.world
-        samples_per_s = self.window.samples_per_s(cfg.train.global_batch_size, time.perf_counter())
+        now = time.perf_counter()
+        samples_per_s = self.window.samples_per_s(cfg.train.global_batch_size, now)
         metrics = {"loss": self.window.mean_loss(), "loss_last": out["loss"],
                    "logit_scale": full_fp32(engine.module.encoder.logit_scale).exp(),
                    "samples_per_s": samples_per_s, "epoch": data.epoch, "samples_seen": self.state.samples_seen,
@@ -562,7 +563,7 @@ class Trainer:
             loss = "skipped" if metrics["loss"] is None else f"{float(metrics['loss']):.4f}"
             print(f"[train] step {self.state.step}/{cfg.train.steps} loss {loss} {samples_per_s:.1f} samples/s",
                   flush=True)
-        self.window = Window()
+        self.window = Window(started=now)  # this logging's own time counts in the next window
 
 
 @dataclasses.dataclass

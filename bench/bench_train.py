@@ -381,17 +381,15 @@ def main(argv=None):
                                                                  results[f"open_clip+shards/{precision}"]["samples_per_s"])
         for v in variants:
             ratios[f"{v}/ours {precision}"] = results[f"{v}/{precision}"]["samples_per_s"] / results[f"ours/{precision}"]["samples_per_s"]
+        def rate(name):
+            return results[f"{name}/{precision}"]["samples_per_s"]
         if compiled:
-            def rate(name):
-                return results[f"{name}/{precision}"]["samples_per_s"]
             ratios[f"ours compiled/open_clip compiled {precision}"] = rate("ours+compile") / rate("open_clip+compile")
             for name in ("ours", "open_clip", *variants):
                 ratios[f"{name} compiled/eager {precision}"] = rate(f"{name}+compile") / rate(name)
             for v in variants:
                 ratios[f"{v}/ours {precision}, compiled"] = rate(f"{v}+compile") / rate("ours+compile")
         if keeps:
-            def rate(name):
-                return results[f"{name}/{precision}"]["samples_per_s"]
             for name in ("ours", *variants):
                 ratios[f"{name} drop {args.token_drop}/{name} {precision}"] = rate(f"{name}+drop") / rate(name)
             ratios[f"ours drop/open_clip patch_dropout {args.token_drop} {precision}"] = rate("ours+drop") / rate("open_clip+drop")

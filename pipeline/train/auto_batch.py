@@ -48,16 +48,20 @@ def reserve_bytes(parameters: int, ds_config: dict, world: int) -> int:
     """What the engine will hold that the probe's copy does not: the fp32 master weights of a
     bf16/fp16 engine and Adam's moments, partitioned over the ranks from ZeRO stage 1, and
     the reduce and all-gather buckets (ZeRO 1-3: elements in the training dtype)."""
-    half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
+    half = training_dtype(ds_config) != torch.float32
     zero = ds_config.get("zero_optimization", {})
     states = parameters * (ADAM_STATE_BYTES + (4 if half else 0))
-    if int(zero.get("stage", 0)) >= 1:
-        states //= world
-    buckets = 0
-    if int(zero.get("stage", 0)) >= 1:
-        element = 2 if half else 4
-        buckets = element * int(float(zero.get("reduce_bucket_size", 5e8)) + float(zero.get("allgather_bucket_size", 5e8)))
-    return states + buckets
+    if int(zero.get("stage", 0)) < 1:
+        return states
+    buckets = int(float(zero.get("reduce_bucket_size", 5e8)) + float(zero.get("allgather_bucket_size", 5e8)))
+    return states // world + (2 if half else 4) * buckets
+
+
+def training_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed's engine casts the module to."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
 
 
 class StepProbe:
@@ -73,7 +77,7 @@ class StepProbe:
         self.peaks: dict[int, int] = {}  # what each probe measured, for the report
 
     def __call__(self, size: int) -> bool:
-        rows = {k: v[:size] if torch.is_tensor(v) else v[:size] for k, v in self.batch.items()}
+        rows = {k: v[:size] for k, v in self.batch.items()}  # tensors and the keys list alike
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -99,8 +103,7 @@ def probe_micro_batch(module, batch: dict, ds_config: dict, world: int, per_rank
                       device: torch.device) -> tuple[int, bool, str]:
     """(micro batch, activation checkpointing on, a line saying what was chosen and why).
     Raises ValueError when not even the smallest candidate fits with checkpointing."""
-    half = any(ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16"))
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float16 if half else torch.float32
+    dtype = training_dtype(ds_config)
     total = torch.cuda.get_device_properties(device).total_memory
     reserve = reserve_bytes(sum(p.numel() for p in module.parameters()), ds_config, world)
     budget = int(MEMORY_SHARE * total)

@@ -121,6 +121,14 @@ class DataConfig:
     read_timeout_seconds: float = 60.0
     read_retries: int = 3
     read_min_bytes_per_second: float = 16384.0
+    # Each training reader reads its next prefetch_shards remote shards ahead, up to
+    # prefetch_bytes each, while it consumes the current one; a shard that has given no
+    # byte for read_timeout_seconds when its turn comes is deferred and retried behind the
+    # next ones, so a hung shard costs about one timeout, not timeout x tries (issue 44).
+    # 0 reads each shard when its turn comes. Memory: readers per loader worker x
+    # (prefetch_shards + 1) x prefetch_bytes at most.
+    prefetch_shards: int = 1
+    prefetch_bytes: int = 4 << 20
     # http(s) shards and manifests: headers sent with every request, e.g. {Authorization:
     # "Bearer ${env:HF_TOKEN}"} for a Hugging Face dataset. A value (or a shard URL) may
     # reference an environment variable as ${env:NAME}: the reference is what the run
@@ -148,6 +156,8 @@ class DataConfig:
         _check_range("data.read_timeout_seconds", self.read_timeout_seconds, 0, exclusive=True)
         _check_range("data.read_retries", self.read_retries, 0)
         _check_range("data.read_min_bytes_per_second", self.read_min_bytes_per_second, 0)
+        _check_range("data.prefetch_shards", self.prefetch_shards, 0)
+        _check_range("data.prefetch_bytes", self.prefetch_bytes, 0, exclusive=True)
         _check_range("data.max_image_pixels", self.max_image_pixels, 0, exclusive=True)
         _check_range("data.max_caption_bytes", self.max_caption_bytes, 0, exclusive=True)
         _check_range("data.max_member_bytes", self.max_member_bytes, 0, exclusive=True)

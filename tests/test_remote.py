@@ -187,6 +187,42 @@ def test_a_faulty_shard_among_healthy_ones_never_hangs_the_epoch(shard_dir, faul
     assert elapsed < 30
 
 
+def test_a_hung_shard_costs_one_read_timeout_not_its_tries_and_a_healthy_store_keeps_the_order(shard_dir):
+    """Issue 44: one shard that stops answering held its reader, and with it every rank
+    (the readers interleave in a fixed order), for its whole read budget: timeout x tries
+    plus the backoffs. Each reader now reads its next shard ahead while it consumes the
+    current one; a shard that has given no byte for a read timeout when its turn comes is
+    deferred and retried behind the next ones. The longest wait between two batches is
+    measured with the read-ahead and without it (data.prefetch_shards=0, the direct read):
+    about one timeout against the whole budget. On a healthy store the batches are the
+    same, sample for sample, with the read-ahead as without it."""
+    def batch_times(url, **data):
+        stream = remote_stream(url, workers=0, readers=1, **data)
+        keys, gaps, last = [], [], time.monotonic()
+        for batch in stream:
+            keys += [k.split("#")[-1] for batch_key in [batch["keys"]] for k in batch_key]
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+        return keys, max(gaps), stream.skipped()
+
+    with FaultyStore(shard_dir) as store:
+        healthy_order, _, _ = batch_times(store.url(), prefetch_shards=0)
+        assert batch_times(store.url(), prefetch_shards=2)[0] == healthy_order
+    retries = 5
+    budget = ReadPolicy(FAST.timeout, retries, backoff=0.1).budget  # 6 tries of 1 s and the backoffs: 9.1 s
+    hung = int(healthy_order[2 * PER_SHARD].split("_")[0][1:])  # the reader's third shard
+    with FaultyStore(shard_dir, {f"{hung:05d}.tar": Fault("stall", after=0)}) as store:  # headers, then nothing
+        direct_keys, direct_wait, direct_lost = batch_times(store.url(), prefetch_shards=0, read_retries=retries)
+        keys, wait, lost = batch_times(store.url(), read_retries=retries)  # the default: one shard ahead
+    print(f"longest wait between batches: {wait:.1f} s with the read-ahead, {direct_wait:.1f} s without "
+          f"(read timeout {FAST.timeout:g} s, budget {budget:g} s)")
+    healthy = [k for k in healthy_order if not k.startswith(f"s{hung}_")]
+    assert direct_keys == healthy and sorted(keys) == sorted(healthy)
+    assert lost == direct_lost == Counter(unreadable_shard=PER_SHARD)
+    assert direct_wait >= retries * FAST.timeout  # the direct read waits out every try
+    assert wait < 3 * FAST.timeout, wait  # one timeout, and slack for a loaded machine
+
+
 def test_manifest_less_http_shards_that_are_refused_or_missing_are_skipped_and_counted(shard_dir, tmp_path):
     """Issue 44: shards given as http URLs without a manifest, one on a host that refuses the
     connection and one the store does not have (404): a worker died on the shard's lost

@@ -214,7 +214,8 @@ class _VirtualReader:
             self.rejected.setdefault((url, key), reason)
 
     def raw_samples(self):
-        streams = opened(self.urls(), self.spec.read, self.on_tar_error)
+        data = self.spec.data
+        streams = opened(self.urls(), self.spec.read, self.on_tar_error, data.prefetch_shards, data.prefetch_bytes)
         stream = self.checked(shard_samples(streams, self.spec.data.max_member_bytes, self.reject, self.on_tar_error))
         if self.spec.shuffle_buffer > 1:
             rng = random.Random(f"shuffle:{':'.join(map(str, self.ids))}")

@@ -33,7 +33,9 @@ A dead shard is therefore given up after about timeout x (retries + 1) + 2^retri
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
 import re
 import select
@@ -45,8 +47,13 @@ import threading
 import time
 import urllib.request
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from pipeline.redact import redact
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,10 +134,16 @@ def open_url(url: str, policy: ReadPolicy = ReadPolicy(), buffer_size: int = 1 <
     return io.BufferedReader(raw, buffer_size)
 
 
-def opened(sources, policy: ReadPolicy, handler):
+def opened(sources, policy: ReadPolicy, handler, ahead: int = 0, ahead_bytes: int = 4 << 20):
     """webdataset's url_opener with this module's streams: dict(url=...) -> dict(url=...,
     stream=...); an open that fails goes to `handler` with the url last in the exception's
-    args (webdataset's convention); False stops."""
+    args (webdataset's convention); False stops.
+
+    ahead > 0 (the training loader: data.prefetch_shards): remote shards are read ahead,
+    see `_read_ahead`."""
+    if ahead > 0:
+        yield from _read_ahead(sources, policy, handler, ahead, ahead_bytes)
+        return
     for source in sources:
         try:
             yield {**source, "stream": open_url(source["url"], policy)}
@@ -138,6 +151,177 @@ def opened(sources, policy: ReadPolicy, handler):
             exn.args = (*exn.args, source["url"])
             if not handler(exn):
                 break
+
+
+class _AheadReader(io.RawIOBase):
+    """One remote shard read on a thread of its own, at most `limit` bytes ahead of its
+    consumer (the tar parser), through the same `_Resumable` stream and policy as a direct
+    read: its connect, its first bytes and its retries happen while the consumer is still
+    on an earlier shard. The consumer sees the stream's bytes in order and, after them,
+    the error that ended it, as a direct read would raise it."""
+
+    CHUNK = 256 << 10
+
+    def __init__(self, url: str, policy: ReadPolicy, limit: int, changed: threading.Condition):
+        super().__init__()
+        self.url, self.policy, self.limit = url, policy, max(limit, self.CHUNK)
+        self.changed = changed  # shared by every shard of one reader: its consumer waits on any
+        self.chunks: deque = deque()
+        self.buffered = self.received = 0
+        self.last_byte = time.monotonic()  # the start counts as the last progress
+        self.error: BaseException | None = None
+        self.eof = self.stopping = False
+        threading.Thread(target=self._fill, daemon=True, name="read-ahead").start()
+
+    def _fill(self):
+        stream = None
+        try:
+            stream = open_url(self.url, self.policy, self.CHUNK)
+            while True:
+                with self.changed:
+                    while self.buffered >= self.limit and not self.stopping:
+                        self.changed.wait()
+                    if self.stopping:
+                        return
+                data = stream.read1(self.CHUNK)
+                with self.changed:
+                    if data:
+                        self.chunks.append(memoryview(data))
+                        self.buffered += len(data)
+                        self.received += len(data)
+                        self.last_byte = time.monotonic()
+                    else:
+                        self.eof = True
+                    self.changed.notify_all()
+                if not data:
+                    return
+        except BaseException as error:  # noqa: BLE001 (handed to the consumer, in order)
+            with self.changed:
+                self.error = error
+                self.changed.notify_all()
+        finally:
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    stream.close()
+
+    def ready(self) -> bool:
+        """Worth starting: read whole, failed for good, or a full buffer ahead."""
+        return self.eof or self.error is not None or self.buffered >= self.limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with self.changed:
+            while not self.chunks and not self.eof and self.error is None:
+                self.changed.wait()
+            if self.chunks:
+                chunk = self.chunks[0]
+                n = min(len(buffer), len(chunk))
+                buffer[:n] = chunk[:n]
+                if n == len(chunk):
+                    self.chunks.popleft()
+                else:
+                    self.chunks[0] = chunk[n:]
+                self.buffered -= n
+                self.changed.notify_all()
+                return n
+            if self.error is not None:
+                raise self.error
+            return 0
+
+    def close(self):
+        with self.changed:
+            self.stopping = True  # the thread ends after its current read (bounded by the policy)
+            self.chunks.clear()
+            self.buffered = 0
+            self.changed.notify_all()
+        super().close()
+
+
+@dataclass
+class _Pending:
+    source: dict
+    reader: _AheadReader | None  # None: a local shard, opened when its turn comes
+    deferred: bool = False
+
+    def ready(self) -> bool:
+        return self.reader is None or self.reader.ready()
+
+
+def _read_ahead(sources, policy: ReadPolicy, handler, ahead: int, ahead_bytes: int):
+    """`opened` with each remote shard read ahead (Mosaic streaming's and DALI's prefetch):
+    the next `ahead` shards are opened while the consumer reads the current one, each up
+    to `ahead_bytes` ahead. The shards come in their order, unless one has given no byte
+    for a whole read timeout when its turn comes (a hung store, a stuck object): then it
+    is deferred, at most MAX_DEFERRED at a time, and its retries go on behind the next
+    shards; it comes back once read, failed or a buffer ahead. So a hung shard costs the
+    job at most about one data.read_timeout_seconds, not timeout x tries (issue 44). A
+    shard that stalls deeper than its buffer ahead is retried as a direct read is, the
+    consumer waiting. Deferring changes the order of a reader's shards only when a shard
+    failed to answer: a healthy store gives the order of `sources`, read for read."""
+    changed = threading.Condition()
+    sources = iter(sources)
+    waiting: list[_Pending] = []
+    more = True
+    try:
+        while True:
+            while more and sum(not p.deferred for p in waiting) <= ahead:
+                source = next(sources, None)
+                if source is None:
+                    more = False
+                    break
+                remote = is_remote(source["url"])
+                waiting.append(_Pending(source, _AheadReader(source["url"], policy, ahead_bytes, changed)
+                                        if remote else None))
+            if not waiting:
+                return
+            pending = _next_turn(waiting, policy, changed)
+            if pending is None:  # the head was deferred: open the next one in its place
+                continue
+            waiting.remove(pending)
+            url, reader = pending.source["url"], pending.reader
+            try:
+                if reader is None:
+                    stream = open_url(url, policy)
+                elif reader.error is not None and not reader.received:  # failed before its first byte
+                    raise reader.error
+                else:
+                    stream = io.BufferedReader(reader, _AheadReader.CHUNK)
+            except Exception as exn:  # noqa: BLE001 (the handler decides)
+                exn.args = (*exn.args, url)
+                if not handler(exn):
+                    return
+                continue
+            yield {**pending.source, "stream": stream}
+    finally:
+        for pending in waiting:
+            if pending.reader is not None:
+                pending.reader.close()
+
+
+MAX_DEFERRED = 2  # shards per reader whose retries go on behind the next ones
+
+
+def _next_turn(waiting: list[_Pending], policy: ReadPolicy, changed: threading.Condition) -> _Pending | None:
+    """The shard to read next: a deferred one that has come back, else the head of the
+    order once it is ready; None when the head was just deferred."""
+    with changed:
+        while True:
+            back = next((p for p in waiting if p.deferred and p.ready()), None)
+            if back is not None:
+                return back
+            head = next((p for p in waiting if not p.deferred), None)
+            if head is not None and head.ready():
+                return head
+            deferrable = head is not None and sum(p.deferred for p in waiting) < MAX_DEFERRED
+            quiet = time.monotonic() - head.reader.last_byte if head is not None else 0.0
+            if deferrable and quiet >= policy.timeout:
+                head.deferred = True
+                log.warning("shard %s: no byte in %.0f s; reading on with the next shard while it is retried",
+                            redact(head.source["url"]), quiet)
+                return None
+            changed.wait(policy.timeout - quiet if deferrable else None)
 
 
 def read_bytes(url: str, policy: ReadPolicy = ReadPolicy()) -> bytes:
@@ -274,8 +458,10 @@ def _pool_for(url: str, ca_bundle: str):
     key = (os.getpid(), proxy, ca_bundle)
     if key not in _pools:
         tls = {"ca_certs": ca_bundle} if ca_bundle else {}
-        _pools[key] = (urllib3.ProxyManager(proxy, num_pools=32, **tls) if proxy
-                       else urllib3.PoolManager(num_pools=32, **tls))
+        # up to 64 idle connections kept per host: every reader of a worker holds one open,
+        # and one more per shard it reads ahead (urllib3's default keeps 1 and warns per extra)
+        _pools[key] = (urllib3.ProxyManager(proxy, num_pools=32, maxsize=64, **tls) if proxy
+                       else urllib3.PoolManager(num_pools=32, maxsize=64, **tls))
     return _pools[key]
 
 

@@ -121,12 +121,15 @@ def test_a_killed_rank_then_a_hung_rank_are_restarted_by_torchrun_from_the_newes
     assert sorted(beats) == ["rank0.json", "rank1.json"] and all(b["step"] == steps for b in beats.values()), beats
 
 
-def agent(config: Path, ds: Path, endpoint: str, name: str, log: Path) -> subprocess.Popen:
+def agent(config: Path, ds: Path, endpoint: str, name: str, log: Path, hosts: bool | None = None) -> subprocess.Popen:
     """One "node": a torchrun agent with one process, in docs/training.md's multi-node form (c10d
-    rendezvous, 1 to 2 nodes, restarts allowed). Its output goes to `log`."""
+    rendezvous, 1 to 2 nodes, restarts allowed). Its output goes to `log`. `hosts=False`: the
+    agent never hosts the rendezvous store, as on a node other than the endpoint's (on
+    loopback every agent could take the freed port over and host it itself)."""
+    conf = "last_call_timeout=5" + ("" if hosts is None else f",is_host={str(hosts).lower()}")
     return subprocess.Popen([TORCHRUN, "--nnodes", "1:2", "--nproc-per-node", "1", "--max-restarts", "3",
                              "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "nodes",
-                             "--rdzv-conf", "last_call_timeout=5", "launch/train.py", "--deepspeed_config", str(ds),
+                             "--rdzv-conf", conf, "launch/train.py", "--deepspeed_config", str(ds),
                              "--config", str(config), "train.resume=auto"],
                             cwd=REPO_ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "INFO", "AGENT": name})
@@ -213,3 +216,46 @@ def test_a_node_that_freezes_whole_is_left_behind_in_minutes_with_default_deadli
     assert sorted(losses) == list(range(1, 13))
     restarts = [r for r in jsonl(run_dir) if r.get("event") == "restart"]
     assert restarts and restarts[-1]["world_size"] == 1, restarts
+
+
+def test_losing_the_rendezvous_node_ends_the_others_in_seconds_with_one_line_and_a_checkpoint(tmp_path, demo_data):
+    """Issue 44: the node that hosts the c10d rendezvous store (node 0, the --rdzv-endpoint)
+    is lost: the other nodes cannot re-form a group (docs/training.md says how to survive
+    it: a requeue, or a rendezvous endpoint off the training nodes). What they must do is
+    end, soon and legibly, with a checkpoint a requeued job resumes from: the survivor's
+    rank ends with one line naming the lost peer, its agent ends (non-zero: the job is not
+    done), no process is left behind, all within a bound."""
+    config = run_config(tmp_path, demo_data, "unused", train={"steps": 40, "log_every": 1, "save_every": 2,
+                                                               "run_name": ""})
+    ds = ds_config(tmp_path)
+    run_dir = tmp_path / "runs" / "nodes"
+    endpoint = f"127.0.0.1:{free_port()}"
+    first = agent(config, ds, endpoint, "first", tmp_path / "first.log", hosts=True)
+    time.sleep(1)
+    second = agent(config, ds, endpoint, "second", tmp_path / "second.log", hosts=False)
+    try:
+        wait_for_step(run_dir, 5, first)
+        node = psutil.Process(first.pid)
+        survivors = psutil.Process(second.pid).children(recursive=True)
+        lost_at = time.time()
+        for process in [node, *node.children(recursive=True)]:  # the node goes: its agent, store and worker
+            process.kill()
+        rc = second.wait(timeout=300)
+        ended_in = time.time() - lost_at
+        psutil.wait_procs(survivors, timeout=30)
+        left = [p for p in survivors if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                for process in psutil.Process(proc.pid).children(recursive=True):
+                    process.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "second.log").read_text()
+    print(f"the rendezvous node lost: the other node ended in {ended_in:.0f} s (rc {rc})")
+    assert rc != 0 and not left, (rc, left)
+    assert ended_in < 120, ended_in  # not a rendezvous join_timeout (600 s) or train.timeout_minutes
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(r"error: rank 1: a collective at step \d+ failed because a peer rank "
+                                         r"ended or cannot be reached", errors[0]), out[-3000:]
+    complete = sorted(run_dir.glob("checkpoints/step_*/COMPLETE.json"))
+    assert complete and json.loads(complete[-1].read_text())["step"] >= 4  # what a requeued job resumes from

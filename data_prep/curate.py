@@ -6,13 +6,14 @@ SemDeDup's semantic de-duplication, resharding the survivors).
         [--workers 2] [--device auto]
     python -m data_prep.curate filter --embeddings emb/ --output kept.parquet
         [--min-score S | --top-fraction F] [--min-caption-words N] [--min-side PX]
-        [--dedup-threshold 0.95] [--clusters K] [--memory-gb 4]
+        [--dedup-threshold 0.95 [--dedup-hash-bits 6]] [--clusters K] [--memory-gb 4]
     python -m data_prep.curate reshard --shards SPEC --kept kept.parquet --output shards/curated
         [--samples-per-shard 10000]
 
 **embed** scores every sample of a shard set (local, s3://, http(s)://, `a::b` specs, as the
 trainer reads them) with any model the project loads: its image and caption embeddings
-(fp16, L2-normalized) and the pair's CLIP score (their cosine). One parquet per shard,
+(fp16, L2-normalized), the pair's CLIP score (their cosine) and the image's 64-bit
+perceptual hash. One parquet per shard,
 written atomically, so a killed run resumes shard by shard; under torchrun each process
 takes every WORLD_SIZE-th shard (RANK), on its GPU when there is one (bf16 autocast).
 Samples that cannot be decoded are counted by reason (pipeline/data/decode.py), not
@@ -27,7 +28,9 @@ DataComp-1B), then near-duplicates: the image embeddings are clustered with k-me
 (scikit-learn's MiniBatchKMeans, fitted on a sample) and within a cluster, of two images
 whose cosine exceeds --dedup-threshold the one with the higher CLIP score stays
 (SemDeDup, Abbas et al. 2023, de-duplicates within k-means clusters the same way; it
-keeps the point farthest from the centroid instead). Clusters are processed in buckets
+keeps the point farthest from the centroid instead); with --dedup-hash-bits a pair must
+also be the same picture, its perceptual hashes within that many bits (what tells a
+re-encoded copy from another picture a model sees alike). Clusters are processed in buckets
 that fit --memory-gb. Writes the kept samples (uid, shard, key, score) and prints the
 summary table, also written beside the output as JSON.
 
@@ -117,7 +120,7 @@ class _ShardBatches:
                     counts[bad.reason] += 1
                     continue
                 rows.append((sample_uid(url, sample["__key__"]), sample["__key__"], caption, image.size,
-                             self.transform(image)))
+                             perceptual_hash(image), self.transform(image)))
                 if len(rows) == self.batch_size:
                     yield index, rows, None
                     rows = []
@@ -127,8 +130,8 @@ class _ShardBatches:
     def collate(item):
         import torch
         index, rows, skipped = item
-        images = torch.stack([r[4] for r in rows]) if rows else None
-        return index, [r[:4] for r in rows], images, skipped
+        images = torch.stack([r[5] for r in rows]) if rows else None
+        return index, [r[:5] for r in rows], images, skipped
 
 
 def embed(shards_spec: str, checkpoint: str, output: str, fmt: str = "ours", model_name: str | None = None,
@@ -196,6 +199,19 @@ def embed(shards_spec: str, checkpoint: str, output: str, fmt: str = "ours", mod
     return counts
 
 
+def perceptual_hash(image) -> int:
+    """The image's 64-bit perceptual hash (pHash as the imagehash library defines it: the
+    32 x 32 grey image's 2-D DCT, its 8 x 8 lowest frequencies against their median): the
+    same picture shifted, rescaled or re-encoded lies a few bits away, another picture
+    about half of them."""
+    from PIL import Image
+    from scipy.fft import dctn
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.BILINEAR), np.float32)
+    low = dctn(grey, norm="ortho")[:8, :8].reshape(-1)
+    bits = low > np.median(low)
+    return int(np.packbits(bits).view(">u8")[0])
+
+
 def shard_output(out: Path, index: int) -> Path:
     return out / f"{index:06d}.parquet"
 
@@ -230,6 +246,7 @@ def write_shard(out: Path, index: int, url: str, parts: list):
         "uid": pa.array([r[0] for r in rows], pa.string()), "key": pa.array([r[1] for r in rows], pa.string()),
         "shard": pa.array([url] * len(rows), pa.string()), "caption": pa.array([r[2] for r in rows], pa.string()),
         "width": pa.array([r[3][0] for r in rows], pa.int32()), "height": pa.array([r[3][1] for r in rows], pa.int32()),
+        "phash": pa.array(np.array([r[4] for r in rows], np.uint64).view(np.int64), pa.int64()),
         "score": pa.array(np.concatenate([p[3] for p in parts]) if parts else [], pa.float32()),
         "image_emb": vectors([p[1] for p in parts]), "text_emb": vectors([p[2] for p in parts])})
     path = shard_output(out, index)
@@ -245,13 +262,20 @@ REASONS = ("dropped_short_caption", "dropped_small_image", "dropped_low_score", 
 
 def filter_pool(embeddings: str, output: str, min_score: float | None = None, top_fraction: float | None = None,
                 min_caption_words: int = 0, min_side: int = 0, dedup_threshold: float = 0.0,
-                clusters: int = 0, memory_gb: float = 4.0, seed: int = 0) -> dict:
+                clusters: int = 0, memory_gb: float = 4.0, seed: int = 0, dedup_hash_bits: int | None = None) -> dict:
     folder = Path(embeddings)
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise CurateError(f"--embeddings {folder}: no per-shard parquet (run `python -m data_prep.curate embed`)")
     if top_fraction is not None and not 0 < top_fraction <= 1:
         raise CurateError(f"--top-fraction {top_fraction}: must be in (0, 1]")
+    if dedup_hash_bits is not None:
+        if not 0 <= dedup_hash_bits <= 64:
+            raise CurateError(f"--dedup-hash-bits {dedup_hash_bits}: must be in [0, 64]")
+        unhashed = next((f for f in files if "phash" not in pq.read_schema(f).names), None)
+        if unhashed is not None:
+            raise CurateError(f"--dedup-hash-bits: {unhashed} has no perceptual hashes (written by an earlier "
+                              f"embed); embed the pool again into a new folder")
     con = duckdb.connect()
     pool = f"read_parquet({[str(f) for f in files]!r})"
     rules = []
@@ -275,7 +299,7 @@ def filter_pool(embeddings: str, output: str, min_score: float | None = None, to
     summary = Counter(r for r in verdicts.column("reason").to_pylist() if r)
     survivors = set(verdicts.filter(pc.is_null(verdicts.column("reason"))).column("uid").to_pylist())
     if dedup_threshold:
-        duplicates = near_duplicates(files, survivors, dedup_threshold, clusters, memory_gb, seed)
+        duplicates = near_duplicates(files, survivors, dedup_threshold, clusters, memory_gb, seed, dedup_hash_bits)
         summary["dropped_near_duplicate"] = len(duplicates)
         survivors -= duplicates
     kept = write_kept(files, survivors, Path(output))
@@ -286,20 +310,24 @@ def filter_pool(embeddings: str, output: str, min_score: float | None = None, to
     return table
 
 
-def read_vectors(path: Path, uids: set[str], column: str = "image_emb") -> tuple[list[str], np.ndarray, np.ndarray]:
-    """One shard file's rows among `uids`: their uids, embeddings (float32) and scores."""
-    table = pq.read_table(path, columns=["uid", "score", column])
+def read_vectors(path: Path, uids: set[str], column: str = "image_emb",
+                 hashes: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+    """One shard file's rows among `uids`: their uids, embeddings (float32), scores and,
+    with `hashes`, perceptual hashes (uint64)."""
+    table = pq.read_table(path, columns=["uid", "score", column, *(["phash"] if hashes else [])])
     mask = pa.array([u in uids for u in table.column("uid").to_pylist()], pa.bool_())
     table = table.filter(mask)
     values = table.column(column).combine_chunks()
     dim = values.type.list_size if table.num_rows else 0
     vectors = values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(table.num_rows, dim)
-    return table.column("uid").to_pylist(), vectors, table.column("score").to_numpy()
+    phash = table.column("phash").to_numpy().view(np.uint64) if hashes else None
+    return table.column("uid").to_pylist(), vectors, table.column("score").to_numpy(), phash
 
 
 def near_duplicates(files: list[Path], survivors: set[str], threshold: float, clusters: int, memory_gb: float,
-                    seed: int) -> set[str]:
-    """The uids to drop as near-duplicates of a better-scored sample in their k-means cluster."""
+                    seed: int, hash_bits: int | None = None) -> set[str]:
+    """The uids to drop as near-duplicates of a better-scored sample in their k-means cluster
+    (with `hash_bits`, also within that many bits of its perceptual hash)."""
     from sklearn.cluster import MiniBatchKMeans
     n = len(survivors)
     if n < 2:
@@ -310,7 +338,7 @@ def near_duplicates(files: list[Path], survivors: set[str], threshold: float, cl
     share = min(1.0, 256 * clusters / n)
     sample = []
     for path in files:
-        _, vectors, _ = read_vectors(path, survivors)
+        _, vectors, _, _ = read_vectors(path, survivors)
         if len(vectors):
             sample.append(vectors[rng.random(len(vectors)) < share] if share < 1 else vectors)
     fit_on = np.concatenate(sample)
@@ -323,24 +351,35 @@ def near_duplicates(files: list[Path], survivors: set[str], threshold: float, cl
     for bucket in range(buckets):
         members: dict[int, list] = defaultdict(list)
         for path in files:
-            uids, vectors, scores = read_vectors(path, survivors)
+            uids, vectors, scores, phash = read_vectors(path, survivors, hashes=hash_bits is not None)
             if not uids:
                 continue
             assigned = kmeans.predict(vectors)
             for i in np.flatnonzero(assigned % buckets == bucket):
-                members[int(assigned[i])].append((uids[i], vectors[i], scores[i]))
+                members[int(assigned[i])].append((uids[i], vectors[i], scores[i],
+                                                  None if phash is None else phash[i]))
         for rows in members.values():
-            dropped |= duplicates_in_cluster(rows, threshold)
+            dropped |= duplicates_in_cluster(rows, threshold, hash_bits)
     return dropped
 
 
-def duplicates_in_cluster(rows: list[tuple], threshold: float) -> set[str]:
+def duplicates_in_cluster(rows: list[tuple], threshold: float, hash_bits: int | None = None) -> set[str]:
     """Greedy in order of CLIP score (then uid): a sample whose cosine with one already kept
-    exceeds `threshold` is a duplicate of it."""
+    exceeds `threshold` (and, with `hash_bits`, whose perceptual hash is within that many
+    bits of its) is a duplicate of it. rows: (uid, embedding, score[, perceptual hash]).
+
+    Why both with hash_bits: the embedding alone cannot tell a near-copy from another
+    picture of the same thing that a model sees alike (on the demo's digits, a clean
+    sample's nearest cosine reaches 0.99 while a copy's can fall to 0.96), nor can the hash
+    alone on small, similar pictures; a pair that is both the same picture and the same
+    meaning is a copy (bench/curation.py measures what each finds)."""
     rows = sorted(rows, key=lambda r: (-float(r[2]), r[0]))
     vectors = np.stack([r[1] for r in rows])
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # fp16 storage rounds the norm
     similar = vectors @ vectors.T > threshold
+    if hash_bits is not None:
+        phash = np.array([r[3] for r in rows], np.uint64)
+        similar &= np.bitwise_count(phash[:, None] ^ phash[None, :]) <= hash_bits
     kept = np.zeros(len(rows), bool)
     dropped = set()
     for i in range(len(rows)):
@@ -446,6 +485,9 @@ def main(argv=None) -> int:
     f.add_argument("--min-side", type=int, default=0, help="drop images whose short side is smaller (pixels)")
     f.add_argument("--dedup-threshold", type=float, default=0.0, help="cosine above which two images are "
                                                                          "near-duplicates (0: no de-duplication)")
+    f.add_argument("--dedup-hash-bits", type=int, help="near-duplicates must also lie within this many bits of "
+                                                        "each other's 64-bit perceptual hash (e.g. 6; default: "
+                                                        "the cosine alone)")
     f.add_argument("--clusters", type=int, default=0, help="k-means clusters (0: ~sqrt of the pool)")
     f.add_argument("--memory-gb", type=float, default=4.0, help="embeddings held at once while de-duplicating")
     f.add_argument("--seed", type=int, default=0)
@@ -461,7 +503,8 @@ def main(argv=None) -> int:
                   args.workers, args.device)
         elif args.step == "filter":
             filter_pool(args.embeddings, args.output, args.min_score, args.top_fraction, args.min_caption_words,
-                        args.min_side, args.dedup_threshold, args.clusters, args.memory_gb, args.seed)
+                        args.min_side, args.dedup_threshold, args.clusters, args.memory_gb, args.seed,
+                        args.dedup_hash_bits)
         else:
             reshard(args.shards, args.kept, args.output, args.samples_per_shard)
     except (CurateError, FileNotFoundError, ValueError) as e:

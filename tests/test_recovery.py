@@ -135,6 +135,15 @@ def agent(config: Path, ds: Path, endpoint: str, name: str, log: Path, hosts: bo
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "INFO", "AGENT": name})
 
 
+def end_agents(*agents: subprocess.Popen):
+    """Whatever of these agents still runs, with its workers (each in a session of its own)."""
+    for proc in agents:
+        if proc.poll() is None:
+            for process in psutil.Process(proc.pid).children(recursive=True):
+                process.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_a_lost_node_leaves_the_other_to_finish_alone_from_the_last_checkpoint(tmp_path, demo_data):
     """Two torchrun agents on loopback, one process each (two simulated nodes). kill -9 of
     the second node's worker: both restart and go on together. Then the second node's agent
@@ -202,11 +211,7 @@ def test_a_node_that_freezes_whole_is_left_behind_in_minutes_with_default_deadli
         assert first.wait(timeout=400) == 0, (tmp_path / "first.log").read_text()[-4000:]
         healed_in = time.time() - frozen_at
     finally:
-        for proc in (first, second):
-            if proc.poll() is None:
-                for process in psutil.Process(proc.pid).children(recursive=True):
-                    process.kill()
-                os.killpg(proc.pid, signal.SIGKILL)
+        end_agents(first, second)
     out = (tmp_path / "first.log").read_text()
     assert "no step finished in" in out and re.search(r"over the step deadline of \d+ s \(10 x the median step", out), \
         out[-3000:]
@@ -245,11 +250,7 @@ def test_losing_the_rendezvous_node_ends_the_others_in_seconds_with_one_line_and
         psutil.wait_procs(survivors, timeout=30)
         left = [p for p in survivors if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
-        for proc in (first, second):
-            if proc.poll() is None:
-                for process in psutil.Process(proc.pid).children(recursive=True):
-                    process.kill()
-                os.killpg(proc.pid, signal.SIGKILL)
+        end_agents(first, second)
     out = (tmp_path / "second.log").read_text()
     print(f"the rendezvous node lost: the other node ended in {ended_in:.0f} s (rc {rc})")
     assert rc != 0 and not left, (rc, left)

@@ -109,6 +109,42 @@ def trained_model(demo_data, tmp_path_factory) -> Path:
     return train_demo_model(demo_data, tmp_path_factory.mktemp("trained") / "model.pt")
 
 
+@pytest.fixture(scope="session")
+def noisy(demo_data, tmp_path_factory):
+    """(shards, Planted): 2 of the demo's digit shards with noise planted (bench/noisy_pool.py:
+    captions swapped between digits, near-copies of images)."""
+    from bench.noisy_pool import plant_noise
+    root = tmp_path_factory.mktemp("noisy")
+    return root / "shards", plant_noise(demo_data / "shards" / "digits", root / "shards", shards=2)
+
+
+@pytest.fixture(scope="session")
+def embedded(noisy, trained_model, tmp_path_factory) -> Path:
+    """The noisy pool embedded by `trained_model` in two processes as torchrun would start them
+    (RANK / WORLD_SIZE), each taking every other shard."""
+    from data_prep.curate import embed
+    out = tmp_path_factory.mktemp("embedded") / "emb"
+    shards, _ = noisy
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WORLD_SIZE", "2")
+        for rank in ("0", "1"):
+            env.setenv("RANK", rank)
+            embed(str(shards), str(trained_model), str(out), batch_size=128, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def curated(noisy, embedded, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(kept.parquet, the resharded shards, reshard's counts): the best half of the noisy pool
+    by CLIP score, resharded at 200 samples a shard; tests/test_curate.py checks it and
+    tests/test_train_e2e.py trains on it with the launcher."""
+    from data_prep.curate import filter_pool, reshard
+    root = tmp_path_factory.mktemp("curated")
+    filter_pool(str(embedded), str(root / "kept.parquet"), top_fraction=0.5)
+    counts = reshard(str(noisy[0]), str(root / "kept.parquet"), str(root / "shards"), samples_per_shard=200)
+    return root / "kept.parquet", root / "shards", counts
+
+
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 (a sqlite backend, artifacts proxied by the
     server), as a team runs it. `stop()` and `start()` keep the same port and store."""

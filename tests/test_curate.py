@@ -8,28 +8,8 @@ import tarfile
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.curate import CurateError, embed, filter_pool, main, reshard
-from bench.noisy_pool import plant_noise, read_samples
-
-
-@pytest.fixture(scope="module")
-def noisy(demo_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("noisy")
-    return root / "shards", plant_noise(demo_data / "shards" / "digits", root / "shards", shards=2)
-
-
-@pytest.fixture(scope="module")
-def embedded(noisy, trained_model, tmp_path_factory):
-    """The pool embedded by two processes as torchrun would start them (RANK / WORLD_SIZE),
-    each taking every other shard."""
-    out = tmp_path_factory.mktemp("embedded") / "emb"
-    shards, _ = noisy
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("WORLD_SIZE", "2")
-        for rank in ("0", "1"):
-            env.setenv("RANK", rank)
-            embed(str(shards), str(trained_model), str(out), batch_size=128, workers=1)
-    return out
+from data_prep.curate import CurateError, embed, filter_pool, main
+from bench.noisy_pool import read_samples
 
 
 def test_near_duplicates_leave_one_kept_per_group_the_best_scored():
@@ -131,16 +111,13 @@ def test_a_score_is_the_cosine_of_the_pair_and_each_drop_is_counted_under_its_fi
     assert summary["dropped_small_image"] == (~short).sum() and summary["kept"] == 0  # the demo's 64 px images
 
 
-def test_the_kept_samples_are_resharded_whole_and_read_by_the_trainers_stream(noisy, embedded, tmp_path):
+def test_the_kept_samples_are_resharded_whole_and_read_by_the_trainers_stream(noisy, curated):
     from pipeline.config import DataConfig
     from pipeline.data.loader import DataStream
     from pipeline.data.recipe import ImageSpec
     shards, _ = noisy
-    kept_path = tmp_path / "kept.parquet"
-    filter_pool(str(embedded), str(kept_path), top_fraction=0.5)
+    kept_path, out, result = curated
     kept = pq.read_table(kept_path)
-    out = tmp_path / "curated"
-    result = reshard(str(shards), str(kept_path), str(out), samples_per_shard=200)
     assert result["kept"] == kept.num_rows and result["missing"] == 0
     assert result["shards"] == -(-kept.num_rows // 200)
     # every member as it was, under its original key

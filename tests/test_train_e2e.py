@@ -596,12 +596,18 @@ def test_bad_config_fails_before_any_process_group(tmp_path, demo_data, override
     assert time.time() - start < 60  # with world size 2 and no peer, a process group would wait forever
 
 
-def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, demo_data):
-    """DeepSpeed's CPU all-reduce workspace (66 MB of /dev/shm per rank) is unlinked by the
-    trainer once every rank has mapped it: nothing outlives the run."""
+def test_a_curated_set_trains_and_a_cpu_run_leaves_no_shared_memory_behind(tmp_path, demo_data, curated):
+    """Issue 45: the shards `data_prep.curate reshard` wrote (the best half of a noisy pool)
+    train with the launcher as any shard set. And DeepSpeed's CPU all-reduce workspace (66
+    MB of /dev/shm per rank) is unlinked by the trainer once every rank has mapped it:
+    nothing outlives the run."""
+    _, curated_shards, _ = curated
     shm = Path("/dev/shm")
     before = set(shm.glob("deepspeed_allreduce_buffer_*"))
-    config = run_config(tmp_path, demo_data, "shm", train={"steps": 2, "log_every": 1})
+    config = run_config(tmp_path, demo_data, "shm", data={"train_shards": str(curated_shards)},
+                        train={"steps": 2, "log_every": 1})
     launch(config, REPO_ROOT / "ds_configs" / "cpu_fp32.json")
+    logged = [r for r in jsonl(tmp_path / "runs" / "shm") if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
     assert (tmp_path / "runs" / "shm" / "model.pt").exists()
     assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
